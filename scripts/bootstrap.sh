@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs everything the project needs on a fresh Debian machine: the system packages the
+# tests compare against (memcached, libmemcached-tools) and a virtual environment with the
+# Python dependencies. Safe to run again: it only does what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+
+need_pkgs=()
+command -v memcached >/dev/null || need_pkgs+=(memcached)
+command -v memccapable >/dev/null || need_pkgs+=(libmemcached-tools)
+"$PYTHON" -c 'import venv, ensurepip' 2>/dev/null || need_pkgs+=(python3-venv)
+if ((${#need_pkgs[@]})); then
+    if [ "$(id -u)" != 0 ]; then
+        echo "bootstrap: missing Debian packages: ${need_pkgs[*]}; install them as root" >&2
+        exit 1
+    fi
+    echo "bootstrap: installing ${need_pkgs[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+fi
+
+stamp="$VENV/.installed"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q -e '.[test]'
+    touch "$stamp"
+fi
