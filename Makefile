@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 11211
 
-.PHONY: deps run test unit lint fmt crds clean
+.PHONY: deps run test unit lint fmt crds clean e2e-bins e2e up down
 
 deps:
 	@scripts/bootstrap.sh
@@ -26,6 +26,22 @@ test: lint unit
 
 crds: deps
 	$(BIN)/python -m cacheoperator.crdgen crds/
+
+# End-to-end: a real control plane built from Go modules (cached outside the repo) and the
+# node agent playing the kubelet; see docs/e2e.md. E2E_KUBECONFIG=... runs e2e against
+# an existing cluster instead.
+e2e-bins:
+	@e2e/build-control-plane.sh
+
+e2e: deps e2e-bins
+	$(BIN)/pytest e2e/tests
+
+# A local cluster (3 nodes in 2 zones) kept running in the background; state in .e2e/.
+up: deps e2e-bins
+	@$(BIN)/python -m e2e.cluster up --nodes 3 --zones 2
+
+down: deps
+	@$(BIN)/python -m e2e.cluster down
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -239,6 +239,11 @@ class LocalCluster:
                 "kubernetes.default.svc.cluster.local",
             ),
         )
+        self.pki.issue(
+            "front-proxy-client",
+            "front-proxy-client",
+            ca=(self.pki.front_proxy_ca_cert, self.pki.front_proxy_ca_key),
+        )
         self.issue_kubeconfig("admin", ("system:masters",), self.kubeconfig)
         self.issue_kubeconfig("system:kube-controller-manager", (), self._kc("kcm"))
         self.issue_kubeconfig("system:kube-scheduler", (), self._kc("scheduler"))
@@ -316,6 +321,15 @@ class LocalCluster:
                 f"--service-account-key-file={self.pki.sa_pub}",
                 f"--service-account-signing-key-file={self.pki.sa_key}",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
+                # The aggregation layer's front proxy; controller-manager and scheduler read
+                # this CA from the cluster and complain until it is set.
+                f"--requestheader-client-ca-file={self.pki.front_proxy_ca_cert}",
+                "--requestheader-allowed-names=front-proxy-client",
+                "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                f"--proxy-client-cert-file={pki / 'front-proxy-client.crt'}",
+                f"--proxy-client-key-file={pki / 'front-proxy-client.key'}",
                 "--authorization-mode=Node,RBAC",
                 # On top of the default admission chain: what a kubelet may change is limited
                 # to its own Node and the pods bound to it, as in a real cluster.
@@ -432,8 +446,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     from e2e import nodeagent, product
 
     state_dir: Path = args.state_dir.resolve()
-    if (state_dir / "state.json").exists():
-        existing = LocalCluster.load(state_dir)
+    if (state_dir / "cluster" / "state.json").exists():
+        existing = LocalCluster.load(state_dir / "cluster")
         if existing.alive():
             print(f"a cluster is already running from {state_dir}; `make down` first")
             _print_usage(state_dir)
@@ -454,6 +468,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
             work_dir=str(state_dir / "nodeagent"),
             nodes=nodes,
             kubeconfigs={n.name: str(cluster.node_kubeconfig(n.name)) for n in nodes},
+            kubelet_version=versions()["KUBERNETES_VERSION"],
         )
         print(f"starting the node agent for {len(nodes)} nodes ...", flush=True)
         nodeagent.start_detached(config, state_dir / "nodeagent.json")

@@ -380,7 +380,9 @@ class NodeRuntime:
         response = self._watch_response
         if response is not None:
             with contextlib.suppress(Exception):
-                response.close()  # unblocks the watch thread
+                # Unblocks the watch thread's read (urllib3 >= 2.3); it also checks _stop
+                # after every event and every WATCH_TIMEOUT at the latest.
+                response.shutdown()
         with self._workers_lock:
             workers = list(self.workers.values())
         for w in workers:

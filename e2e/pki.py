@@ -9,6 +9,7 @@ they would to a kubelet). The service-account signing key is a separate RSA key 
 from __future__ import annotations
 
 import base64
+import secrets
 import shutil
 import subprocess
 from pathlib import Path
@@ -54,23 +55,21 @@ class Pki:
         self.ca_key = directory / "ca.key"
         self.sa_key = directory / "service-account.key"
         self.sa_pub = directory / "service-account.pub"
+        self.front_proxy_ca_cert = directory / "front-proxy-ca.crt"
+        self.front_proxy_ca_key = directory / "front-proxy-ca.key"
+
+    @staticmethod
+    def _make_ca(key: Path, cert: Path, name: str) -> None:
+        _ec_key(key)
+        _openssl("req", "-x509", "-new", "-key", str(key), "-out", str(cert),
+                 "-days", CERT_DAYS, "-subj", f"/CN={name}")  # fmt: skip
 
     def create_authorities(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        _ec_key(self.ca_key)
-        _openssl(
-            "req",
-            "-x509",
-            "-new",
-            "-key",
-            str(self.ca_key),
-            "-out",
-            str(self.ca_cert),
-            "-days",
-            CERT_DAYS,
-            "-subj",
-            "/CN=cache-appliance-e2e-ca",
-        )
+        self._make_ca(self.ca_key, self.ca_cert, "cache-appliance-e2e-ca")
+        # A separate CA for the aggregation layer's front proxy (request-header auth), so a
+        # client certificate can never pass for a proxy that asserts user names.
+        self._make_ca(self.front_proxy_ca_key, self.front_proxy_ca_cert, "front-proxy-ca")
         # Service-account tokens are signed with RS256, the algorithm every client expects.
         _openssl(
             "genpkey",
@@ -90,8 +89,9 @@ class Pki:
         common_name: str,
         organizations: tuple[str, ...] = (),
         server_names: tuple[str, ...] = (),
+        ca: tuple[Path, Path] | None = None,
     ) -> tuple[Path, Path]:
-        """Issue a certificate signed by the CA; returns (cert, key) paths.
+        """Issue a certificate signed by the CA (or ``ca``: (cert, key)); returns (cert, key).
 
         ``server_names`` makes it a serving certificate for those IPs/DNS names; otherwise it
         is a client certificate whose CN is the user and whose O entries are its groups.
@@ -112,24 +112,11 @@ class Pki:
         else:
             lines.append("extendedKeyUsage=clientAuth")
         ext.write_text("\n".join(lines) + "\n")
-        _openssl(
-            "x509",
-            "-req",
-            "-in",
-            str(csr),
-            "-CA",
-            str(self.ca_cert),
-            "-CAkey",
-            str(self.ca_key),
-            "-set_serial",
-            f"0x{_random_serial()}",
-            "-days",
-            CERT_DAYS,
-            "-extfile",
-            str(ext),
-            "-out",
-            str(cert),
-        )
+        ca_cert, ca_key = ca or (self.ca_cert, self.ca_key)
+        signing = ["-CA", str(ca_cert), "-CAkey", str(ca_key), "-days", CERT_DAYS]
+        serial = ["-set_serial", f"0x{secrets.token_hex(16)}"]
+        _openssl("x509", "-req", "-in", str(csr), *signing, *serial, "-extfile", str(ext),
+                 "-out", str(cert))  # fmt: skip
         csr.unlink()
         ext.unlink()
         return cert, key
@@ -171,9 +158,3 @@ class Pki:
 
 def _b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode()
-
-
-def _random_serial() -> str:
-    import secrets
-
-    return secrets.token_hex(16)

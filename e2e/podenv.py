@@ -96,8 +96,8 @@ def resource_value(
     if raw is None:
         raw = allocatable.get(resource, "0") if kind == "limits" else "0"
     divisor = parse_quantity(ref.get("divisor") or "1")
-    if divisor == 0:
-        raise ContainerConfigError(f"resourceFieldRef {ref['resource']}: divisor is 0")
+    if divisor == 0:  # the API server stores an unset divisor as 0; it means 1
+        divisor = parse_quantity("1")
     value = parse_quantity(raw) / divisor
     return str(int(value.to_integral_value(rounding=ROUND_CEILING)))
 

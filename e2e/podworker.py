@@ -5,7 +5,6 @@ as the kubelet does. Test infrastructure, not product code."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import threading
@@ -166,7 +165,6 @@ class PodWorker(threading.Thread):
 
     def _run(self) -> None:
         self.pod_dir.mkdir(parents=True, exist_ok=True)
-        self.node.event(self.pod(), "Scheduled", f"running on node agent node {self.node.name}")
         while True:
             pod = self.pod()
             if self._shutdown is not None:
