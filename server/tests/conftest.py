@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+
 from servers import RunningServer, start_cacheserver, start_memcached
 
 
