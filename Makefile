@@ -9,7 +9,7 @@ deps:
 	@scripts/bootstrap.sh
 
 run: deps
-	$(BIN)/cacheserver -p $(PORT) -v
+	$(BIN)/cacheserver -l 127.0.0.1 -p $(PORT) --metrics-port 9150 -v
 
 lint: deps
 	$(BIN)/ruff check .
