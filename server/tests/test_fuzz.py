@@ -35,7 +35,7 @@ CORPUS = [
     b"stats\r\n",
     b"stats items\r\n",
     b"version\r\n",
-    b"set fz5 0 0 100000\r\n" + b"v" * 100000 + b"\r\n",
+    b"set fz5 0 0 20000\r\n" + b"v" * 20000 + b"\r\n",
 ]
 
 SIMPLE_LINE = re.compile(
@@ -110,12 +110,12 @@ def send_and_drain(server: RunningServer, payload: bytes) -> bytes:
         try:
             sock.sendall(payload)
             sock.shutdown(socket.SHUT_WR)  # the server answers what it has, then closes
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the server chose to close (too long a line, HTTP): allowed
+        except OSError:
+            pass  # the server already closed (too long a line, HTTP, quit): allowed
         try:
             return recv_until(sock, b"\x00never\x00", timeout=5)
         except ConnectionResetError:
-            return b""
+            return b""  # closed with unread request bytes pending: a clean close for a client
 
 
 @settings(
