@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 11211
 
-.PHONY: deps run test unit lint fmt crds clean
+.PHONY: deps run test unit lint fmt crds clean bench
 
 deps:
 	@scripts/bootstrap.sh
@@ -29,3 +29,7 @@ crds: deps
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+
+# Side-by-side benchmark against memcached (not a test: numbers go to docs/benchmarks.md).
+bench: deps
+	$(BIN)/python bench/compare.py
