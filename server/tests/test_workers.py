@@ -8,7 +8,7 @@ import signal
 import time
 import urllib.request
 
-from servers import RunningServer, free_port, request, start_cacheserver
+from servers import RunningServer, free_port, request, start_cacheserver, wait_for_port
 
 
 def children_of(pid: int) -> list[int]:
@@ -30,9 +30,9 @@ def test_each_worker_is_its_own_shard_and_port() -> None:
     server = start_cacheserver("-t", "2", "--metrics-port", str(metrics_port), udp=False)
     second = RunningServer("worker1", server.port + 1, 0, server.proc)
     try:
+        wait_for_port(second.port, server.proc)  # workers start independently
         assert len(children_of(server.proc.pid)) == 2
         assert request(server, b"set k 0 0 1\r\na\r\n") == b"STORED\r\n"
-        assert request(second, b"version\r\n").startswith(b"VERSION")  # wait until it listens
         assert request(second, b"get k\r\n") == b"END\r\n"  # not split: k lives on worker 0
         assert request(second, b"set k 0 0 1\r\nb\r\n") == b"STORED\r\n"
         assert request(server, b"get k\r\n", b"END\r\n") == b"VALUE k 0 1\r\na\r\nEND\r\n"
@@ -52,7 +52,7 @@ def test_each_worker_is_its_own_shard_and_port() -> None:
 def test_a_dead_worker_ends_the_server_and_no_process_is_left() -> None:
     server = start_cacheserver("-t", "2", udp=False)
     try:
-        request(RunningServer("w1", server.port + 1, 0, server.proc), b"version\r\n")
+        wait_for_port(server.port + 1, server.proc)
         workers = children_of(server.proc.pid)
         os.kill(workers[1], signal.SIGKILL)
         assert wait_for_exit(server) == 1
