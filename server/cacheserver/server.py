@@ -48,7 +48,7 @@ class Worker:
         self.commands = Commands(self.store, self.counters, VERSION, self.report)
         self.tracker = ConnectionTracker(self.counters, settings.conn_limit, settings.idle_timeout)
         self.registry = CollectorRegistry(auto_describe=False)
-        self.collector = ServerCollector(self.report)
+        self.collector = ServerCollector(self.report, self.tracker.latency)
         self.registry.register(self.collector)
         self._servers: list[asyncio.Server] = []
         self._udp: asyncio.DatagramTransport | None = None

@@ -30,6 +30,10 @@ def test_metrics_endpoint_reports_memcached_exporter_names() -> None:
         assert samples[("memcached_current_connections", ())] == 0
         assert samples[("memcached_connections_total", ())] >= 1
         assert samples[("memcached_read_bytes_total", ())] > 0
+        # The latency histogram samples 1 read in 64: a short session may have no sample yet,
+        # but the series exist and the +Inf bucket equals the sample count.
+        inf = samples[("cacheappliance_request_duration_seconds_bucket", (("le", "+Inf"),))]
+        assert inf == samples[("cacheappliance_request_duration_seconds_count", ())]
     finally:
         server.stop()
 
@@ -49,5 +53,27 @@ def test_stats_counts_match_the_traffic() -> None:
         assert request(server, b"stats reset\r\n") == b"RESET\r\n"
         assert b"STAT cmd_get 0\r\n" in request(server, b"stats\r\n", b"END\r\n")
         assert request(server, b"stats nonsense\r\n") == b"ERROR\r\n"
+    finally:
+        server.stop()
+
+
+def test_latency_histogram_samples_one_read_in_64() -> None:
+    metrics_port = free_port()
+    server = start_cacheserver("--metrics-port", str(metrics_port))
+    try:
+        import socket
+
+        with socket.create_connection(server.address, timeout=5) as sock:
+            for _ in range(64 * 3):  # one request per round trip: one read each
+                sock.sendall(b"get nothing\r\n")
+                assert sock.recv(100) == b"END\r\n"
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+        hist = families["cacheappliance_request_duration_seconds"]
+        count = next(s.value for s in hist.samples if s.name.endswith("_count"))
+        total = next(s.value for s in hist.samples if s.name.endswith("_sum"))
+        assert count == 3
+        assert 0 < total < 1  # three reads took some time, and well under a second
     finally:
         server.stop()
