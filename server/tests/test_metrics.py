@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -61,8 +62,6 @@ def test_latency_histogram_samples_one_read_in_64() -> None:
     metrics_port = free_port()
     server = start_cacheserver("--metrics-port", str(metrics_port))
     try:
-        import socket
-
         with socket.create_connection(server.address, timeout=5) as sock:
             for _ in range(64 * 3):  # one request per round trip: one read each
                 sock.sendall(b"get nothing\r\n")
