@@ -61,9 +61,21 @@ class Cgroups:
                 if (cpuset_fs / "cpuset.cpus").exists()
                 else None
             )
+        self._remove_abandoned()
+        self._ensure_root()
+
+    def _ensure_root(self) -> None:
         self._mkdir(self.memory_root, self.cpuset_root)
         if self.unified:
             self._enable_controllers(self.memory_root)
+
+    def _remove_abandoned(self) -> None:
+        """Empty trees of agents that died without cleaning up (SIGKILL) are removed. A live
+        agent between pods may lose its empty root too: it makes it again when needed."""
+        for root in {self.memory_root, self.cpuset_root} - {None}:
+            for other in root.parent.glob("cache-appliance-*"):
+                if other != root and other.is_dir() and not pids_under(other):
+                    rmtree(other)
 
     # ---- v2 ------------------------------------------------------------------------------
 
@@ -105,6 +117,7 @@ class Cgroups:
         self, pod_uid: str, container: str, memory_limit: int | None, cpus: Iterable[int] | None
     ) -> list[Path]:
         """Make ``<pod>/<container>`` with the limits; returns the cgroup.procs files to join."""
+        self._ensure_root()
         pod_rel = pod_uid
         rel = f"{pod_uid}/{container}"
         for r in (pod_rel, rel):
@@ -126,13 +139,7 @@ class Cgroups:
         return self.memory_root / pod_uid / container / name
 
     def pids(self, rel: str = "") -> set[int]:
-        found: set[int] = set()
-        for top in self._dirs(rel):
-            if top.exists():
-                for procs in top.rglob("cgroup.procs"):
-                    with contextlib.suppress(OSError, ValueError):
-                        found.update(int(p) for p in procs.read_text().split())
-        return found
+        return set().union(*(pids_under(top) for top in self._dirs(rel)))
 
     def remove(self, rel: str = "", timeout: float = 5.0) -> None:
         """Kill what is left in ``rel`` (everything when empty) and remove its groups."""
@@ -143,14 +150,28 @@ class Cgroups:
                     os.kill(pid, signal.SIGKILL)
             time.sleep(0.05)
         for top in self._dirs(rel):
-            if not top.exists():
-                continue
-            # Deepest first: a cgroup with children cannot be removed.
-            for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-                with contextlib.suppress(OSError):
-                    d.rmdir()
-            with contextlib.suppress(OSError):
-                top.rmdir()
+            rmtree(top)
+
+
+def pids_under(top: Path) -> set[int]:
+    found: set[int] = set()
+    if top.exists():
+        for procs in top.rglob("cgroup.procs"):
+            with contextlib.suppress(OSError, ValueError):
+                found.update(int(p) for p in procs.read_text().split())
+    return found
+
+
+def rmtree(top: Path) -> None:
+    """rmdir a cgroup tree, deepest first (a cgroup with children cannot be removed; its
+    control files go with it)."""
+    if not top.exists():
+        return
+    for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        with contextlib.suppress(OSError):
+            d.rmdir()
+    with contextlib.suppress(OSError):
+        top.rmdir()
 
 
 def join_argv(procs_files: list[Path], argv: list[str]) -> list[str]:

@@ -127,8 +127,11 @@ def wait_for(
 class LocalCluster:
     """The control plane in ``workdir``; ``start()`` brings it up, ``stop()`` ends it all."""
 
-    def __init__(self, workdir: Path, name: str | None = None) -> None:
+    def __init__(self, workdir: Path, name: str | None = None, detached: bool = False) -> None:
+        """``detached``: the processes outlive this program (make up); otherwise they are
+        also killed by the kernel if this program dies without stopping them."""
         self.workdir = workdir.resolve()
+        self.detached = detached
         self.name = name or f"e2e-{secrets.token_hex(3)}"
         self.pki = Pki(self.workdir / "pki")
         self.logs = self.workdir / "logs"
@@ -267,7 +270,9 @@ class LocalCluster:
     # ---- processes ----------------------------------------------------------------------
 
     def _spawn(self, name: str, argv: list[str]) -> None:
-        rec, popen = procs.start(name, argv, self.logs / f"{name}.log")
+        rec, popen = procs.start(
+            name, argv, self.logs / f"{name}.log", die_with_parent=not self.detached
+        )
         self.records.append(rec)
         self._popens[rec.pid] = popen
         self.save_state()
@@ -458,7 +463,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         print(f"missing control-plane binaries ({', '.join(missing)}): run `make e2e-bins`")
         return 1
     started = time.monotonic()
-    cluster = LocalCluster(state_dir / "cluster")
+    cluster = LocalCluster(state_dir / "cluster", detached=True)
     print(f"starting the control plane in {cluster.workdir} ...", flush=True)
     cluster.start(timeout=args.timeout)
     try:

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from e2e import procs
-from e2e.cgroups import CgroupError, Cgroups
+from e2e.cgroups import CgroupError, Cgroups, pids_under, rmtree
 from e2e.container import now_rfc3339
 from e2e.podworker import CpuPool, NodeContext, PodWorker
 
@@ -511,25 +511,14 @@ def stop_detached(record_path: Path) -> None:
 
 
 def sweep_cgroup(root: Path, timeout: float = 5.0) -> None:
-    if not root.exists():
-        return
+    """Kill whatever still runs in a cgroup tree, then remove the tree."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        pids = set()
-        for f in root.rglob("cgroup.procs"):
-            with contextlib.suppress(OSError, ValueError):
-                pids.update(int(p) for p in f.read_text().split())
-        if not pids:
-            break
+    while (pids := pids_under(root)) and time.monotonic() < deadline:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.05)
-    for d in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-        with contextlib.suppress(OSError):
-            d.rmdir()
-    with contextlib.suppress(OSError):
-        root.rmdir()
+    rmtree(root)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Mapping
@@ -277,8 +278,12 @@ class PodWorker(threading.Thread):
             memory = podenv.quantity_bytes(limits.get("memory"))
             cpus = self._cpus(pod, c, limits.get("cpu"))
             procs_files = self.node.cgroups.create(self.uid, c.name, memory, cpus)
+        argv = join_argv(procs_files, command) if procs_files else command
+        if shutil.which("setpriv"):
+            # Killed by the kernel if the agent dies: a node that goes takes its pods along.
+            argv = ["setpriv", "--pdeathsig", "KILL", "--", *argv]
         return LaunchPlan(
-            argv=join_argv(procs_files, command) if procs_files else command,
+            argv=argv,
             command=command,
             env=full_env,
             cwd=self.pod_dir,

@@ -5,6 +5,7 @@ restart of the controlling program (pid plus start time, so a recycled pid is ne
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
@@ -105,14 +106,28 @@ def _wait_gone(rec: ProcessRecord, timeout: float, popen: subprocess.Popen | Non
     return False
 
 
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec: ask the kernel to SIGTERM it when the parent
+    # goes, so a test run killed with SIGKILL leaves no control plane behind.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+PR_SET_PDEATHSIG = 1
+
+
 def start(
     name: str,
     argv: Sequence[str],
     log: Path,
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
+    die_with_parent: bool = False,
 ) -> tuple[ProcessRecord, subprocess.Popen]:
-    """Start ``argv`` as the leader of a new session, stdout and stderr appended to ``log``."""
+    """Start ``argv`` as the leader of a new session, stdout and stderr appended to ``log``.
+
+    ``die_with_parent``: SIGTERM it when the starting thread exits (Linux PR_SET_PDEATHSIG).
+    Only for processes started before any other thread runs: it needs a preexec hook."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
         popen = subprocess.Popen(
@@ -123,5 +138,6 @@ def start(
             env=dict(env) if env is not None else None,
             cwd=cwd,
             start_new_session=True,
+            preexec_fn=_die_with_parent if die_with_parent else None,
         )
     return ProcessRecord(name, popen.pid, process_start_time(popen.pid), str(log)), popen

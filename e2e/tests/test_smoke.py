@@ -9,6 +9,7 @@ import contextlib
 import os
 import random
 import secrets
+import shutil
 import signal
 import socket
 from datetime import UTC, datetime
@@ -18,6 +19,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from e2e.container import default_path
 from e2e.nodeagent import RACK_LABEL, ZONE_LABEL
 
 HOST_IP_ENV = {"name": "HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}}
@@ -395,3 +397,66 @@ def test_guaranteed_pod_gets_cpus_of_its_own(api, agent, namespace, eventually):
     pid = pid_of(eventually("the pinned pod to run", started))
     assert started().status.qos_class == "Guaranteed"
     assert len(os.sched_getaffinity(pid)) == 1
+
+
+def test_cacheserver_statefulset_serves_memcached_sized_from_its_cgroup(
+    api, agent, namespace, eventually
+):
+    """The product's server as the operator will run it: hostNetwork, configured through
+    env, `-m auto` from the cgroup limit, Ready from `cacheserver-probe`."""
+    if not shutil.which("cacheserver", path=default_path()):
+        pytest.skip("cacheserver is not installed in this environment")
+    from pymemcache.client.base import Client
+
+    core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
+    port = free_port()
+    limit = 128 * 1024 * 1024
+    container = {
+        "name": "cacheserver",
+        "image": "cache-appliance:dev",
+        "command": ["cacheserver"],
+        "args": ["-m", "auto"],
+        "env": [
+            {"name": "CACHESERVER_LISTEN",
+             "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}},
+            {"name": "CACHESERVER_PORT", "value": str(port)},
+            {"name": "CACHESERVER_CONTAINER_MEMORY_LIMIT",
+             "valueFrom": {"resourceFieldRef": {"resource": "limits.memory"}}},
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+        ],
+        "ports": [{"name": "memcache", "containerPort": port}],
+        "resources": {"limits": {"memory": str(limit)}},
+        "readinessProbe": {"exec": {"command": ["cacheserver-probe"]}, "periodSeconds": 1},
+    }  # fmt: skip
+    apps.create_namespaced_stateful_set(
+        namespace,
+        {
+            "metadata": {"name": "cache"},
+            "spec": {
+                "replicas": 2,
+                "serviceName": "cache",
+                "podManagementPolicy": "Parallel",
+                "selector": {"matchLabels": {"app": "cache"}},
+                "template": pod_template("cache", container),
+            },
+        },
+    )
+
+    def pods():
+        return core.list_namespaced_pod(namespace, label_selector="app=cache").items
+
+    eventually(
+        "both cacheserver pods Ready",
+        lambda: len(p := pods()) == 2 and all(is_ready(x) for x in p),
+        timeout=90,
+    )
+    for pod in pods():
+        mc = Client((pod.status.pod_ip, port), connect_timeout=2, timeout=2)
+        try:
+            mc.set("where", pod.metadata.name.encode())
+            assert mc.get("where") == pod.metadata.name.encode()
+            maxbytes = int(mc.stats()[b"limit_maxbytes"])
+        finally:
+            mc.close()
+        assert 0 < maxbytes < limit, f"-m auto gave {maxbytes} bytes under a {limit} limit"
