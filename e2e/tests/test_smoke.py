@@ -460,3 +460,55 @@ def test_cacheserver_statefulset_serves_memcached_sized_from_its_cgroup(
         finally:
             mc.close()
         assert 0 < maxbytes < limit, f"-m auto gave {maxbytes} bytes under a {limit} limit"
+
+
+def sleeper(name: str, script: str, **spec) -> dict:
+    return {
+        "metadata": {"name": name},
+        "spec": {
+            "hostNetwork": True,
+            "containers": [
+                {"name": "main", "image": "python:3", "command": ["python3", "-c", script]}
+            ],
+            **spec,
+        },
+    }
+
+
+def test_deletion_escalates_to_sigkill_after_the_grace_period(api, agent, namespace, eventually):
+    core = client.CoreV1Api(api)
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+    core.create_namespaced_pod(
+        namespace, sleeper("stubborn", stubborn, terminationGracePeriodSeconds=2)
+    )
+
+    def running():
+        p = core.read_namespaced_pod("stubborn", namespace)
+        statuses = p.status.container_statuses or []
+        return p if statuses and statuses[0].state.running else None
+
+    pid = pid_of(eventually("the stubborn pod to run", running))
+    core.delete_namespaced_pod("stubborn", namespace)
+
+    def gone() -> bool:
+        return not core.list_namespaced_pod(namespace).items
+
+    eventually("the pod object to be removed", gone, timeout=30)
+    assert not Path(f"/proc/{pid}").exists(), "SIGTERM was ignored and nothing followed"
+
+
+def test_restart_policy_never_reports_the_outcome(api, agent, namespace, eventually):
+    core = client.CoreV1Api(api)
+    core.create_namespaced_pod(namespace, sleeper("ok", "pass", restartPolicy="Never"))
+    core.create_namespaced_pod(
+        namespace, sleeper("fails", "raise SystemExit(3)", restartPolicy="Never")
+    )
+
+    def phase(name: str) -> str:
+        return core.read_namespaced_pod(name, namespace).status.phase
+
+    eventually("pod ok to succeed", lambda: phase("ok") == "Succeeded")
+    eventually("pod fails to fail", lambda: phase("fails") == "Failed")
+    status = core.read_namespaced_pod("fails", namespace).status.container_statuses[0]
+    assert status.state.terminated.exit_code == 3
+    assert status.restart_count == 0
