@@ -22,7 +22,7 @@ fmt: deps
 unit: deps
 	$(BIN)/pytest
 
-test: lint unit
+test: lint unit e2e
 
 crds: deps
 	$(BIN)/python -m cacheoperator.crdgen crds/
