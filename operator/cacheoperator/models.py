@@ -370,6 +370,17 @@ class InvalidSpec(ValueError):
         self.problems = problems
 
 
+def rule_example(rule: Rule) -> dict[str, Any]:
+    """A whole CacheCluster manifest that breaks `rule` alone: an API server with the CRD
+    installed must refuse it, naming the rule's field."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {"name": rule.example_name},
+        "spec": rule.example_spec,
+    }
+
+
 def parse_spec(name: str, spec: Any) -> CacheClusterSpec:
     """Validate a stored object's name and spec; raise InvalidSpec naming every bad field."""
     try:

@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 import yaml
 from cacheoperator.crdgen import cachecluster_crd
-from cacheoperator.models import InvalidSpec, parse_spec
+from cacheoperator.models import CacheClusterManifest, InvalidSpec, parse_spec, rule_example
 from cacheoperator.rules import ALL_RULES, ROOT_RULES, SPEC_RULES
 from operator_testkit import CRDS, walk_schema
+from pydantic import ValidationError
 
 
 def _schema(crd):
@@ -27,6 +28,8 @@ def test_rule_ids_are_unique():
 
 @pytest.mark.parametrize("rule", ALL_RULES, ids=lambda r: r.id)
 def test_each_rule_rejects_its_example_naming_its_field(rule):
+    with pytest.raises(ValidationError):
+        CacheClusterManifest.model_validate(rule_example(rule))
     with pytest.raises(InvalidSpec) as caught:
         parse_spec(rule.example_name, rule.example_spec)
     # The example breaks this rule and nothing else, so the message is about this rule.
