@@ -24,6 +24,9 @@ from cacheoperator.status import Event
 
 RETRY_DELAY = 10  # seconds before kopf retries a pass that met a passing API failure
 CHILD_LABELS = {LABEL_MANAGED_BY: MANAGED_BY, LABEL_CLUSTER: kopf.PRESENT}
+# The same filter, applied by the API server: the operator never streams other pods.
+CHILD_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_CLUSTER}"
+CHILD_RESOURCES = (("v1", "pods"), ("apps", "v1", "statefulsets"))
 
 
 def post_event(body: Mapping[str, Any], event: Event) -> None:
@@ -52,6 +55,8 @@ def register(registry: kopf.OperatorRegistry) -> None:
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
         settings.watching.connect_timeout = 30
+        for resource in CHILD_RESOURCES:
+            settings.watching.label_selectors[resource] = CHILD_SELECTOR
         settings.peering.stealth = True  # keep-alives are not worth a log line each
         settings.posting.level = logging.INFO
 

@@ -76,3 +76,18 @@ def test_operator_metrics_count_reconciles_and_phases():
     assert 'cacheoperator_clusters{phase="Ready"} 1.0' in text
     assert 'cacheoperator_clusters{phase="Degraded"} 1.0' in text
     assert 'cacheoperator_clusters{phase="Invalid"} 0.0' in text
+
+
+def test_startup_settings_keep_kopf_out_of_the_status_and_filter_children_server_side():
+    registry = kopf.OperatorRegistry()
+    handlers.register(registry)
+    (configure,) = [h for h in registry._activities._handlers if h.id == "configure"]
+    settings = kopf.OperatorSettings()
+    configure.fn(settings=settings)
+    assert isinstance(settings.persistence.progress_storage, kopf.AnnotationsProgressStorage)
+    assert isinstance(settings.persistence.diffbase_storage, kopf.AnnotationsDiffBaseStorage)
+    selectors = {
+        (sel.group, sel.any_name): value for sel, value in settings.watching.label_selectors.items()
+    }
+    expected = "app.kubernetes.io/managed-by=cacheoperator,cache.appliance.io/cluster"
+    assert selectors == {("", "pods"): expected, ("apps", "statefulsets"): expected}
