@@ -37,8 +37,9 @@ FAILING_REASONS = frozenset(
         "RunContainerError",
     }
 )
-# Conditions in their quiet state are not worth an event when first reported.
-_QUIET = {("Degraded", "False"), ("Progressing", "False")}
+# Conditions in their quiet state are not worth an event when first reported (a new
+# cluster is not ready yet; that is news only once it was).
+_QUIET = {("Degraded", "False"), ("Progressing", "False"), ("Ready", "False")}
 
 
 @dataclass(frozen=True)
@@ -376,9 +377,10 @@ def invalid_status(
 
 
 def transitions(previous: Mapping[str, Any] | None, current: Mapping[str, Any]) -> list[Event]:
-    """Events worth posting: conditions whose status or reason changed."""
+    """Events worth posting: conditions whose status or reason changed. Two conditions
+    that changed for the same reason with the same message make one event."""
     prev = _previous_conditions(previous)
-    events = []
+    events: dict[tuple[str, str], str] = {}  # (reason, message) -> type
     for cond in current.get("conditions") or []:
         kind, value, reason = cond["type"], cond["status"], cond["reason"]
         old = prev.get(kind)
@@ -389,7 +391,7 @@ def transitions(previous: Mapping[str, Any] | None, current: Mapping[str, Any]) 
         bad = (kind == "Degraded" and value == "True") or (
             kind == "Ready" and value == "False" and old is not None and old["status"] == "True"
         )
-        events.append(
-            Event(type="Warning" if bad else "Normal", reason=reason, message=cond["message"])
-        )
-    return events
+        key = (reason, cond["message"])
+        if bad or key not in events:
+            events[key] = "Warning" if bad else events.get(key, "Normal")
+    return [Event(type=t, reason=r, message=m) for (r, m), t in events.items()]

@@ -251,6 +251,31 @@ def test_events_are_posted_for_transitions_only():
     assert transitions(second, status_for(spec, sets, pods, previous=second, now=T1)) == []
 
 
+def test_an_invalid_spec_makes_one_warning_not_one_per_condition():
+    spec, sets, pods = healthy()
+    ready = status_for(spec, sets, pods)
+    invalid = invalid_status(
+        cluster="demo",
+        generation=5,
+        problems=["spec.port: too low"],
+        observed=Observed(pods=pods, node_labels=NODES),
+        previous=ready,
+        now=T1,
+    )
+    events = transitions(ready, invalid)
+    assert [(e.type, e.reason) for e in events] == [
+        ("Warning", "InvalidSpec"),
+        ("Normal", "InvalidSpec"),
+    ]
+    assert "spec.port" in events[0].message
+
+
+def test_a_new_cluster_reports_its_rollout_not_that_it_is_not_ready_yet():
+    spec = spec_of(replicas=2)
+    status = status_for(spec, [], [])
+    assert [(e.type, e.reason) for e in transitions(None, status)] == [("Normal", "RollingOut")]
+
+
 def test_long_scheduler_messages_are_cut_to_the_schema_limit():
     spec = spec_of(replicas=1)
     pods = [make_pod("demo-0", node=None, ready=False, unschedulable="x" * 10000)]
