@@ -223,7 +223,7 @@ class CacheClusterSpec(_Model):
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> CacheClusterSpec:
-        _raise_broken(SPEC_RULES, self, prefix=(), title=type(self).__name__)
+        _raise_broken(SPEC_RULES, self, title=type(self).__name__)
         return self
 
 
@@ -254,11 +254,11 @@ class CacheClusterManifest(BaseModel):
 
     @model_validator(mode="after")
     def _root_rules(self) -> CacheClusterManifest:
-        _raise_broken(ROOT_RULES, self, prefix=(), title=type(self).__name__)
+        _raise_broken(ROOT_RULES, self, title=type(self).__name__)
         return self
 
 
-def _raise_broken(rules: tuple[Rule, ...], obj: Any, prefix: tuple[str, ...], title: str) -> None:
+def _raise_broken(rules: tuple[Rule, ...], obj: Any, title: str) -> None:
     broken = broken_rules(rules, obj)
     if not broken:
         return
@@ -270,7 +270,7 @@ def _raise_broken(rules: tuple[Rule, ...], obj: Any, prefix: tuple[str, ...], ti
                 type=PydanticCustomError(
                     "cross_field_rule", "{message}", {"message": rule.message, "rule": rule.id}
                 ),
-                loc=prefix + tuple(rule.field.split(".")),
+                loc=tuple(rule.field.split(".")),
                 input=_lookup(obj, rule.field),
             )
             for rule in broken
