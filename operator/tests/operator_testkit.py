@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from cacheoperator.models import CacheClusterSpec, parse_spec
 from cacheoperator.naming import ClusterRef
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import pytest
+
 from cacheoperator.children import configmap, desired_objects
 from cacheoperator.models import Endpoint
 from cacheoperator.placement import HOSTNAME_KEY, MIN_DOMAINS_FOR_CAP

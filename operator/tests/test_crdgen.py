@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
+
 from cacheoperator import crdgen
 from cacheoperator.crdgen import SchemaError, structural
 from operator_testkit import CRDS, walk_schema

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from cacheoperator.main import parse_args
 from cacheoperator.rules import ALL_RULES
 from operator_testkit import EXAMPLES, REPO

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from cacheoperator import yamlfmt
 from cacheoperator.children import desired_objects
 from cacheoperator.models import CacheClusterManifest, Endpoint

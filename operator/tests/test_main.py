@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import kopf
 import pytest
+from prometheus_client import generate_latest
+
 from cacheoperator import handlers
 from cacheoperator.main import DEFAULT_METRICS_PORT, DEFAULT_PEERING, parse_args
 from cacheoperator.metrics import OperatorMetrics
-from prometheus_client import generate_latest
 
 
 def test_defaults_watch_all_namespaces_with_peering():

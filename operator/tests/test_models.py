@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from cacheoperator.models import (
     DEFAULT_MAX_PER_ZONE,
     DEFAULT_RACK_KEY,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+
 from cacheoperator.reconcile import Coalescer, owned_by
 from operator_testkit import UID, make_statefulset
 

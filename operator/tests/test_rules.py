@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from pydantic import ValidationError
+
 from cacheoperator.crdgen import cachecluster_crd
 from cacheoperator.models import CacheClusterManifest, InvalidSpec, parse_spec, rule_example
 from cacheoperator.rules import ALL_RULES, ROOT_RULES, SPEC_RULES
 from operator_testkit import CRDS, walk_schema
-from pydantic import ValidationError
 
 
 def _schema(crd):
