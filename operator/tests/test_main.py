@@ -35,6 +35,8 @@ def test_liveness_and_metrics_settings(monkeypatch):
     args = parse_args(["--liveness", "http://0.0.0.0:8080/healthz", "--metrics-port", "0"])
     assert args.liveness == "http://0.0.0.0:8080/healthz"
     assert args.metrics_port == 0
+    assert parse_args([]).metrics_address == "0.0.0.0"
+    assert parse_args(["--metrics-address", "127.0.0.1"]).metrics_address == "127.0.0.1"
     monkeypatch.setenv("CACHEOPERATOR_IMAGE", "registry.example/cache:9")
     assert parse_args([]).default_image == "registry.example/cache:9"
 
