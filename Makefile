@@ -24,8 +24,10 @@ unit: deps
 
 test: lint unit e2e
 
+# The chart ships the same generated CRDs (a test checks the two copies are equal).
 crds: deps
 	$(BIN)/python -m cacheoperator.crdgen crds/
+	$(BIN)/python -m cacheoperator.crdgen charts/cache-operator/crds/
 
 # End-to-end: a real control plane built from Go modules (cached outside the repo) and the
 # node agent playing the kubelet; see docs/e2e.md. E2E_KUBECONFIG=... runs e2e against
