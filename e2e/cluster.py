@@ -479,7 +479,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         nodeagent.start_detached(config, state_dir / "nodeagent.json")
         nodeagent.wait_nodes_ready(cluster.api_client(), [n.name for n in nodes], args.timeout)
         _link_tools(state_dir, cluster)
-        product.install(cluster.kubeconfig, state_dir / "bin")
+        product.install(cluster, state_dir, args.timeout)
     except BaseException:
         print(cluster.failure_report())
         _stop_all(state_dir)
@@ -516,8 +516,9 @@ def _print_usage(state_dir: Path) -> None:
 
 
 def _stop_all(state_dir: Path) -> None:
-    from e2e import nodeagent
+    from e2e import nodeagent, product
 
+    product.stop(state_dir)
     nodeagent.stop_detached(state_dir / "nodeagent.json")
     if (state_dir / "cluster" / "state.json").exists():
         LocalCluster.load(state_dir / "cluster").stop()

@@ -1,5 +1,7 @@
 """Fixtures of the e2e suite: a real control plane (or the cluster named by E2E_KUBECONFIG),
-the node agent with three nodes in two zones, and a namespace per test."""
+the node agent with eight nodes in two zones and four racks, the chart installed with the
+pinned helm, the operator running beside the cluster as the chart's ServiceAccount, and a
+namespace per test."""
 
 from __future__ import annotations
 
@@ -10,17 +12,22 @@ from pathlib import Path
 
 import pytest
 
-from e2e import nodeagent
+from e2e import nodeagent, product
 from e2e.cluster import (
     ClusterError,
     ExternalCluster,
     LocalCluster,
+    binary,
     missing_binaries,
     versions,
     wait_for,
 )
 
 START_TIMEOUT = 120.0
+# Enough for every placement strategy of examples/: 3 pods in one zone (cluster), 6 on
+# distinct hosts (spread), 3 partitions of 2 on racks of their own (partition). Nodes are
+# dealt round-robin over the zones, then over 2 racks per zone: 4 racks of 2 nodes.
+NODES, ZONES = 8, 2
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +61,7 @@ def agent(cluster, api) -> Iterator[nodeagent.NodeAgent]:
     against an existing cluster (E2E_KUBECONFIG) they are skipped."""
     if isinstance(cluster, ExternalCluster):
         pytest.skip("E2E_KUBECONFIG: the cluster's own nodes run the pods, not the node agent")
-    nodes = nodeagent.default_nodes(3, 2)
+    nodes = nodeagent.default_nodes(NODES, ZONES)
     config = nodeagent.AgentConfig(
         cluster_id=cluster.name,
         work_dir=str(cluster.workdir / "nodeagent"),
@@ -65,6 +72,42 @@ def agent(cluster, api) -> Iterator[nodeagent.NodeAgent]:
     running = nodeagent.NodeAgent(config).start()
     try:
         nodeagent.wait_nodes_ready(api, [n.name for n in nodes], START_TIMEOUT)
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="session")
+def tools(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory with the pinned kubectl and helm, by those names."""
+    missing = [t for t in ("kubectl", "helm") if t in missing_binaries()]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not built: make e2e-bins")
+    bin_dir = tmp_path_factory.mktemp("bin")
+    for tool in ("kubectl", "helm"):
+        (bin_dir / tool).symlink_to(binary(tool))
+    return bin_dir
+
+
+@pytest.fixture(scope="session")
+def chart(cluster, agent, tools) -> product.OperatorPorts:
+    """The chart installed as a user would (release cache-operator in cache-system), with
+    the Deployment's pod kept off the agent's nodes (see e2e/product.py). Gives the ports
+    the operator beside the cluster will serve on; `helm test` asks its liveness URL."""
+    ports = product.OperatorPorts.pick()
+    product.install_chart(cluster.kubeconfig, tools, ports.liveness_url)
+    return ports
+
+
+@pytest.fixture(scope="session")
+def operator(cluster, api, chart, tmp_path_factory) -> Iterator[product.OperatorProcess]:
+    """`cacheoperator` beside the cluster, authenticated as the chart's ServiceAccount with a
+    token from the TokenRequest API: everything it does is checked against the chart's RBAC."""
+    work = tmp_path_factory.mktemp("operator")
+    kubeconfig = product.service_account_kubeconfig(api, cluster.kubeconfig, work / "kubeconfig")
+    running = product.OperatorProcess(kubeconfig, work / "operator.log", chart, detached=False)
+    running.start()
+    try:
         yield running
     finally:
         running.stop()
@@ -111,6 +154,9 @@ def pytest_runtest_makereport(item, call):
         local = item.funcargs.get("cluster")
         if isinstance(local, LocalCluster):
             report.sections.append(("control-plane logs", local.failure_report(15)))
+        running = item.funcargs.get("operator")
+        if isinstance(running, product.OperatorProcess):
+            report.sections.append(("operator log", running.tail(40)))
     return report
 
 
