@@ -4,7 +4,9 @@ cluster    pods need a zone shared with the cluster's other pods, and prefer its
 spread     no two pods share a host (or a rack); a hard cap of maxPerZone pods per zone,
            spread evenly across zones when the scheduler can.
 partition  pods carry their partition number; pods of different partitions never share
-           a rack, so losing a rack loses at most one partition.
+           a rack, so losing a rack loses at most one partition. Pods prefer the racks
+           their partition already uses, so a partition does not take more racks than it
+           needs and leave the later partitions none.
 
 The constraints that rely on a node label also require that label on the node: without it
 the scheduler would quietly treat every unlabelled node as its own zone or rack.
@@ -79,8 +81,22 @@ def affinity(spec: CacheClusterSpec, cluster: str, partition: int | None) -> dic
         }
     if partition is None:
         raise ValueError("strategy partition needs a partition number")
+    own_partition = {"matchLabels": {LABEL_CLUSTER: cluster, LABEL_PARTITION: str(partition)}}
     return {
         "nodeAffinity": _require_labels(placement.rack_key),
+        # Without this the scheduler's default spreading puts a partition's pods in
+        # different zones, hence racks: with 4 racks, 2 partitions of 2 pods can take all 4.
+        "podAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "weight": 100,
+                    "podAffinityTerm": {
+                        "labelSelector": own_partition,
+                        "topologyKey": placement.rack_key,
+                    },
+                }
+            ]
+        },
         "podAntiAffinity": {
             "requiredDuringSchedulingIgnoredDuringExecution": [
                 {

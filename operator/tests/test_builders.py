@@ -284,6 +284,19 @@ def test_partition_strategy_keeps_partitions_off_each_others_racks():
             {"key": "cache.appliance.io/partition", "operator": "NotIn", "values": [str(number)]}
         ]
         assert "topologySpreadConstraints" not in pod_spec(sts)
+        # ... and keep to the racks their own partition already uses, so that the
+        # scheduler's zone spreading does not let one partition take the racks of the next.
+        (preferred,) = affinity["podAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+        assert preferred["weight"] == 100
+        assert preferred["podAffinityTerm"] == {
+            "labelSelector": {
+                "matchLabels": {
+                    "cache.appliance.io/cluster": "demo",
+                    "cache.appliance.io/partition": str(number),
+                }
+            },
+            "topologyKey": "rack",
+        }
 
 
 @pytest.mark.parametrize(
