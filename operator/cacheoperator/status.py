@@ -90,6 +90,29 @@ def failing_message(pod: Mapping[str, Any]) -> str | None:
     return None
 
 
+def restarted_message(pod: Mapping[str, Any]) -> str | None:
+    """Why a pod that ran is not ready now: its container exited and was restarted (a
+    crash, a kill, a failed liveness probe) and has not passed its readiness probe yet.
+    A pod that is not ready and never restarted is still starting: that is progress."""
+    if is_ready(pod):
+        return None
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        restarts = status.get("restartCount") or 0
+        if restarts and not status.get("ready"):
+            last = (status.get("lastState") or {}).get("terminated") or {}
+            how = ", ".join(
+                str(x)
+                for x in (
+                    f"exit code {last['exitCode']}" if "exitCode" in last else None,
+                    last.get("reason"),
+                )
+                if x
+            )
+            detail = f" ({how})" if how else ""
+            return f"container {status.get('name')} restarted{detail}, {restarts} restart(s) in all"
+    return None
+
+
 def _pod_name(pod: Mapping[str, Any]) -> str:
     return (pod.get("metadata") or {}).get("name", "")
 
@@ -277,6 +300,7 @@ def compute_status(
     rollout = rollout_problems(spec, cluster, observed.statefulsets)
     stuck = [(n, m) for p in pods if (m := unschedulable_message(p)) for n in [_pod_name(p)]]
     failing = [(n, m) for p in pods if (m := failing_message(p)) for n in [_pod_name(p)]]
+    restarted = [(n, m) for p in pods if (m := restarted_message(p)) for n in [_pod_name(p)]]
     prev = _previous_conditions(previous)
 
     if apply_error:
@@ -295,6 +319,13 @@ def compute_status(
             True,
             "PodsFailing",
             f"{len(failing)} pod(s) failing ({names}): {failing[0][1]}",
+        )
+    elif restarted:
+        names = ", ".join(sorted(n for n, _ in restarted))
+        degraded = (
+            True,
+            "PodsRestarted",
+            f"{len(restarted)} pod(s) restarted and not ready ({names}): {restarted[0][1]}",
         )
     else:
         degraded = (False, "AsExpected", "all pods schedulable and running")

@@ -43,6 +43,7 @@ def make_pod(
     partition: int | None = None,
     unschedulable: str | None = None,
     waiting: str | None = None,
+    restarted: int | None = None,
     deleting: bool = False,
 ) -> dict[str, Any]:
     """A pod as the API server would return it, reduced to what the operator reads."""
@@ -76,6 +77,17 @@ def make_pod(
     if waiting:
         status["containerStatuses"] = [
             {"name": "cacheserver", "state": {"waiting": {"reason": waiting, "message": "boom"}}}
+        ]
+    if restarted is not None:
+        # The container exited with code `restarted` (137: SIGKILL) and runs again.
+        status["containerStatuses"] = [
+            {
+                "name": "cacheserver",
+                "ready": ready,
+                "restartCount": 1,
+                "state": {"running": {"startedAt": "2030-01-01T00:00:01Z"}},
+                "lastState": {"terminated": {"exitCode": restarted, "reason": "Error"}},
+            }
         ]
     metadata: dict[str, Any] = {"name": name, "namespace": "cache", "labels": labels}
     if deleting:

@@ -171,6 +171,33 @@ def test_a_crash_looping_pod_is_degraded():
     assert status["phase"] == "Degraded"
 
 
+def test_a_restarted_pod_is_degraded_until_ready_again():
+    """A server that was killed and restarted: the cluster runs below capacity (and that
+    shard lost its cache), which is not progress towards anything."""
+    spec, sets, pods = healthy()
+    pods[1] = make_pod("demo-1", node="node-2", ready=False, restarted=137)
+    status = status_for(spec, sets, pods)
+    assert status["phase"] == "Degraded"
+    assert conditions(status)["Degraded"] == ("True", "PodsRestarted")
+    degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
+    assert "demo-1" in degraded["message"] and "exit code 137" in degraded["message"]
+    assert conditions(status)["Progressing"] == ("False", "Complete")
+    assert [e.reason for e in transitions(status_for(*healthy()), status)] == [
+        "PodsNotReady",
+        "PodsRestarted",
+    ]
+    pods[1] = make_pod("demo-1", node="node-2", ready=True, restarted=137)
+    assert status_for(spec, sets, pods)["phase"] == "Ready"
+
+
+def test_a_pod_that_never_ran_is_starting_not_degraded():
+    spec, sets, pods = healthy()
+    pods[1] = make_pod("demo-1", node="node-2", ready=False)
+    status = status_for(spec, sets, pods)
+    assert status["phase"] == "Progressing"
+    assert conditions(status)["Degraded"] == ("False", "AsExpected")
+
+
 def test_rollouts_and_scaling_are_progressing():
     spec, _, pods = healthy()
     rolling = [make_statefulset("demo", 2, current="rev-1", update="rev-2", updated=1)]
