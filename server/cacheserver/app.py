@@ -1,0 +1,55 @@
+"""Process start-up: pin, size memory, run the worker(s) on uvloop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+import uvloop
+
+from cacheserver.config import Settings
+from cacheserver.server import Worker
+
+log = logging.getLogger("cacheserver")
+
+
+def pin_to_cpu(index: int) -> int | None:
+    """Pin this process to the index-th CPU of its current affinity set; returns the CPU."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if not cpus:
+        return None
+    cpu = cpus[index % len(cpus)]
+    os.sched_setaffinity(0, {cpu})
+    return cpu
+
+
+def run(settings: Settings) -> int:
+    if settings.workers != 1:
+        log.error("-t/--workers > 1 is not available yet; run one worker per port for now")
+        return 2
+    if settings.pin:
+        cpu = pin_to_cpu(0)
+        log.info("pinned to CPU %s", cpu)
+    try:
+        uvloop.run(_serve(settings))
+    except OSError as err:
+        log.error("cannot start: %s", err)
+        return 1
+    return 0
+
+
+async def _serve(settings: Settings) -> None:
+    worker = Worker(settings)
+    log.info(
+        "cacheserver pid %d: capacity %d bytes, max item %d bytes, %d connections",
+        os.getpid(),
+        worker.store.capacity,
+        settings.max_item_size,
+        settings.conn_limit,
+    )
+    await worker.run_until_stopped()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    asyncio.run(_serve(Settings()))

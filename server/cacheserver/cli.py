@@ -1,0 +1,227 @@
+"""``cacheserver``: command line like memcached's; every flag can also come from the
+environment (CACHESERVER_<NAME>) so a pod spec can set it without a shell."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from cacheserver import __version__
+from cacheserver.config import DEFAULT_MEMORY_MB, DEFAULT_PORT, Settings, parse_size
+
+ENV_PREFIX = "CACHESERVER_"
+
+DESCRIPTION = """\
+cacheserver: a memcached-compatible cache server (text protocol over TCP and UDP).
+Every option can also be set with an environment variable, shown in brackets; a flag given
+on the command line wins over the environment."""
+
+EPILOG = """\
+UDP is off by default (-U 0), as in memcached since 1.5.6: an open UDP port on a cache can be
+abused for reflection and amplification attacks. When it is on, only the get/set family of
+commands is answered over UDP unless --udp-allow-all is given."""
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number") from None
+
+
+def _port(text: str) -> int:
+    value = _int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError(f"{value} is not a port (0-65535)")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise ValueError(f"{value} must be at least 1")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise ValueError(f"{value} must not be negative")
+    return value
+
+
+def _memory(text: str) -> int | None:
+    if text.strip().lower() == "auto":
+        return None
+    return _positive(text)
+
+
+def _item_size(text: str) -> int:
+    value = parse_size(text)
+    if not 1024 <= value <= 1024**3:
+        raise ValueError(f"{text} is outside 1k..1g")
+    return value
+
+
+def _flag(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{text!r} is not a boolean (use true or false)")
+
+
+def _typed(parse: Callable[[str], Any], what: str) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"invalid {what}: {err}") from None
+
+    convert.__name__ = what
+    return convert
+
+
+# (flags, settings field, env name, parser, default, help)
+_OPTIONS: list[tuple[tuple[str, ...], str, Callable[[str], Any], Any, str]] = [
+    (("-p", "--port"), "port", _port, DEFAULT_PORT, "TCP port to listen on"),
+    (("-U", "--udp-port"), "udp_port", _port, 0, "UDP port to listen on, 0 is off"),
+    (("-l", "--listen"), "listen", str, "0.0.0.0", "interface to listen on"),
+    (
+        ("-m", "--memory-limit"),
+        "memory_limit_mb",
+        _memory,
+        DEFAULT_MEMORY_MB,
+        "item memory in megabytes, or 'auto' to size from the cgroup limit",
+    ),
+    (
+        ("--memory-headroom",),
+        "memory_headroom_mb",
+        _non_negative,
+        None,
+        "megabytes kept free under the memory limit with -m auto",
+    ),
+    (("-c", "--conn-limit"), "conn_limit", _positive, 1024, "max simultaneous connections"),
+    (
+        ("-I", "--max-item-size"),
+        "max_item_size",
+        _item_size,
+        1024 * 1024,
+        "max item size (k, m suffixes), default 1m",
+    ),
+    (("--metrics-port",), "metrics_port", _port, 0, "Prometheus /metrics port, 0 is off"),
+    (
+        ("--idle-timeout",),
+        "idle_timeout",
+        _non_negative,
+        0,
+        "close connections idle this many seconds, 0 is never",
+    ),
+    (("-t", "--workers"), "workers", _positive, 1, "worker processes (one shard each)"),
+    (("--pin",), "pin", _flag, False, "pin each worker to one CPU of this process's cpuset"),
+    (
+        ("--udp-allow-all",),
+        "udp_allow_all",
+        _flag,
+        False,
+        "answer every command over UDP, not only the get/set family",
+    ),
+]
+
+
+def _env_name(field: str) -> str:
+    names = {"memory_limit_mb": "MEMORY_LIMIT", "memory_headroom_mb": "MEMORY_HEADROOM"}
+    return ENV_PREFIX + names.get(field, field.upper())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cacheserver",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for flags, field, parse, default, help_text in _OPTIONS:
+        env = _env_name(field)
+        shown = "auto" if field == "memory_limit_mb" and default is None else default
+        suffix = f" [{env}]" + (f" (default: {shown})" if shown not in (None, False) else "")
+        if parse is _flag:
+            parser.add_argument(
+                *flags,
+                dest=field,
+                nargs="?",
+                const=True,
+                default=None,
+                type=_typed(parse, field),
+                help=help_text + suffix,
+            )
+        else:
+            parser.add_argument(
+                *flags,
+                dest=field,
+                default=None,
+                type=_typed(parse, field),
+                metavar=field.split("_")[0].upper(),
+                help=help_text + suffix,
+            )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=None,
+        help=f"verbose logging; -vv for more [{ENV_PREFIX}VERBOSE]",
+    )
+    parser.add_argument("-V", "--version", action="version", version=f"cacheserver {__version__}")
+    return parser
+
+
+def parse_settings(argv: Sequence[str] | None, environ: dict[str, str] | None = None) -> Settings:
+    """Flags first, then CACHESERVER_* variables, then defaults. Exits with a clear message."""
+    env = os.environ if environ is None else environ
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    values: dict[str, Any] = {}
+    for _flags, field, parse, default, _help in _OPTIONS:
+        value = getattr(args, field)
+        if value is None:
+            name = _env_name(field)
+            if name in env:
+                try:
+                    value = parse(env[name])
+                except ValueError as err:
+                    parser.error(f"environment variable {name}: {err}")
+            else:
+                value = default
+        values[field] = value
+    verbose = args.verbose
+    if verbose is None:
+        raw = env.get(ENV_PREFIX + "VERBOSE", "0")
+        try:
+            verbose = _non_negative(raw)
+        except ValueError as err:
+            parser.error(f"environment variable {ENV_PREFIX}VERBOSE: {err}")
+    values["verbose"] = verbose
+    settings = Settings(**values)
+    if (
+        settings.memory_limit_mb is not None
+        and settings.max_item_size > settings.memory_limit_mb * 1024 * 1024
+    ):
+        parser.error("-I/--max-item-size cannot be larger than -m/--memory-limit")
+    return settings
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    settings = parse_settings(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if settings.verbose > 1 else logging.INFO,
+        format="%(asctime)s cacheserver[%(process)d] %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    from cacheserver.app import run
+
+    sys.exit(run(settings))

@@ -1,0 +1,167 @@
+"""Framing of the text protocol for one client: request bytes in, response bytes out.
+
+Every complete request in the bytes fed is handled in one call (pipelining), and the replies
+come back as one ``bytes`` so the network layer writes once. Only an incomplete request is
+kept between calls: a partial command line, or the part of a data block seen so far.
+"""
+
+from __future__ import annotations
+
+from cacheserver.protocol.commands import ERROR, STORAGE_COMMANDS, Commands, StorageRequest
+
+# memcached closes a connection that sends this much without a newline, unless it is a get.
+MAX_LINE = 2048
+# A multi-get line may be longer; past this it is refused too, so one client cannot make the
+# server buffer without bound.
+MAX_MULTIGET_LINE = 2 * 1024 * 1024
+UDP_REFUSED = b"SERVER_ERROR command not allowed over UDP\r\n"
+
+# Commands whose reply is about the size of the request or of data the client stored: safe to
+# answer over UDP without letting a forged source address amplify traffic.
+UDP_SAFE_COMMANDS = (
+    frozenset((b"get", b"gets", b"gat", b"gats", b"touch", b"delete", b"incr", b"decr", b"version"))
+    | STORAGE_COMMANDS
+)
+
+
+class TextSession:
+    __slots__ = (
+        "_allowed",
+        "_buffer",
+        "_chunks",
+        "_commands",
+        "_have",
+        "_need",
+        "_request",
+        "closing",
+        "refused",
+    )
+
+    def __init__(self, commands: Commands, allowed: frozenset[bytes] | None = None) -> None:
+        self._commands = commands
+        self._allowed = allowed  # None: every command; else only these (UDP's guard)
+        self._buffer = b""
+        self._request: StorageRequest | None = None
+        self._chunks: list[bytes] = []
+        self._have = 0
+        self._need = 0
+        self.closing = False  # set when the connection is to close after the reply is sent
+        self.refused = 0  # commands refused by the allow-list
+
+    @property
+    def idle(self) -> bool:
+        """No partial request is held."""
+        return not self._buffer and self._request is None
+
+    def feed(self, data: bytes) -> bytes:
+        if self.closing:
+            return b""
+        out: list[bytes] = []
+        if self._request is not None:
+            data = self._continue_block(data, out)
+            if data is None:
+                return b"".join(out)
+        elif self._buffer:
+            data = self._buffer + data
+            self._buffer = b""
+        self._parse(data, out)
+        return b"".join(out)
+
+    def _continue_block(self, data: bytes, out: list[bytes]) -> bytes | None:
+        """Add bytes to the awaited data block; the bytes after it once complete, else None."""
+        request = self._request
+        assert request is not None
+        self._have += len(data)
+        if request.swallow is None:
+            self._chunks.append(data)
+        if self._have < self._need:
+            return None
+        extra = self._have - self._need
+        if request.swallow is not None:
+            out.append(request.swallow)
+            rest = data[len(data) - extra :] if extra else b""
+        else:
+            block = b"".join(self._chunks)
+            nbytes = request.nbytes
+            out.append(
+                self._commands.complete_storage(request, block[:nbytes], block[nbytes : nbytes + 2])
+            )
+            rest = block[nbytes + 2 :]
+        self._request = None
+        self._chunks = []
+        return rest
+
+    def _parse(self, data: bytes, out: list[bytes]) -> None:
+        commands = self._commands
+        allowed = self._allowed
+        pos = 0
+        n = len(data)
+        while pos < n:
+            eol = data.find(b"\n", pos)
+            if eol < 0:
+                self._keep_partial_line(data[pos:])
+                return
+            end = eol - 1 if eol - pos > 1 and data[eol - 1] == 13 else eol
+            tokens = data[pos:end].split(b" ")
+            pos = eol + 1
+            if b"" in tokens:
+                tokens = [t for t in tokens if t]
+            if not tokens or len(tokens[0]) < 2:
+                out.append(ERROR)
+                continue
+            command = tokens[0]
+            if allowed is not None and command not in allowed:
+                self.refused += 1
+                out.append(UDP_REFUSED)
+                continue
+            if command in STORAGE_COMMANDS:
+                pos = self._storage(tokens, data, pos, out)
+                continue
+            handler = commands.handler(command)
+            if handler is not None:
+                out.append(handler(tokens))
+            elif command == b"quit":
+                self.closing = True
+                return
+            elif tokens[-1].startswith(b"HTTP/"):
+                # memcached drops connections that speak HTTP at it, without a reply.
+                self.closing = True
+                return
+            else:
+                out.append(ERROR)
+
+    def _storage(self, tokens: list[bytes], data: bytes, pos: int, out: list[bytes]) -> int:
+        """Handle a storage command line; returns the position after what it consumed."""
+        request = self._commands.parse_storage(tokens)
+        if isinstance(request, bytes):
+            out.append(request)
+            return pos
+        nbytes = request.nbytes
+        need = nbytes + 2
+        n = len(data)
+        if n - pos >= need:
+            if request.swallow is not None:
+                out.append(request.swallow)
+            else:
+                out.append(
+                    self._commands.complete_storage(
+                        request, data[pos : pos + nbytes], data[pos + nbytes : pos + need]
+                    )
+                )
+            return pos + need
+        self._request = request
+        self._need = need
+        self._have = n - pos
+        self._chunks = [data[pos:]] if request.swallow is None else []
+        return n
+
+    def _keep_partial_line(self, rest: bytes) -> None:
+        if len(rest) > MAX_LINE:
+            head = rest.lstrip(b" ")
+            is_get = len(rest) - len(head) <= 100 and (
+                head.startswith(b"get ") or head.startswith(b"gets ")
+            )
+            if not is_get or len(rest) > MAX_MULTIGET_LINE:
+                self.closing = True
+                return
+        self._buffer = rest

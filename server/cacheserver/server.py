@@ -1,0 +1,114 @@
+"""One worker: an event loop serving one shard (its own store, counters and ports).
+
+Assembles the layers: storage (Store), protocol (Commands), network (TCP, UDP), metrics
+(stats report, Prometheus collector). Background duties run as timers on the same loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+
+from prometheus_client import CollectorRegistry
+
+from cacheserver import __version__
+from cacheserver.config import Settings
+from cacheserver.metrics.collector import ServerCollector
+from cacheserver.metrics.counters import Counters
+from cacheserver.metrics.http import serve_metrics
+from cacheserver.metrics.stats_report import StatsReport
+from cacheserver.network.tcp import ConnectionTracker, TCPConnection
+from cacheserver.network.udp import UDPEndpoint
+from cacheserver.protocol.commands import Commands
+from cacheserver.storage import Store
+
+log = logging.getLogger("cacheserver")
+
+# What `version` answers: the memcached protocol level this server speaks, then its own name.
+VERSION = f"1.6.18-cacheserver-{__version__}"
+SWEEP_PERIOD = 1.0  # seconds between background steps (expiry crawl, idle check)
+CRAWL_BUDGET = 20_000  # keys checked for expiry per step: bounded work per tick
+
+
+class Worker:
+    def __init__(self, settings: Settings, capacity: int | None = None) -> None:
+        self.settings = settings
+        self.store = Store(
+            capacity if capacity is not None else settings.memory_limit_bytes,
+            max_item_size=settings.max_item_size,
+        )
+        self.counters = Counters()
+        self.report = StatsReport(settings, self.store, self.counters, VERSION)
+        self.commands = Commands(self.store, self.counters, VERSION, self.report)
+        self.tracker = ConnectionTracker(self.counters, settings.conn_limit, settings.idle_timeout)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.collector = ServerCollector(self.report)
+        self.registry.register(self.collector)
+        self._servers: list[asyncio.Server] = []
+        self._udp: asyncio.DatagramTransport | None = None
+        self._ticker: asyncio.TimerHandle | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        st = self.settings
+        server = await loop.create_server(
+            lambda: TCPConnection(self.commands, self.tracker),
+            st.listen,
+            st.port,
+            reuse_address=True,
+            backlog=1024,
+        )
+        self._servers.append(server)
+        for sock in server.sockets:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        log.info("listening on %s:%d (TCP)", st.listen, st.port)
+        if st.udp_port:
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: UDPEndpoint(self.commands, self.counters, st.udp_allow_all),
+                local_addr=(st.listen, st.udp_port),
+                reuse_port=False,
+            )
+            self._udp = transport  # type: ignore[assignment]
+            log.info(
+                "listening on %s:%d (UDP%s)",
+                st.listen,
+                st.udp_port,
+                ", all commands" if st.udp_allow_all else "",
+            )
+        if st.metrics_port:
+            self._servers.append(await serve_metrics(self.registry, st.listen, st.metrics_port))
+            log.info("metrics on http://%s:%d/metrics", st.listen, st.metrics_port)
+        self._ticker = loop.call_later(SWEEP_PERIOD, self._tick)
+
+    def _tick(self) -> None:
+        self.store.reclaim_expired(CRAWL_BUDGET)
+        self.tracker.sweep(SWEEP_PERIOD)
+        self._ticker = asyncio.get_running_loop().call_later(SWEEP_PERIOD, self._tick)
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    async def run_until_stopped(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        await self.start()
+        await self._stopped.wait()
+        await self.close()
+
+    async def close(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+        for server in self._servers:
+            server.close()
+        if self._udp is not None:
+            self._udp.close()
+        self.tracker.close_all()
+        for server in self._servers:
+            await server.wait_closed()
+        log.info("stopped (pid %d)", os.getpid())

@@ -1,0 +1,96 @@
+"""The compact item representation.
+
+An item is one immutable ``bytes`` object, so a stored key costs exactly two Python objects
+(the key and the item) plus its dict slot. That keeps memory per item close to memcached's
+(see docs/benchmarks.md). Layout::
+
+    cas:u64 | exptime:u32 | flags:u32 | meta:u8 | b" <flags> <nbytes>\\r\\n" | data | b"\\r\\n"
+
+``meta`` holds the offset of ``data`` in its low 7 bits and the "fetched" bit on top (for the
+evicted_unfetched / expired_unfetched counters). The pre-formatted suffix lets a get hit be
+answered with one slice: ``b"VALUE " + key + item[HEADER_SIZE:]``.
+"""
+
+from __future__ import annotations
+
+import struct
+
+_HEADER = struct.Struct("<QIIB")
+HEADER_SIZE = _HEADER.size  # 17
+FETCHED = 0x80
+_OFFSET_MASK = 0x7F
+NEVER = 0  # exptime meaning "does not expire"
+
+pack_header = _HEADER.pack
+unpack_header = _HEADER.unpack_from
+
+
+def make_item(cas: int, exptime: int, flags: int, data: bytes, fetched: bool = False) -> bytes:
+    """Build an item; ``data`` is the value without its trailing CRLF."""
+    suffix = b" %d %d\r\n" % (flags, len(data))
+    meta = (HEADER_SIZE + len(suffix)) | (FETCHED if fetched else 0)
+    return b"".join((_HEADER.pack(cas, exptime, flags, meta), suffix, data, b"\r\n"))
+
+
+def item_cas(item: bytes) -> int:
+    return _HEADER.unpack_from(item)[0]
+
+
+def item_exptime(item: bytes) -> int:
+    return _HEADER.unpack_from(item)[1]
+
+
+def item_flags(item: bytes) -> int:
+    return _HEADER.unpack_from(item)[2]
+
+
+def item_data(item: bytes) -> bytes:
+    """The value without its trailing CRLF."""
+    return item[item[HEADER_SIZE - 1] & _OFFSET_MASK : -2]
+
+
+def item_nbytes(item: bytes) -> int:
+    return len(item) - (item[HEADER_SIZE - 1] & _OFFSET_MASK) - 2
+
+
+def item_fetched(item: bytes) -> bool:
+    return bool(item[HEADER_SIZE - 1] & FETCHED)
+
+
+def with_fetched(item: bytes) -> bytes:
+    """A copy with the fetched bit set (done once per item, on its first hit)."""
+    return b"".join(
+        (item[: HEADER_SIZE - 1], bytes((item[HEADER_SIZE - 1] | FETCHED,)), item[HEADER_SIZE:])
+    )
+
+
+def with_header(item: bytes, cas: int, exptime: int) -> bytes:
+    """A copy with a new CAS and exptime, the value and flags unchanged."""
+    _, _, flags, meta = _HEADER.unpack_from(item)
+    return _HEADER.pack(cas, exptime, flags, meta) + item[HEADER_SIZE:]
+
+
+def value_response(key: bytes, item: bytes) -> bytes:
+    """The ``VALUE`` block of a get for this item, terminating CRLF included."""
+    return b"VALUE " + key + item[HEADER_SIZE:]
+
+
+def value_response_with_cas(key: bytes, item: bytes) -> bytes:
+    """The ``VALUE`` block of a gets: the CAS goes at the end of the header line."""
+    cas = _HEADER.unpack_from(item)[0]
+    off = item[HEADER_SIZE - 1] & _OFFSET_MASK
+    return b"".join((b"VALUE ", key, item[HEADER_SIZE : off - 2], b" %d\r\n" % cas, item[off:]))
+
+
+def _pymalloc_size(nbytes: int) -> int:
+    """Bytes a ``bytes`` object of this length really takes (object header, 16-byte rounding)."""
+    return (33 + nbytes + 15) & ~15
+
+
+# One dict slot (hash, key and value pointers, index) at the dict's usual fill, amortised.
+_DICT_SLOT = 48
+
+
+def item_cost(key: bytes, item: bytes) -> int:
+    """Memory accounted to a stored item: both objects as allocated, plus its dict slot."""
+    return _pymalloc_size(len(key)) + _pymalloc_size(len(item)) + _DICT_SLOT

@@ -1,0 +1,350 @@
+"""The item store: a byte-capacity cache with LRU eviction, lazy and background expiry, CAS.
+
+One ``Store`` belongs to one worker (shard-per-core), so nothing here takes a lock. LRU order
+is the dict's insertion order: a hit re-inserts the key at the end, eviction takes keys from
+the front. Evicting in small batches (to a low watermark just under capacity) keeps the scan
+past the deleted slots at the dict's front amortised to a few steps per item.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum, auto
+
+from cacheserver.storage.item import (
+    FETCHED,
+    HEADER_SIZE,
+    NEVER,
+    item_cost,
+    item_data,
+    item_fetched,
+    make_item,
+    unpack_header,
+    with_fetched,
+    with_header,
+)
+
+MAX_U64 = (1 << 64) - 1
+# memcached's item header (48) + CAS (8) + the key's NUL: used to apply -I the way it does.
+_MEMCACHED_ITEM_OVERHEAD = 48 + 8 + 1
+
+
+class Outcome(Enum):
+    STORED = auto()
+    NOT_STORED = auto()
+    EXISTS = auto()
+    NOT_FOUND = auto()
+    TOO_LARGE = auto()
+    NO_MEMORY = auto()
+    NON_NUMERIC = auto()
+
+
+@dataclass
+class StoreStats:
+    """Counters owned by the store; plain ints, read by stats and the metrics collector."""
+
+    total_items: int = 0
+    evictions: int = 0  # valid items evicted to stay under capacity
+    evictions_shrinker: int = 0  # valid items evicted because the memory shrinker asked
+    evicted_unfetched: int = 0
+    expired_unfetched: int = 0
+    reclaimed: int = 0  # expired items whose memory was taken back (lazily or by the crawler)
+    get_expired: int = 0
+    get_flushed: int = 0
+    crawler_items_checked: int = 0
+    bytes_released_shrinker: int = 0
+
+
+class Store:
+    def __init__(
+        self,
+        capacity: int,
+        max_item_size: int = 1024 * 1024,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._items: dict[bytes, bytes] = {}
+        self.capacity = capacity
+        self.max_item_size = max_item_size
+        self.bytes_used = 0
+        self.stats = StoreStats()
+        self._clock = clock
+        self._cas = 0
+        self._flush_at = 0  # absolute time of a pending delayed flush_all, 0 when none
+        self._crawl_keys: list[bytes] = []
+
+    # -- reading -------------------------------------------------------------------------------
+
+    @property
+    def curr_items(self) -> int:
+        return len(self._items)
+
+    def now(self) -> int:
+        return int(self._clock())
+
+    def __contains__(self, key: bytes) -> bool:
+        return self._live(key, self.now()) is not None
+
+    def get(self, key: bytes) -> bytes | None:
+        """The live item for ``key`` (bumped to most recently used), or None."""
+        now = self.now()
+        item = self._live(key, now)
+        if item is None:
+            return None
+        items = self._items
+        del items[key]
+        if not item[HEADER_SIZE - 1] & FETCHED:
+            item = with_fetched(item)
+        items[key] = item
+        return item
+
+    def touch(self, key: bytes, exptime: int) -> bytes | None:
+        """Give a live item a new absolute expiry; returns the updated item or None."""
+        item = self._live(key, self.now())
+        if item is None:
+            return None
+        cas = unpack_header(item)[0]
+        new = with_fetched(with_header(item, cas, exptime))
+        self._replace(key, item, new)
+        return new
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def too_large(self, key: bytes, flags: int, nbytes: int) -> bool:
+        """Whether memcached with the same -I would refuse this item as too large."""
+        total = _MEMCACHED_ITEM_OVERHEAD + len(key) + (4 if flags else 0) + nbytes + 2
+        return total > self.max_item_size
+
+    def set(self, key: bytes, flags: int, exptime: int, data: bytes) -> Outcome:
+        if self.too_large(key, flags, len(data)):
+            self.delete(key)  # as memcached: a failed set must not leave the stale value
+            return Outcome.TOO_LARGE
+        return self._store(key, make_item(self._next_cas(), exptime, flags, data))
+
+    def add(self, key: bytes, flags: int, exptime: int, data: bytes) -> Outcome:
+        if self.too_large(key, flags, len(data)):
+            return Outcome.TOO_LARGE
+        if self._live(key, self.now()) is not None:
+            return Outcome.NOT_STORED
+        return self._store(key, make_item(self._next_cas(), exptime, flags, data))
+
+    def replace(self, key: bytes, flags: int, exptime: int, data: bytes) -> Outcome:
+        if self.too_large(key, flags, len(data)):
+            return Outcome.TOO_LARGE
+        if self._live(key, self.now()) is None:
+            return Outcome.NOT_STORED
+        return self._store(key, make_item(self._next_cas(), exptime, flags, data))
+
+    def cas(self, key: bytes, flags: int, exptime: int, data: bytes, unique: int) -> Outcome:
+        if self.too_large(key, flags, len(data)):
+            return Outcome.TOO_LARGE
+        old = self._live(key, self.now())
+        if old is None:
+            return Outcome.NOT_FOUND
+        if unpack_header(old)[0] != unique:
+            return Outcome.EXISTS
+        return self._store(key, make_item(self._next_cas(), exptime, flags, data))
+
+    def append(self, key: bytes, data: bytes) -> Outcome:
+        return self._concat(key, data, at_end=True)
+
+    def prepend(self, key: bytes, data: bytes) -> Outcome:
+        return self._concat(key, data, at_end=False)
+
+    def _concat(self, key: bytes, data: bytes, at_end: bool) -> Outcome:
+        old = self._live(key, self.now())
+        if old is None:
+            return Outcome.NOT_STORED
+        _, exptime, flags, _ = unpack_header(old)
+        old_data = item_data(old)
+        new_data = old_data + data if at_end else data + old_data
+        if self.too_large(key, flags, len(new_data)):
+            return Outcome.TOO_LARGE
+        new = make_item(self._next_cas(), exptime, flags, new_data, item_fetched(old))
+        return self._store(key, new)
+
+    def delete(self, key: bytes) -> bool:
+        item = self._live(key, self.now())
+        if item is None:
+            return False
+        self._unlink(key, item)
+        return True
+
+    def incr(self, key: bytes, delta: int) -> int | Outcome:
+        return self._arith(key, delta, incr=True)
+
+    def decr(self, key: bytes, delta: int) -> int | Outcome:
+        return self._arith(key, delta, incr=False)
+
+    def _arith(self, key: bytes, delta: int, incr: bool) -> int | Outcome:
+        old = self._live(key, self.now())
+        if old is None:
+            return Outcome.NOT_FOUND
+        data = item_data(old)
+        current = parse_stored_number(data)
+        if current is None:
+            return Outcome.NON_NUMERIC
+        value = (current + delta) & MAX_U64 if incr else max(current - delta, 0)
+        digits = b"%d" % value
+        # memcached rewrites a shorter number in place, padding with spaces to the old length.
+        if len(digits) < len(data):
+            digits = digits.ljust(len(data))
+        _, exptime, flags, _ = unpack_header(old)
+        self._store(key, make_item(self._next_cas(), exptime, flags, digits, item_fetched(old)))
+        return value
+
+    def flush(self, at: int = 0) -> None:
+        """flush_all: drop every item now, or every item that exists at time ``at``."""
+        if at and at > self.now():
+            self._flush_at = at
+            return
+        self._flush_at = 0
+        self._items.clear()
+        self.bytes_used = 0
+        self._crawl_keys = []
+
+    # -- capacity and memory -------------------------------------------------------------------
+
+    def set_capacity(self, nbytes: int) -> None:
+        """Change the byte capacity; lowering it evicts LRU items down to it."""
+        self.capacity = max(nbytes, 0)
+        if self.bytes_used > self.capacity:
+            self._evict_to(self.capacity, by_shrinker=False)
+
+    def shrink(self, target_bytes: int) -> int:
+        """Evict LRU items until at most ``target_bytes`` are used; returns bytes released."""
+        released = self._evict_to(max(target_bytes, 0), by_shrinker=True)
+        self.stats.bytes_released_shrinker += released
+        return released
+
+    def reclaim_expired(self, budget: int = 10_000) -> int:
+        """One step of the background crawler: check up to ``budget`` keys for expiry.
+
+        A crawl walks a snapshot of the keys in steps, so a large cache never stalls the
+        worker's event loop; keys changed since the snapshot are looked up afresh.
+        """
+        self._apply_pending_flush(self.now())
+        if not self._crawl_keys:
+            if not self._items:
+                return 0
+            self._crawl_keys = list(self._items)
+        keys = self._crawl_keys
+        step = keys[-budget:]
+        del keys[-budget:]
+        now = self.now()
+        reclaimed = 0
+        items = self._items
+        for key in step:
+            item = items.get(key)
+            if item is not None and _expired(item, now):
+                self._drop_expired(key, item)
+                reclaimed += 1
+        self.stats.crawler_items_checked += len(step)
+        return reclaimed
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _next_cas(self) -> int:
+        self._cas += 1
+        return self._cas
+
+    def _live(self, key: bytes, now: int) -> bytes | None:
+        if self._flush_at:
+            self._apply_pending_flush(now)
+        item = self._items.get(key)
+        if item is None:
+            return None
+        if _expired(item, now):
+            self._drop_expired(key, item)
+            self.stats.get_expired += 1
+            return None
+        return item
+
+    def _apply_pending_flush(self, now: int) -> None:
+        if self._flush_at and now >= self._flush_at:
+            self.flush()
+
+    def _drop_expired(self, key: bytes, item: bytes) -> None:
+        self._unlink(key, item)
+        self.stats.reclaimed += 1
+        if not item_fetched(item):
+            self.stats.expired_unfetched += 1
+
+    def _unlink(self, key: bytes, item: bytes) -> None:
+        del self._items[key]
+        self.bytes_used -= item_cost(key, item)
+
+    def _replace(self, key: bytes, old: bytes, new: bytes) -> None:
+        items = self._items
+        del items[key]
+        items[key] = new
+        self.bytes_used += item_cost(key, new) - item_cost(key, old)
+
+    def _store(self, key: bytes, item: bytes) -> Outcome:
+        cost = item_cost(key, item)
+        if cost > self.capacity:
+            return Outcome.NO_MEMORY
+        items = self._items
+        old = items.pop(key, None)
+        if old is not None:
+            self.bytes_used -= item_cost(key, old)
+        items[key] = item
+        self.bytes_used += cost
+        self.stats.total_items += 1
+        if self.bytes_used > self.capacity:
+            # Evict a little below capacity so the next stores do not each pay for a scan.
+            self._evict_to(self.capacity - (self.capacity >> 6), by_shrinker=False, keep=key)
+        return Outcome.STORED
+
+    def _evict_to(self, target: int, by_shrinker: bool, keep: bytes | None = None) -> int:
+        items = self._items
+        now = self.now()
+        excess = self.bytes_used - target
+        victims: list[bytes] = []
+        for key, item in items.items():
+            if excess <= 0:
+                break
+            if key == keep:
+                continue
+            victims.append(key)
+            excess -= item_cost(key, item)
+        released = 0
+        stats = self.stats
+        for key in victims:
+            item = items.pop(key)
+            cost = item_cost(key, item)
+            self.bytes_used -= cost
+            released += cost
+            if _expired(item, now):
+                stats.reclaimed += 1
+                if not item_fetched(item):
+                    stats.expired_unfetched += 1
+                continue
+            if by_shrinker:
+                stats.evictions_shrinker += 1
+            else:
+                stats.evictions += 1
+            if not item_fetched(item):
+                stats.evicted_unfetched += 1
+        return released
+
+
+def _expired(item: bytes, now: int) -> bool:
+    exptime = unpack_header(item)[1]
+    return exptime != NEVER and exptime <= now
+
+
+def parse_stored_number(data: bytes) -> int | None:
+    """A stored value as incr/decr reads it (memcached's strtoull rules), or None."""
+    text = data.lstrip(b" \t\n\v\f\r")
+    end = 0
+    while end < len(text) and 48 <= text[end] <= 57:
+        end += 1
+    if end == 0 or (end < len(text) and text[end] not in b" \t\n\v\f\r"):
+        # A leading '+' is accepted by strtoull as well.
+        if text[:1] == b"+" and end == 0:
+            return parse_stored_number(text[1:]) if text[1:2].isdigit() else None
+        return None
+    value = int(text[:end])
+    return value if value <= MAX_U64 else None

@@ -1,0 +1,121 @@
+"""Helpers that run real servers for the tests: this project's cacheserver and Debian's
+memcached, each as its own process on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+STARTUP_TIMEOUT = 15.0
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    """A port free for both TCP and UDP on 127.0.0.1."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        other = socket.SOCK_DGRAM if kind == socket.SOCK_STREAM else socket.SOCK_STREAM
+        with socket.socket(socket.AF_INET, other) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair found")
+
+
+def wait_for_port(
+    port: int, proc: subprocess.Popen[bytes], timeout: float = STARTUP_TIMEOUT
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited early with code {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+@dataclass
+class RunningServer:
+    name: str
+    port: int
+    udp_port: int
+    proc: subprocess.Popen[bytes]
+    extra: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+def start_cacheserver(
+    *args: str, udp: bool = True, env: dict[str, str] | None = None
+) -> RunningServer:
+    port = free_port()
+    cmd = [sys.executable, "-m", "cacheserver", "-l", "127.0.0.1", "-p", str(port)]
+    if udp:
+        cmd += ["-U", str(port)]
+    cmd += list(args)
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_port(port, proc)
+    except Exception:
+        proc.kill()
+        _, err = proc.communicate(timeout=10)
+        raise RuntimeError(f"cacheserver did not start: {err.decode(errors='replace')}") from None
+    return RunningServer("cacheserver", port, port if udp else 0, proc)
+
+
+def start_memcached(*args: str, udp: bool = True) -> RunningServer:
+    binary = shutil.which("memcached")
+    if binary is None:
+        pytest.fail("memcached is not installed: run scripts/bootstrap.sh (make test does)")
+    port = free_port()
+    cmd = [binary, "-l", "127.0.0.1", "-p", str(port), "-U", str(port if udp else 0)]
+    if os.geteuid() == 0:
+        cmd += ["-u", "root"]
+    cmd += list(args)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_port(port, proc)
+    return RunningServer("memcached", port, port if udp else 0, proc)
+
+
+def recv_until(sock: socket.socket, terminator: bytes, timeout: float = 5.0) -> bytes:
+    """Read until the data ends with ``terminator`` (or the peer closes)."""
+    sock.settimeout(timeout)
+    data = b""
+    while not data.endswith(terminator):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def request(server: RunningServer, payload: bytes, terminator: bytes = b"\r\n") -> bytes:
+    with socket.create_connection(server.address, timeout=5) as sock:
+        sock.sendall(payload)
+        return recv_until(sock, terminator)
