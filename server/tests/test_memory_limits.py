@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from cacheserver.memory import ENV_LIMIT, detect_memory_limit
 from cacheserver.memory.cgroupfs import CgroupError, locate_memory_cgroup
 

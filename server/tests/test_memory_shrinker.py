@@ -1,13 +1,13 @@
-"""The shrinker component: reads real usage files (a fixture cgroup), acts on a store."""
+"""The shrinker component: reads real usage files (a fixture cgroup), acts on the real store."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
 from pathlib import Path
 
 import pytest
+
 from cacheserver.memory import (
     MemoryLimit,
     PressureLevel,
@@ -20,46 +20,11 @@ from cacheserver.memory import (
 from cacheserver.memory.cgroupfs import CgroupDir
 from cacheserver.memory.pressure import V1PressureLevels
 from cacheserver.memory.usage import CgroupV1Usage, CgroupV2Usage
+from cacheserver.storage import Outcome, Store
+from cacheserver.storage.item import item_cost, make_item
 
 MIB = 1 << 20
 LIMIT = 256 * MIB
-
-
-class LruStore:
-    """The store contract the shrinker relies on (capacity, bytes_used, set_capacity, shrink)
-    over an LRU of fixed-size items."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.items: OrderedDict[int, int] = OrderedDict()
-        self.bytes_used = 0
-        self.evictions = 0
-        self.evictions_shrinker = 0
-
-    def set(self, key: int, size: int) -> None:
-        self.items[key] = size
-        self.bytes_used += size
-        while self.bytes_used > self.capacity:
-            self._evict()
-            self.evictions += 1
-
-    def _evict(self) -> int:
-        _, size = self.items.popitem(last=False)
-        self.bytes_used -= size
-        return size
-
-    def set_capacity(self, nbytes: int) -> None:
-        self.capacity = nbytes
-        while self.bytes_used > nbytes:
-            self._evict()
-            self.evictions += 1
-
-    def shrink(self, target_bytes: int) -> int:
-        released = 0
-        while self.bytes_used > target_bytes:
-            released += self._evict()
-            self.evictions_shrinker += 1
-        return released
 
 
 def v2_cgroup(tmp_path: Path, current: int, inactive_file: int = 0, oom_kill: int = 0) -> CgroupDir:
@@ -76,10 +41,16 @@ def plan(capacity_mb: float | None = None):
     return plan_memory(limit, baseline_for(30 * MIB, 0, 0), memory_mb=capacity_mb)
 
 
-def filled_store(capacity: int, item: int = 64 * 1024) -> LruStore:
-    store = LruStore(capacity)
-    for key in range(capacity // item):
-        store.set(key, item)
+VALUE = b"v" * (64 * 1024)
+ITEM_COST = item_cost(b"key:0000000", make_item(0, 0, 0, VALUE))
+
+
+def filled_store(capacity: int) -> Store:
+    """The real store, filled with 64 KiB values up to its capacity."""
+    store = Store(capacity)
+    for n in range(capacity // ITEM_COST):
+        assert store.set(b"key:%07d" % n, 0, 0, VALUE) is Outcome.STORED
+    assert store.stats.evictions == 0
     return store
 
 
@@ -113,9 +84,12 @@ def test_check_shrinks_the_store_to_the_low_watermark(
     assert isinstance(action, Shrink)
     excess = 250 * MIB - shrinker.watermarks.low
     released = before - store.bytes_used
-    assert excess <= released < excess + 64 * 1024
-    assert store.capacity == action.capacity <= store.bytes_used + 64 * 1024
-    assert store.evictions_shrinker == released // (64 * 1024) and store.evictions == 0
+    assert excess <= released < excess + ITEM_COST
+    assert store.capacity == action.capacity <= store.bytes_used + ITEM_COST
+    assert store.stats.evictions_shrinker == released // ITEM_COST
+    assert store.stats.evictions == 0  # none counted as capacity evictions
+    assert store.get(b"key:0000000") is None  # the least recently used went first
+    assert store.get(b"key:%07d" % (p.capacity // ITEM_COST - 1)) is not None
     assert (shrinker.stats.shrink_events, shrinker.stats.bytes_released) == (1, released)
     assert "above high watermark" in caplog.text and "released" in caplog.text
 
@@ -125,7 +99,7 @@ def test_nothing_happens_between_the_watermarks(tmp_path: Path) -> None:
     store = filled_store(p.capacity)
     shrinker = Shrinker(store, p, CgroupV2Usage(v2_cgroup(tmp_path, current=225 * MIB)))
     assert shrinker.check() is None
-    assert store.bytes_used == p.capacity // (64 * 1024) * 64 * 1024
+    assert store.bytes_used == p.capacity // ITEM_COST * ITEM_COST
 
 
 def test_an_oom_kill_in_the_cgroup_counts_as_critical(tmp_path: Path) -> None:

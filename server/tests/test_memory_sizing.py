@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from cacheserver.memory import MemoryLimit, SizingError, baseline_for, plan_memory
 from cacheserver.memory.sizing import CONNECTION_BYTES, IN_FLIGHT_ITEMS
 
