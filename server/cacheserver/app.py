@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 
 import uvloop
 
 from cacheserver.config import Settings
+from cacheserver.memory import MemoryLimit, MemoryPlan, SizingError
+from cacheserver.memory.service import attach, plan_for_settings
 from cacheserver.server import Worker
 
 log = logging.getLogger("cacheserver")
@@ -32,15 +33,24 @@ def run(settings: Settings) -> int:
         cpu = pin_to_cpu(0)
         log.info("pinned to CPU %s", cpu)
     try:
-        uvloop.run(_serve(settings))
+        # Measured here, after the imports and before any item: the interpreter's baseline.
+        limit, plan = plan_for_settings(settings)
+    except SizingError as err:
+        log.error("cannot size memory: %s", err)
+        return 2
+    plan.log(log)
+    try:
+        uvloop.run(_serve(settings, limit, plan))
     except OSError as err:
         log.error("cannot start: %s", err)
         return 1
     return 0
 
 
-async def _serve(settings: Settings) -> None:
-    worker = Worker(settings)
+async def _serve(settings: Settings, limit: MemoryLimit, plan: MemoryPlan) -> None:
+    worker = Worker(settings, capacity=plan.capacity // settings.workers)
+    shrinker = attach(worker, limit, plan, shards=settings.workers)
+    shrinker.start()
     log.info(
         "cacheserver pid %d: capacity %d bytes, max item %d bytes, %d connections",
         os.getpid(),
@@ -48,8 +58,11 @@ async def _serve(settings: Settings) -> None:
         settings.max_item_size,
         settings.conn_limit,
     )
-    await worker.run_until_stopped()
+    try:
+        await worker.run_until_stopped()
+    finally:
+        await shrinker.stop()
 
 
 if __name__ == "__main__":  # pragma: no cover
-    asyncio.run(_serve(Settings()))
+    raise SystemExit(run(Settings()))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .cgroupfs import CgroupDir, CgroupError, locate_memory_cgroup
@@ -28,14 +28,14 @@ class MemoryLimit:
     """The tightest memory limit found, where it came from, and what went wrong on the way.
 
     `cgroup` is the cgroup whose usage counts against the limit (the shrinker watches it);
-    None when the limit comes from the machine or only from the environment.
+    None when the limit is the machine's (its usage counts) or the environment's alone (then
+    it is this server's budget, and the process's own resident memory counts).
     """
 
     limit_bytes: int
     source: str
     warnings: tuple[str, ...] = ()
     cgroup: CgroupDir | None = None
-    memory_cgroup: CgroupDir | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -169,15 +169,14 @@ def detect_memory_limit(
     machine = read_mem_total(root, problems)
     best = min(candidates, key=lambda c: c.limit, default=None)
     if best is not None and (machine is None or best.limit <= machine):
-        return MemoryLimit(best.limit, best.source, tuple(problems), best.cgroup, memory_cgroup)
+        return MemoryLimit(best.limit, best.source, tuple(problems), best.cgroup)
     if best is not None:
         problems.append(
             f"the limit from {best.source} ({best.limit} bytes) is above the machine's "
             f"memory; using MemTotal"
         )
     if machine is not None:
-        # No cgroup limit: the whole machine is ours, and the memory cgroup (if any) still
-        # shows how much of it this container uses.
-        return MemoryLimit(machine, "meminfo", tuple(problems), None, memory_cgroup)
+        # No cgroup limit: the whole machine is ours to share.
+        return MemoryLimit(machine, "meminfo", tuple(problems))
     problems.append(f"no memory limit could be read; assuming {FALLBACK_LIMIT >> 20} MiB")
-    return MemoryLimit(FALLBACK_LIMIT, "default", tuple(problems), None, memory_cgroup)
+    return MemoryLimit(FALLBACK_LIMIT, "default", tuple(problems))

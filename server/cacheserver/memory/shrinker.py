@@ -170,7 +170,8 @@ class Shrinker:
                 self.watcher.start(loop, self._on_pressure)
                 self.notifications = self.watcher.description
             except OSError as exc:
-                log.warning(
+                # Routine in a container (read-only cgroupfs): the periodic check suffices.
+                log.info(
                     "memory: no pressure notifications from %s (%s); checking every %g s only",
                     self.watcher.description,
                     exc.strerror or exc,
@@ -184,6 +185,7 @@ class Shrinker:
             mib(self.watermarks.low),
             self.notifications,
         )
+        self.check()  # so that stats have readings from the start
         self._task = loop.create_task(self._run(), name="memory-shrinker")
         return self._task
 
@@ -210,19 +212,28 @@ class Shrinker:
 
     # -- reporting -----------------------------------------------------------------------
 
+    def resident(self) -> int:
+        """This process's resident memory now (0 where /proc cannot tell)."""
+        try:
+            return resident_bytes()
+        except UsageError:
+            return 0
+
+    def current_pressure(self) -> PressureLevel:
+        return self.pressure.level(self.clock())
+
     def stats_fields(self) -> list[tuple[str, int | str]]:
-        """Name/value pairs for `stats`."""
+        """Name/value pairs for `stats` (capacity and bytes used are memcached's own
+        limit_maxbytes and bytes; evictions by cause are evictions_capacity/_shrinker)."""
         s = self.stats
         return [
             ("memory_limit", self.plan.limit),
             ("memory_limit_source", self.plan.limit_source),
-            ("memory_capacity", self.store.capacity),
-            ("memory_bytes_used", self.store.bytes_used),
             ("memory_working_set", s.working_set),
-            ("memory_resident", s.resident),
+            ("memory_resident", self.resident()),
             ("memory_high_watermark", self.watermarks.high),
             ("memory_low_watermark", self.watermarks.low),
-            ("memory_pressure", self.pressure.level(self.clock()).label),
+            ("memory_pressure", self.current_pressure().label),
             ("memory_shrink_events", s.shrink_events),
             ("memory_bytes_released", s.bytes_released),
             ("memory_grow_events", s.grow_events),

@@ -140,13 +140,14 @@ class ProcessUsage:
 
 
 def monitor_for(limit: MemoryLimit, root: Path | str = "/") -> UsageMonitor:
-    """The usage the limit applies to: the limiting cgroup's, the machine's, or our own."""
+    """The usage the limit applies to: the limiting cgroup's, the machine's, or our own.
+
+    A limit from the environment that is tighter than any cgroup's was set for this server
+    alone, so its own resident memory is what counts against it.
+    """
     root = Path(root)
-    cgroup = limit.cgroup
-    if cgroup is None and limit.source != "meminfo":
-        # A limit from the env is the container's: its memory cgroup holds the usage.
-        cgroup = limit.memory_cgroup
-    if cgroup is not None:
+    if limit.cgroup is not None:
+        cgroup = limit.cgroup
         return CgroupV1Usage(cgroup) if cgroup.version == 1 else CgroupV2Usage(cgroup)
     if limit.source == "meminfo":
         return MachineUsage(root)
