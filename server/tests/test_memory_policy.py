@@ -182,7 +182,8 @@ def test_medium_pressure_restarts_the_calm_period() -> None:
 
 
 def test_fast_growth_shrinks_before_the_high_watermark() -> None:
-    c = controller(interval=1.0, cooldown=3.0)
+    # Two checks ahead at the alert pace (0.5 s): one second of growth is projected.
+    c = controller(interval=1.0, alert_interval=0.5, cooldown=3.0)
     store = 150 * MIB
     assert c.decide(Reading(190 * MIB, NONE, store, CAPACITY), 0.0) is None
     assert c.decide(Reading(210 * MIB, NONE, store, CAPACITY), 1.0) is None  # 230 < 240
@@ -198,3 +199,15 @@ def test_store_filling_up_is_not_a_trend() -> None:
     c = controller(interval=1.0)
     assert c.decide(Reading(200 * MIB, NONE, 150 * MIB, CAPACITY), 0.0) is None
     assert c.decide(Reading(225 * MIB, NONE, 175 * MIB, CAPACITY), 1.0) is None
+
+
+def test_growth_outside_the_store_raises_the_check_rate() -> None:
+    c = controller(interval=0.1, alert_interval=0.02, alert_hold=1.0)
+    assert c.next_interval(0.0) == 0.1
+    c.decide(Reading(200 * MIB, NONE, 150 * MIB, CAPACITY), 0.0)
+    c.decide(Reading(200 * MIB, NONE, 150 * MIB, CAPACITY), 0.1)
+    assert c.next_interval(0.1) == 0.1  # quiet
+    c.decide(Reading(203 * MIB, NONE, 150 * MIB, CAPACITY), 0.2)  # 3 MiB, not the store's
+    assert c.next_interval(0.2) == 0.02
+    assert c.next_interval(1.19) == 0.02
+    assert c.next_interval(1.2) == 0.1  # calm again after alert_hold

@@ -37,8 +37,12 @@ def watermarks_for(limit: int, headroom: int) -> Watermarks:
 class ShrinkPolicy:
     """Tunables of the shrinker (seconds and fractions)."""
 
-    interval: float = 0.1  # periodic working-set check (about 80 µs of reading files)
-    cooldown: float = 0.3  # between two shrinks, so the next reading shows the first
+    interval: float = 0.1  # working-set check while memory is quiet (about 80 µs of reads)
+    alert_interval: float = 0.02  # while something outside the store grows, or under pressure
+    alert_hold: float = 1.0  # stay alert this long after the last sign
+    alert_growth: int = MIB  # growth outside the store between two checks that raises alert
+    cooldown: float = 0.1  # between two shrinks, so the next reading shows the first
+    trim_every: float = 1.0  # above the low watermark, return free heap pages this often
     calm: float = 30.0  # no shrink and no pressure for this long before growing back
     grow_every: float = 5.0  # at most one growth step per this many seconds
     grow_fraction: float = 0.05  # of the planned capacity, per step
@@ -95,28 +99,37 @@ class ShrinkController:
         self._last_shrink = -math.inf
         self._last_pressure = -math.inf
         self._last_grow = -math.inf
+        self._last_alert = -math.inf
         self._previous: tuple[float, int, int] | None = None
         self._growth = 0
 
+    def next_interval(self, now: float) -> float:
+        """Seconds until the next check: short while on alert."""
+        alert = now - self._last_alert < self.policy.alert_hold
+        return self.policy.alert_interval if alert else self.policy.interval
+
     def projected(self, reading: Reading, now: float) -> int:
-        """The working set one check interval from now, if what grows outside the store
-        (a sidecar, buffers) keeps growing as fast as since the previous reading.
+        """The working set two checks from now, if what grows outside the store (a sidecar,
+        buffers) keeps growing as fast as since the previous reading. Such growth also puts
+        the controller on alert (checks every alert_interval).
 
         Growth of the store itself does not count: its capacity bounds it.
         """
-        previous, projected = self._previous, reading.working_set
+        policy, previous = self.policy, self._previous
         if previous is not None:
             then, working_set, store_bytes = previous
             elapsed = now - then
-            if elapsed < self.policy.interval / 2:
-                return projected + self._growth  # too close to measure again: keep the trend
+            if elapsed < policy.alert_interval / 2:
+                return reading.working_set + self._growth  # too soon to measure a new rate
             store_growth = max(0, reading.store_bytes - store_bytes) * self.shards
             other_growth = reading.working_set - working_set - store_growth
-            rate = other_growth / elapsed if elapsed <= 4 * self.policy.interval else 0.0
-            self._growth = max(0, int(rate * self.policy.interval))
-            projected += self._growth
+            if other_growth >= policy.alert_growth:
+                self._last_alert = now
+            fresh = elapsed <= 4 * policy.interval
+            rate = max(0, other_growth) / elapsed if fresh else 0.0
+            self._growth = int(rate * 2 * self.next_interval(now))
         self._previous = (now, reading.working_set, reading.store_bytes)
-        return projected
+        return reading.working_set + self._growth
 
     def decide(self, reading: Reading, now: float) -> Action:
         wm, policy = self.watermarks, self.policy
@@ -124,6 +137,8 @@ class ShrinkController:
         projected = self.projected(reading, now)
         if reading.pressure >= PressureLevel.MEDIUM or projected > wm.high:
             self._last_pressure = now
+        if reading.pressure >= PressureLevel.LOW:
+            self._last_alert = now
 
         if projected > wm.high or critical:
             if now - self._last_shrink < policy.cooldown:
@@ -136,8 +151,8 @@ class ShrinkController:
             elif projected > wm.high:
                 reason = (
                     f"working set {mib(reading.working_set)} rising by "
-                    f"{mib(projected - reading.working_set)} per check, towards the high "
-                    f"watermark {mib(wm.high)}"
+                    f"{mib(projected - reading.working_set)} within two checks, towards the "
+                    f"high watermark {mib(wm.high)}"
                 )
             else:
                 excess = max(excess, int(self.headroom * policy.critical_fraction))
@@ -145,7 +160,7 @@ class ShrinkController:
             release = math.ceil(excess / self.shards)
             target = max(0, reading.store_bytes - release)
             capacity = max(policy.min_capacity, min(reading.store_capacity, target))
-            self._last_shrink = now
+            self._last_shrink = self._last_alert = now
             return Shrink(target_bytes=target, capacity=capacity, reason=reason)
 
         calm_since = max(self._last_shrink, self._last_pressure)

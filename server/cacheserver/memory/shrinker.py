@@ -1,6 +1,7 @@
 """The shrinker: an asyncio task that keeps the store inside the memory the cgroup allows.
 
-It wakes every `policy.interval` seconds, and at once when the kernel signals pressure, reads
+It wakes every `policy.interval` seconds (more often on alert: something outside the store
+growing, or pressure), and at once when the kernel signals pressure, reads
 the working set, asks the ShrinkController what to do, and applies that to the store.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ log = logging.getLogger("cacheserver.memory")
 # memory.high or memory.max only means reclaim (page cache filling the limit does it too).
 CRITICAL_EVENTS = ("oom", "oom_kill", "under_oom")
 MEDIUM_EVENTS = ("high", "max")
-MIN_CHECK_GAP = 0.05  # pressure events can come in bursts; check at most this often
+MIN_CHECK_GAP = 0.01  # pressure events can come in bursts; check at most this often
 
 
 class ShrinkableStore(Protocol):
@@ -54,6 +56,8 @@ class ShrinkerStats:
     pressure: PressureLevel = PressureLevel.NONE
     pressure_signals: int = 0
     read_errors: int = 0
+    trims: int = 0  # times free heap pages were handed back (no item lost)
+    trimmed_bytes: int = 0  # working set those hand-backs took off
 
 
 class Shrinker:
@@ -89,6 +93,7 @@ class Shrinker:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._warned_read = False
+        self._last_trim = -math.inf
 
     # -- one evaluation ------------------------------------------------------------------
 
@@ -107,12 +112,25 @@ class Shrinker:
             if events.get(name, 0) > previous.get(name, 0):
                 self.pressure.signal(PressureLevel.MEDIUM, now)
 
+    def _trimmed(self, working_set: int, now: float) -> int:
+        """Above the low watermark, first hand the allocator's free pages back: evicting
+        and refilling leaves tens of MiB free inside the heap, still counted as used."""
+        if working_set <= self.watermarks.low or now - self._last_trim < self.policy.trim_every:
+            return working_set
+        self._last_trim = now
+        if not release_free_memory():
+            return working_set
+        after = self.monitor.working_set()
+        self.stats.trims += 1
+        self.stats.trimmed_bytes += max(0, working_set - after)
+        return after
+
     def check(self) -> Shrink | Grow | None:
         """Read, decide, act. Returns the action taken (None: nothing to do)."""
         now = self.clock()
         self.stats.checks += 1
         try:
-            working_set = self.monitor.working_set()
+            working_set = self._trimmed(self.monitor.working_set(), now)
             self._note_events(now)
         except UsageError as exc:
             self.stats.read_errors += 1
@@ -192,7 +210,9 @@ class Shrinker:
     async def _run(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.policy.interval)
+                await asyncio.wait_for(
+                    self._wake.wait(), self.controller.next_interval(self.clock())
+                )
             self._wake.clear()
             try:
                 self.check()
@@ -237,4 +257,6 @@ class Shrinker:
             ("memory_shrink_events", s.shrink_events),
             ("memory_bytes_released", s.bytes_released),
             ("memory_grow_events", s.grow_events),
+            ("memory_trims", s.trims),
+            ("memory_trimmed_bytes", s.trimmed_bytes),
         ]
