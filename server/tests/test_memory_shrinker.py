@@ -170,3 +170,23 @@ def test_runs_by_polling_when_pressure_notifications_are_refused(
     assert shrinker.stats.checks >= 2  # it kept checking after the refusal
     assert "no pressure notifications" in caplog.text
     assert "memory.pressure_level" in caplog.text
+
+
+def test_free_heap_is_handed_back_before_anything_is_evicted(tmp_path: Path) -> None:
+    now = [0.0]
+    p = plan()
+    store = filled_store(p.capacity)
+    cg = v2_cgroup(tmp_path, current=200 * MIB)
+    shrinker = Shrinker(store, p, CgroupV2Usage(cg), clock=lambda: now[0])
+    shrinker.check()
+    assert shrinker.stats.trims == 0  # below the low watermark (208 MiB): nothing to do
+    v2_cgroup(tmp_path, current=220 * MIB)
+    shrinker.check()
+    assert shrinker.stats.trims == 1
+    now[0] += 0.5
+    shrinker.check()
+    assert shrinker.stats.trims == 1  # at most once a second in the comfortable zone...
+    v2_cgroup(tmp_path, current=236 * MIB)
+    shrinker.check()
+    assert shrinker.stats.trims == 2  # ...but before every decision close to the high one
+    assert store.stats.evictions_shrinker == 0

@@ -114,8 +114,12 @@ class Shrinker:
 
     def _trimmed(self, working_set: int, now: float) -> int:
         """Above the low watermark, first hand the allocator's free pages back: evicting
-        and refilling leaves tens of MiB free inside the heap, still counted as used."""
-        if working_set <= self.watermarks.low or now - self._last_trim < self.policy.trim_every:
+        and refilling leaves tens of MiB free inside the heap, still counted as used.
+        Close to the high watermark, do it before every decision that could evict."""
+        wm = self.watermarks
+        near_high = working_set > wm.high - (wm.high - wm.low) // 4
+        every = self.policy.cooldown if near_high else self.policy.trim_every
+        if working_set <= wm.low or now - self._last_trim < every:
             return working_set
         self._last_trim = now
         if not release_free_memory():
