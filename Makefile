@@ -3,13 +3,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 11211
 
-.PHONY: deps run test unit lint fmt crds clean
+.PHONY: deps run test unit lint fmt crds clean bench
 
 deps:
 	@scripts/bootstrap.sh
 
 run: deps
-	$(BIN)/cacheserver -p $(PORT) -v
+	$(BIN)/cacheserver -l 127.0.0.1 -p $(PORT) --metrics-port 9150 -v
 
 lint: deps
 	$(BIN)/ruff check .
@@ -29,3 +29,7 @@ crds: deps
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+
+# Side-by-side benchmark against memcached (not a test: numbers go to docs/benchmarks.md).
+bench: deps
+	$(BIN)/python bench/compare.py

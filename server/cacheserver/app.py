@@ -26,9 +26,10 @@ def pin_to_cpu(index: int) -> int | None:
 
 
 def run(settings: Settings) -> int:
-    if settings.workers != 1:
-        log.error("-t/--workers > 1 is not available yet; run one worker per port for now")
-        return 2
+    if settings.workers > 1:
+        from cacheserver.supervisor import run_workers
+
+        return run_workers(settings, settings.memory_limit_bytes)
     if settings.pin:
         cpu = pin_to_cpu(0)
         log.info("pinned to CPU %s", cpu)

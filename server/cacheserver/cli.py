@@ -112,7 +112,7 @@ _OPTIONS: list[tuple[tuple[str, ...], str, Callable[[str], Any], Any, str]] = [
         "max_item_size",
         _item_size,
         1024 * 1024,
-        "max item size (k, m suffixes), default 1m",
+        "max item size, with k or m suffix",
     ),
     (("--metrics-port",), "metrics_port", _port, 0, "Prometheus /metrics port, 0 is off"),
     (
@@ -132,6 +132,20 @@ _OPTIONS: list[tuple[tuple[str, ...], str, Callable[[str], Any], Any, str]] = [
         "answer every command over UDP, not only the get/set family",
     ),
 ]
+
+
+_METAVARS = {
+    "port": "NUM",
+    "udp_port": "NUM",
+    "listen": "ADDR",
+    "memory_limit_mb": "MB|auto",
+    "memory_headroom_mb": "MB",
+    "conn_limit": "NUM",
+    "max_item_size": "SIZE",
+    "metrics_port": "NUM",
+    "idle_timeout": "SECONDS",
+    "workers": "NUM",
+}
 
 
 def _env_name(field: str) -> str:
@@ -166,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                 dest=field,
                 default=None,
                 type=_typed(parse, field),
-                metavar=field.split("_")[0].upper(),
+                metavar=_METAVARS[field],
                 help=help_text + suffix,
             )
     parser.add_argument(

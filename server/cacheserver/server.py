@@ -34,8 +34,11 @@ CRAWL_BUDGET = 20_000  # keys checked for expiry per step: bounded work per tick
 
 
 class Worker:
-    def __init__(self, settings: Settings, capacity: int | None = None) -> None:
+    def __init__(
+        self, settings: Settings, capacity: int | None = None, worker_index: int = 0
+    ) -> None:
         self.settings = settings
+        self.worker_index = worker_index
         self.store = Store(
             capacity if capacity is not None else settings.memory_limit_bytes,
             max_item_size=settings.max_item_size,
@@ -45,7 +48,7 @@ class Worker:
         self.commands = Commands(self.store, self.counters, VERSION, self.report)
         self.tracker = ConnectionTracker(self.counters, settings.conn_limit, settings.idle_timeout)
         self.registry = CollectorRegistry(auto_describe=False)
-        self.collector = ServerCollector(self.report)
+        self.collector = ServerCollector(self.report, self.tracker.latency)
         self.registry.register(self.collector)
         self._servers: list[asyncio.Server] = []
         self._udp: asyncio.DatagramTransport | None = None

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
 
 from servers import RunningServer, start_cacheserver, start_memcached
+
+# CI runs the same examples every time (a red run must be reproducible); a developer's run
+# explores new ones and remembers failures in .hypothesis/.
+settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 @pytest.fixture

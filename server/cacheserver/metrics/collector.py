@@ -12,11 +12,13 @@ from collections.abc import Callable, Iterator
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     InfoMetricFamily,
     Metric,
 )
 from prometheus_client.registry import Collector
 
+from cacheserver.metrics.latency import LatencyHistogram
 from cacheserver.metrics.stats_report import StatsReport
 
 # (command label, status label, counter field) as memcached_exporter reports them.
@@ -40,8 +42,9 @@ _COMMANDS = (
 
 
 class ServerCollector(Collector):
-    def __init__(self, report: StatsReport) -> None:
+    def __init__(self, report: StatsReport, latency: LatencyHistogram | None = None) -> None:
         self._report = report
+        self._latency = latency
         # Other layers (memory sizing, the shrinker) add their own metric families here.
         self.extra: list[Callable[[], Iterator[Metric]]] = []
 
@@ -112,5 +115,13 @@ class ServerCollector(Collector):
             "Commands refused over UDP by the amplification guard.",
             c.udp_refused_commands,
         )
+        if self._latency is not None:
+            hist = HistogramMetricFamily(
+                "cacheappliance_request_duration_seconds",
+                "Server time to handle one read's requests, sampled 1 in 64 reads.",
+                buckets=self._latency.cumulative(),
+                sum_value=self._latency.sum_seconds,
+            )
+            yield hist
         for extra in self.extra:
             yield from extra()

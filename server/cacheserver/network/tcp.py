@@ -4,8 +4,10 @@ read buffer (no per-connection buffer beyond a partial request)."""
 from __future__ import annotations
 
 import asyncio
+from time import perf_counter
 
 from cacheserver.metrics.counters import Counters
+from cacheserver.metrics.latency import SAMPLE_MASK, LatencyHistogram
 from cacheserver.protocol.commands import Commands
 from cacheserver.protocol.session import TextSession
 
@@ -25,6 +27,7 @@ class ConnectionTracker:
         self.idle_timeout = idle_timeout
         self.tick = 0
         self.open: set[TCPConnection] = set()
+        self.latency = LatencyHistogram()
 
     def sweep(self, period: float) -> None:
         """Called every ``period`` seconds: close connections idle for the timeout or longer."""
@@ -71,7 +74,14 @@ class TCPConnection(asyncio.Protocol):
         counters = tracker.counters
         counters.bytes_read += len(data)
         session = self.session
-        out = session.feed(data)
+        latency = tracker.latency
+        latency.reads += 1
+        if latency.reads & SAMPLE_MASK:
+            out = session.feed(data)
+        else:
+            started = perf_counter()
+            out = session.feed(data)
+            latency.observe(perf_counter() - started)
         transport = self.transport
         if out:
             counters.bytes_written += len(out)

@@ -98,6 +98,10 @@ class Commands:
             b"shutdown": self.shutdown,
         }
 
+    @staticmethod
+    def outcome_line(outcome: Outcome) -> bytes:
+        return _OUTCOME_LINES[outcome]
+
     def handler(self, command: bytes) -> Callable[[list[bytes]], bytes] | None:
         return self._line_handlers.get(command)
 

@@ -7,7 +7,18 @@ kept between calls: a partial command line, or the part of a data block seen so 
 
 from __future__ import annotations
 
-from cacheserver.protocol.commands import ERROR, STORAGE_COMMANDS, Commands, StorageRequest
+from cacheserver.protocol.commands import (
+    END,
+    ERROR,
+    KEY_MAX_LENGTH,
+    STORAGE_COMMANDS,
+    STORED,
+    Commands,
+    StorageRequest,
+)
+from cacheserver.protocol.numbers import I32_MAX, U32_MAX
+from cacheserver.storage import Outcome
+from cacheserver.storage.item import HEADER_SIZE
 
 # memcached closes a connection that sends this much without a newline, unless it is a get.
 MAX_LINE = 2048
@@ -94,6 +105,8 @@ class TextSession:
     def _parse(self, data: bytes, out: list[bytes]) -> None:
         commands = self._commands
         allowed = self._allowed
+        store = commands.store
+        counters = commands.counters
         pos = 0
         n = len(data)
         while pos < n:
@@ -114,6 +127,52 @@ class TextSession:
                 self.refused += 1
                 out.append(UDP_REFUSED)
                 continue
+            ntokens = len(tokens)
+            # Fast paths for the two commands that make up nearly all traffic: a single-key
+            # get and a plain set whose data block is already here. Anything unusual takes
+            # the general path below, which gives the same replies.
+            if command == b"get" and ntokens == 2 and len(tokens[1]) <= KEY_MAX_LENGTH:
+                key = tokens[1]
+                counters.cmd_get += 1
+                item = store.get(key)
+                if item is None:
+                    counters.get_misses += 1
+                    out.append(END)
+                else:
+                    counters.get_hits += 1
+                    out.append(b"VALUE " + key + item[HEADER_SIZE:] + END)
+                continue
+            if command == b"set" and ntokens == 5:
+                key, flags_token, exptime_token, nbytes_token = tokens[1:]
+                if (
+                    nbytes_token.isdigit()
+                    and flags_token.isdigit()
+                    and exptime_token.isdigit()
+                    and len(key) <= KEY_MAX_LENGTH
+                ):
+                    nbytes = int(nbytes_token)
+                    flags = int(flags_token)
+                    exptime = int(exptime_token)
+                    end = pos + nbytes
+                    if (
+                        end + 2 <= n
+                        and data[end : end + 2] == b"\r\n"
+                        and flags <= U32_MAX
+                        and exptime <= I32_MAX
+                        and nbytes <= I32_MAX
+                        and not store.too_large(key, flags, nbytes)
+                    ):
+                        counters.cmd_set += 1
+                        if exptime:
+                            exptime = commands.absolute_exptime(exptime)
+                        outcome = store.set(key, flags, exptime, data[pos:end])
+                        if outcome is Outcome.STORED:
+                            out.append(STORED)
+                        else:
+                            counters.store_no_memory += 1
+                            out.append(commands.outcome_line(outcome))
+                        pos = end + 2
+                        continue
             if command in STORAGE_COMMANDS:
                 pos = self._storage(tokens, data, pos, out)
                 continue

@@ -82,15 +82,11 @@ def value_response_with_cas(key: bytes, item: bytes) -> bytes:
     return b"".join((b"VALUE ", key, item[HEADER_SIZE : off - 2], b" %d\r\n" % cas, item[off:]))
 
 
-def _pymalloc_size(nbytes: int) -> int:
-    """Bytes a ``bytes`` object of this length really takes (object header, 16-byte rounding)."""
-    return (33 + nbytes + 15) & ~15
-
-
-# One dict slot (hash, key and value pointers, index) at the dict's usual fill, amortised.
-_DICT_SLOT = 48
+# Two bytes objects' headers (33 each), their average allocator rounding (8 each) and one
+# dict slot (hash, key and value pointers, index share) at the dict's usual fill.
+ITEM_OVERHEAD = 33 * 2 + 8 * 2 + 48
 
 
 def item_cost(key: bytes, item: bytes) -> int:
     """Memory accounted to a stored item: both objects as allocated, plus its dict slot."""
-    return _pymalloc_size(len(key)) + _pymalloc_size(len(item)) + _DICT_SLOT
+    return len(key) + len(item) + ITEM_OVERHEAD

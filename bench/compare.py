@@ -1,0 +1,282 @@
+"""Side-by-side benchmark: Debian's memcached and cacheserver, same settings, same load,
+driven alternately in one run. Prints a markdown table with ops/s, median and p99 latency,
+server CPU seconds per million requests, and the ratio cacheserver/memcached.
+
+Workloads (the field reports', scaled to this machine):
+  W1  memcaslap, 90% get / 10% set, TCP, one server core
+  W2  the same over UDP
+  W3  multi-get, 16 keys per request (memcaslap -d 16)
+  W4  1:1 get/set, 100-byte values, 16 requests per packet, few to many connections (loadgen)
+  W5  10,000 idle connections: resident memory per connection
+
+Loopback only; every run is bounded in time. Usage: python bench/compare.py [--seconds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import re
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+LOADGEN = HERE / ".build" / "loadgen"
+HOST = "127.0.0.1"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Result:
+    ops_per_sec: float
+    median_us: float
+    p99_us: float
+    requests: int
+    cpu_seconds: float
+
+    @property
+    def cpu_per_million(self) -> float:
+        return self.cpu_seconds / self.requests * 1e6 if self.requests else float("nan")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+class Server:
+    def __init__(self, name: str, server_cpu: int | None, memory_mb: int, conns: int) -> None:
+        self.name = name
+        self.port = free_port()
+        taskset = ["taskset", "-c", str(server_cpu)] if server_cpu is not None else []
+        common = ["-l", HOST, "-p", str(self.port), "-U", str(self.port), "-c", str(conns)]
+        if name == "memcached":
+            cmd = ["memcached", *common, "-m", str(memory_mb), "-t", "1"]
+            if os.geteuid() == 0:
+                cmd += ["-u", "root"]
+        else:
+            cmd = [sys.executable, "-m", "cacheserver", *common, "-m", str(memory_mb)]
+        self.proc = subprocess.Popen(
+            taskset + cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection((HOST, self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"{name} did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+    def measure(self, load: Callable[[], tuple[float, float, float, int]]) -> Result:
+        before = cpu_seconds(self.proc.pid)
+        ops, median, p99, requests = load()
+        return Result(ops, median, p99, requests, cpu_seconds(self.proc.pid) - before)
+
+
+def log2_quantiles(text: str, section: str) -> tuple[float, float]:
+    """Median and p99 from a memcaslap 'Log2 Dist' histogram (bucket 2^i..2^(i+1) us)."""
+    block = text.split(section, 1)[1] if section in text else ""
+    counts: dict[int, int] = {}
+    for match in re.finditer(r"^\s+(\d+):((?:\s+\d+)+)\s*$", block.split("\n\n")[0], re.M):
+        base = int(match.group(1))
+        for offset, count in enumerate(match.group(2).split()):
+            counts[base + offset] = int(count)
+    total = sum(counts.values())
+    if not total:
+        return float("nan"), float("nan")
+
+    def quantile(q: float) -> float:
+        seen = 0
+        for exp in sorted(counts):
+            if seen + counts[exp] >= q * total:
+                frac = (q * total - seen) / counts[exp] if counts[exp] else 0
+                return 2**exp * (1 + frac)  # linear inside the bucket [2^e, 2^(e+1))
+            seen += counts[exp]
+        return float(2 ** max(counts))
+
+    return quantile(0.5), quantile(0.99)
+
+
+def memcaslap(
+    port: int, seconds: int, client_cpu: int | None, extra: list[str]
+) -> Callable[[], tuple[float, float, float, int]]:
+    def run() -> tuple[float, float, float, int]:
+        taskset = ["taskset", "-c", str(client_cpu)] if client_cpu is not None else []
+        cmd = [
+            *taskset, "memcaslap", "-s", f"{HOST}:{port}", "-T", "1", "-c", "64",
+            "-t", f"{seconds}s", "-S", f"{seconds}s", *extra,
+        ]  # fmt: skip
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60).stdout
+        match = re.search(r"Ops: (\d+) TPS: (\d+)", out)
+        if not match:
+            raise RuntimeError(f"memcaslap output not understood:\n{out[-2000:]}")
+        median, p99 = log2_quantiles(out, "Total Statistics (")
+        return float(match.group(2)), median, p99, int(match.group(1))
+
+    return run
+
+
+def loadgen(
+    port: int, seconds: int, client_cpu: int | None, conns: int
+) -> Callable[[], tuple[float, float, float, int]]:
+    def run() -> tuple[float, float, float, int]:
+        taskset = ["taskset", "-c", str(client_cpu)] if client_cpu is not None else []
+        cmd = [*taskset, str(LOADGEN), HOST, str(port), str(conns), str(seconds), "16", "100"]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60).stdout
+        values = dict(item.split("=") for item in out.split())
+        return (
+            float(values["ops_per_sec"]),
+            float(values["median_us"]),
+            float(values["p99_us"]),
+            int(values["ops"]),
+        )
+
+    return run
+
+
+def idle_connection_bytes(server: Server, count: int) -> float:
+    """Resident memory per idle connection: RSS before and after opening ``count``."""
+    before = rss_bytes(server.proc.pid)
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.create_connection((HOST, server.port), timeout=10)
+            socks.append(s)
+        # Each connection does one round trip, so the server has fully set it up.
+        for s in socks[:: max(1, count // 100)]:
+            s.sendall(b"version\r\n")
+            s.recv(100)
+        time.sleep(1)
+        return (rss_bytes(server.proc.pid) - before) / count
+    finally:
+        for s in socks:
+            s.close()
+
+
+def build_loadgen() -> None:
+    source = HERE / "loadgen.c"
+    if not LOADGEN.exists() or LOADGEN.stat().st_mtime < source.stat().st_mtime:
+        LOADGEN.parent.mkdir(exist_ok=True)
+        subprocess.run(["cc", "-O2", "-o", str(LOADGEN), str(source)], check=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=int, default=5, help="length of each run")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per server and workload")
+    parser.add_argument("--idle-connections", type=int, default=10_000)
+    parser.add_argument("--only", default="W1,W2,W3,W4,W5", help="comma-separated workloads")
+    args = parser.parse_args()
+    for tool in ("memcached", "memcaslap", "cc", "taskset"):
+        if shutil.which(tool) is None:
+            sys.exit(f"compare.py: {tool} not found (scripts/bootstrap.sh installs it)")
+    build_loadgen()
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    cpus = sorted(os.sched_getaffinity(0))
+    server_cpu, client_cpu = (cpus[0], cpus[1]) if len(cpus) >= 2 else (None, None)
+    only = set(args.only.split(","))
+    conns = args.idle_connections + 100
+
+    print(f"# cacheserver vs memcached, {datetime.date.today()} on {platform.node()}")
+    print(
+        f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), server on CPU "
+        f"{server_cpu}, client on CPU {client_cpu}; {args.repeat} runs of {args.seconds}s, "
+        "medians shown\n"
+    )
+    servers = {name: Server(name, server_cpu, 1024, conns) for name in ("memcached", "cacheserver")}
+    try:
+        workloads: list[tuple[str, Callable[[Server], Callable[[], tuple]]]] = []
+        if "W1" in only:
+            workloads.append(
+                ("W1 TCP 90/10", lambda s: memcaslap(s.port, args.seconds, client_cpu, []))
+            )
+        if "W2" in only:
+            workloads.append(
+                ("W2 UDP 90/10", lambda s: memcaslap(s.port, args.seconds, client_cpu, ["--udp"]))
+            )
+        if "W3" in only:
+            workloads.append(
+                (
+                    "W3 multi-get x16",
+                    lambda s: memcaslap(s.port, args.seconds, client_cpu, ["-d", "16"]),
+                )
+            )
+        if "W4" in only:
+            for c in (4, 50, 400):
+                workloads.append(
+                    (
+                        f"W4 1:1 pipelined x16, {c} conns",
+                        lambda s, c=c: loadgen(s.port, args.seconds, client_cpu, c),
+                    )
+                )
+        print("| workload | server | ops/s | median µs | p99 µs | CPU s / M req | ratio ops/s |")
+        print("|---|---|---:|---:|---:|---:|---:|")
+        for label, make in workloads:
+            results: dict[str, list[Result]] = {name: [] for name in servers}
+            for _ in range(args.repeat):
+                for name, server in servers.items():  # alternate: same conditions for both
+                    results[name].append(server.measure(make(server)))
+            med = {
+                name: Result(
+                    statistics.median(r.ops_per_sec for r in rs),
+                    statistics.median(r.median_us for r in rs),
+                    statistics.median(r.p99_us for r in rs),
+                    sum(r.requests for r in rs),
+                    sum(r.cpu_seconds for r in rs),
+                )
+                for name, rs in results.items()
+            }
+            ratio = med["cacheserver"].ops_per_sec / med["memcached"].ops_per_sec
+            for name, r in med.items():
+                shown = f"{ratio:.2f}x" if name == "cacheserver" else ""
+                print(
+                    f"| {label} | {name} | {r.ops_per_sec:,.0f} | {r.median_us:.0f} | "
+                    f"{r.p99_us:.0f} | {r.cpu_per_million:.1f} | {shown} |"
+                )
+            sys.stdout.flush()
+        if "W5" in only:
+            per_conn = {
+                name: idle_connection_bytes(s, args.idle_connections) for name, s in servers.items()
+            }
+            print(f"\n| W5 {args.idle_connections:,} idle connections | bytes per connection |")
+            print("|---|---:|")
+            for name, value in per_conn.items():
+                print(f"| {name} | {value:,.0f} |")
+            ratio = per_conn["cacheserver"] / per_conn["memcached"]
+            print(f"| ratio cacheserver/memcached | {ratio:.2f}x |")
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+if __name__ == "__main__":
+    main()

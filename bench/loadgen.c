@@ -1,0 +1,192 @@
+/*
+ * loadgen: a small memtier-style load generator for the memcached text protocol (workload W4).
+ *
+ * Each connection sends a batch of D pipelined requests in one write (1:1 get/set on random
+ * keys, fixed-size values), waits for all D replies, records the batch's round trip, and
+ * repeats until the time is up. One thread, epoll, non-blocking sockets: cheap enough that
+ * the server, not the client, is what gets measured.
+ *
+ * usage: loadgen HOST PORT CONNECTIONS SECONDS [DEPTH=16] [VALUE_SIZE=100] [KEYS=10000]
+ * prints: ops=N seconds=S ops_per_sec=R median_us=M p99_us=P errors=E
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_LAT_SAMPLES 2000000
+#define RBUF 262144
+
+struct conn {
+    int fd;
+    char *wbuf;
+    size_t wlen, woff;
+    char rbuf[RBUF];
+    size_t rlen;
+    int pending;      /* replies still expected for the batch in flight */
+    double sent_at;
+};
+
+static double now_us(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e6 + ts.tv_nsec / 1e3;
+}
+
+static unsigned long long rng_state = 88172645463325252ULL;
+static unsigned long long xorshift(void) {
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return rng_state;
+}
+
+static int depth = 16, value_size = 100, keys = 10000;
+static char *value;
+static double *lat;
+static size_t nlat;
+static unsigned long long ops, errors;
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static void build_batch(struct conn *c) {
+    size_t cap = (size_t)depth * (64 + value_size);
+    if (!c->wbuf) c->wbuf = malloc(cap);
+    size_t n = 0;
+    for (int i = 0; i < depth; i++) {
+        unsigned long k = xorshift() % keys;
+        if (i % 2 == 0)
+            n += sprintf(c->wbuf + n, "set key:%08lu 0 0 %d\r\n%s\r\n", k, value_size, value);
+        else
+            n += sprintf(c->wbuf + n, "get key:%08lu\r\n", k);
+    }
+    c->wlen = n;
+    c->woff = 0;
+    c->pending = depth;
+    c->sent_at = now_us();
+}
+
+/* Consume complete replies from rbuf; returns how many completed. */
+static int parse_replies(struct conn *c) {
+    size_t pos = 0;
+    int done = 0;
+    for (;;) {
+        char *eol = memmem(c->rbuf + pos, c->rlen - pos, "\r\n", 2);
+        if (!eol) break;
+        size_t linelen = eol - (c->rbuf + pos);
+        if (linelen > 6 && memcmp(c->rbuf + pos, "VALUE ", 6) == 0) {
+            /* VALUE key flags bytes: skip the data block and wait for END */
+            char line[512];
+            size_t l = linelen < sizeof line - 1 ? linelen : sizeof line - 1;
+            memcpy(line, c->rbuf + pos, l);
+            line[l] = 0;
+            char *last = strrchr(line, ' ');
+            long nbytes = last ? atol(last + 1) : 0;
+            size_t need = linelen + 2 + nbytes + 2;
+            if (c->rlen - pos < need) break;
+            pos += need;
+            continue;
+        }
+        if (!(linelen == 3 && memcmp(c->rbuf + pos, "END", 3) == 0) &&
+            !(linelen == 6 && memcmp(c->rbuf + pos, "STORED", 6) == 0))
+            errors++;
+        pos += linelen + 2;
+        done++;
+    }
+    memmove(c->rbuf, c->rbuf + pos, c->rlen - pos);
+    c->rlen -= pos;
+    return done;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 5) {
+        fprintf(stderr, "usage: %s HOST PORT CONNECTIONS SECONDS [DEPTH] [VALUE_SIZE] [KEYS]\n", argv[0]);
+        return 2;
+    }
+    const char *host = argv[1];
+    int port = atoi(argv[2]), nconns = atoi(argv[3]);
+    double seconds = atof(argv[4]);
+    if (argc > 5) depth = atoi(argv[5]);
+    if (argc > 6) value_size = atoi(argv[6]);
+    if (argc > 7) keys = atoi(argv[7]);
+    if (nconns < 1 || depth < 1 || value_size < 0 || keys < 1 || seconds <= 0) {
+        fprintf(stderr, "loadgen: bad arguments\n");
+        return 2;
+    }
+    value = malloc(value_size + 1);
+    memset(value, 'v', value_size);
+    value[value_size] = 0;
+    lat = malloc(sizeof(double) * MAX_LAT_SAMPLES);
+
+    int ep = epoll_create1(0);
+    struct conn *conns = calloc(nconns, sizeof *conns);
+    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons(port)};
+    if (inet_pton(AF_INET, host, &addr.sin_addr) != 1) {
+        fprintf(stderr, "loadgen: bad address %s\n", host);
+        return 2;
+    }
+    for (int i = 0; i < nconns; i++) {
+        int fd = socket(AF_INET, SOCK_STREAM, 0);
+        if (fd < 0 || connect(fd, (struct sockaddr *)&addr, sizeof addr) < 0) {
+            perror("loadgen: connect");
+            return 1;
+        }
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        fcntl(fd, F_SETFL, O_NONBLOCK);
+        conns[i].fd = fd;
+        struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT, .data.ptr = &conns[i]};
+        epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev);
+        build_batch(&conns[i]);
+    }
+
+    double start = now_us(), end = start + seconds * 1e6;
+    struct epoll_event events[1024];
+    while (now_us() < end) {
+        int n = epoll_wait(ep, events, 1024, 100);
+        for (int i = 0; i < n; i++) {
+            struct conn *c = events[i].data.ptr;
+            if ((events[i].events & EPOLLOUT) && c->woff < c->wlen) {
+                ssize_t w = write(c->fd, c->wbuf + c->woff, c->wlen - c->woff);
+                if (w > 0) c->woff += w;
+            }
+            if (events[i].events & EPOLLIN) {
+                ssize_t r = read(c->fd, c->rbuf + c->rlen, RBUF - c->rlen);
+                if (r == 0) {
+                    fprintf(stderr, "loadgen: server closed a connection\n");
+                    return 1;
+                }
+                if (r > 0) {
+                    c->rlen += r;
+                    int done = parse_replies(c);
+                    c->pending -= done;
+                    ops += done;
+                    if (c->pending <= 0) {
+                        if (nlat < MAX_LAT_SAMPLES) lat[nlat++] = now_us() - c->sent_at;
+                        build_batch(c);
+                        ssize_t w = write(c->fd, c->wbuf, c->wlen);
+                        if (w > 0) c->woff = w;
+                    }
+                }
+            }
+        }
+    }
+    double elapsed = (now_us() - start) / 1e6;
+    qsort(lat, nlat, sizeof(double), cmp_double);
+    double median = nlat ? lat[nlat / 2] : 0, p99 = nlat ? lat[(size_t)(nlat * 0.99)] : 0;
+    printf("ops=%llu seconds=%.3f ops_per_sec=%.0f median_us=%.1f p99_us=%.1f errors=%llu\n",
+           ops, elapsed, ops / elapsed, median, p99, errors);
+    return errors ? 1 : 0;
+}

@@ -1,0 +1,111 @@
+"""Metrics of a multi-worker server, gathered from the workers when Prometheus scrapes.
+
+The parent holds no counters of its own: on each scrape it asks every worker for ``stats``
+over the memcached protocol on loopback (the same numbers a client sees) and reports each
+worker's series with a ``worker`` label. Nothing is shared between processes, nothing locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from cacheserver.config import Settings
+from cacheserver.metrics.http import serve_metrics
+
+# (metric, help, kind, stats field); commands come from _COMMAND_FIELDS below.
+_SERIES = (
+    ("memcached_current_items", "Items stored.", "gauge", "curr_items"),
+    ("memcached_items", "Items ever stored.", "counter", "total_items"),
+    ("memcached_current_bytes", "Bytes the items take.", "gauge", "bytes"),
+    ("memcached_limit_bytes", "Bytes the cache may hold.", "gauge", "limit_maxbytes"),
+    ("memcached_items_evicted", "Valid items evicted to make room.", "counter", "evictions"),
+    ("memcached_items_reclaimed", "Expired items reclaimed.", "counter", "reclaimed"),
+    ("memcached_current_connections", "Open connections.", "gauge", "curr_connections"),
+    ("memcached_connections", "Connections accepted.", "counter", "total_connections"),
+    ("memcached_read_bytes", "Bytes read from clients.", "counter", "bytes_read"),
+    ("memcached_written_bytes", "Bytes written to clients.", "counter", "bytes_written"),
+    ("memcached_uptime_seconds", "Seconds since start.", "gauge", "uptime"),
+)
+_COMMAND_FIELDS = (
+    ("get", "hit", "get_hits"),
+    ("get", "miss", "get_misses"),
+    ("set", "hit", "cmd_set"),
+    ("cas", "hit", "cas_hits"),
+    ("cas", "miss", "cas_misses"),
+    ("cas", "badval", "cas_badval"),
+    ("delete", "hit", "delete_hits"),
+    ("delete", "miss", "delete_misses"),
+    ("incr", "hit", "incr_hits"),
+    ("incr", "miss", "incr_misses"),
+    ("decr", "hit", "decr_hits"),
+    ("decr", "miss", "decr_misses"),
+    ("touch", "hit", "touch_hits"),
+    ("touch", "miss", "touch_misses"),
+    ("flush", "hit", "cmd_flush"),
+)
+
+
+def fetch_stats(host: str, port: int, timeout: float = 2.0) -> dict[str, str] | None:
+    """``stats`` of one worker as a dict, or None when it does not answer."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(b"stats\r\n")
+            data = b""
+            while not data.endswith(b"END\r\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return None
+                data += chunk
+    except OSError:
+        return None
+    stats: dict[str, str] = {}
+    for line in data.decode(errors="replace").splitlines():
+        parts = line.split(" ", 2)
+        if len(parts) == 3 and parts[0] == "STAT":
+            stats[parts[1]] = parts[2]
+    return stats
+
+
+class WorkersCollector(Collector):
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        host = settings.listen
+        self._host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+
+    def collect(self) -> Iterator[Metric]:
+        st = self._settings
+        per_worker = [(str(i), fetch_stats(self._host, st.port + i)) for i in range(st.workers)]
+        up = GaugeMetricFamily("memcached_up", "Whether the worker answers.", labels=["worker"])
+        for worker, stats in per_worker:
+            up.add_metric([worker], 1 if stats is not None else 0)
+        yield up
+        commands = CounterMetricFamily(
+            "memcached_commands",
+            "Commands by command and result.",
+            labels=["worker", "command", "status"],
+        )
+        for worker, stats in per_worker:
+            if stats is None:
+                continue
+            for command, status, field in _COMMAND_FIELDS:
+                commands.add_metric([worker, command, status], float(stats.get(field, 0)))
+        yield commands
+        for name, doc, kind, field in _SERIES:
+            family_type = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+            family = family_type(name, doc, labels=["worker"])
+            for worker, stats in per_worker:
+                if stats is not None and field in stats:
+                    family.add_metric([worker], float(stats[field]))
+            yield family
+
+
+async def serve_aggregated_metrics(settings: Settings) -> asyncio.Server:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(WorkersCollector(settings))
+    return await serve_metrics(registry, settings.listen, settings.metrics_port)

@@ -1,0 +1,140 @@
+"""Shard-per-core: ``-t N`` runs N worker processes, each pinned to one CPU of this process's
+cpuset, serving its own port (port, port+1, ...) and its own share of the memory.
+
+Keys are never split across processes behind one port: every worker is a separate endpoint
+that clients hash keys across, like the appliances of a cluster. The parent only supervises
+(signals, a worker that dies) and serves the metrics of all workers, gathered when scraped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from dataclasses import replace
+
+import uvloop
+
+from cacheserver.config import Settings
+
+log = logging.getLogger("cacheserver")
+
+
+def worker_settings(settings: Settings, index: int) -> Settings:
+    """The settings of worker ``index``: its own ports, metrics served by the parent."""
+    return replace(
+        settings,
+        port=settings.port + index,
+        udp_port=settings.udp_port + index if settings.udp_port else 0,
+        metrics_port=0,
+        workers=1,
+    )
+
+
+def cpu_for(index: int) -> int | None:
+    cpus = sorted(os.sched_getaffinity(0))
+    return cpus[index % len(cpus)] if cpus else None
+
+
+def _run_child(settings: Settings, index: int, capacity: int) -> None:
+    """Body of a forked worker process; never returns."""
+    from cacheserver.server import Worker
+
+    code = 0
+    try:
+        if settings.pin:
+            cpu = cpu_for(index)
+            if cpu is not None:
+                os.sched_setaffinity(0, {cpu})
+                log.info("worker %d pinned to CPU %d", index, cpu)
+        mine = worker_settings(settings, index)
+        uvloop.run(Worker(mine, capacity=capacity, worker_index=index).run_until_stopped())
+    except OSError as err:
+        log.error("worker %d cannot start: %s", index, err)
+        code = 1
+    except BaseException:  # a crash must end this process, never fall back into the parent's code
+        log.exception("worker %d crashed", index)
+        code = 1
+    finally:
+        logging.shutdown()
+        os._exit(code)
+
+
+def run_workers(settings: Settings, total_capacity: int) -> int:
+    """Fork the workers, serve their aggregated metrics, and wait. Returns the exit code."""
+    count = settings.workers
+    share = total_capacity // count
+    children: dict[int, int] = {}
+    for index in range(count):
+        pid = os.fork()
+        if pid == 0:
+            _run_child(settings, index, share)
+        children[pid] = index
+    log.info(
+        "started %d workers on ports %d-%d, %d bytes each",
+        count,
+        settings.port,
+        settings.port + count - 1,
+        share,
+    )
+    return uvloop.run(_supervise(settings, children))
+
+
+async def _supervise(settings: Settings, children: dict[int, int]) -> int:
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    metrics_server = None
+    if settings.metrics_port:
+        from cacheserver.metrics.aggregate import serve_aggregated_metrics
+
+        metrics_server = await serve_aggregated_metrics(settings)
+    exit_code = 0
+    while children and not stopping.is_set():
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid == 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), timeout=0.5)
+            continue
+        index = children.pop(pid, None)
+        if index is not None:
+            # A shard that is gone loses its keys' home: end the whole server so the
+            # supervisor above (the kubelet) restarts it, rather than limp on.
+            log.error("worker %d (pid %d) exited with status %d", index, pid, status)
+            exit_code = 1
+            stopping.set()
+    for pid in children:
+        _signal(pid, signal.SIGTERM)
+    for pid in list(children):
+        await _reap(pid)
+    if metrics_server is not None:
+        metrics_server.close()
+    return exit_code
+
+
+def _signal(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+async def _reap(pid: int, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if done:
+            return
+        await asyncio.sleep(0.05)
+    _signal(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(run_workers(Settings(workers=2), 64 << 20))

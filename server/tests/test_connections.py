@@ -1,0 +1,64 @@
+"""Connections: the limit, the idle timeout, and many clients at once."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from servers import recv_until, request, start_cacheserver
+
+
+def test_connection_limit_answers_like_memcached_and_closes() -> None:
+    server = start_cacheserver("-c", "5")
+    held = []
+    try:
+        for _ in range(5):
+            sock = socket.create_connection(server.address, timeout=5)
+            sock.sendall(b"version\r\n")
+            assert recv_until(sock, b"\r\n").startswith(b"VERSION")
+            held.append(sock)
+        with socket.create_connection(server.address, timeout=5) as extra:
+            # memcached 1.6 writes exactly this line, then closes.
+            assert recv_until(extra, b"\x00never") == b"ERROR Too many open connections\r\n"
+        held.pop().close()
+        time.sleep(0.2)
+        assert request(server, b"version\r\n").startswith(b"VERSION")
+        stats = request(server, b"stats\r\n", b"END\r\n")
+        assert b"STAT rejected_connections 1\r\n" in stats
+    finally:
+        for sock in held:
+            sock.close()
+        server.stop()
+
+
+def test_idle_connections_are_closed_after_the_timeout() -> None:
+    server = start_cacheserver("--idle-timeout", "1")
+    try:
+        with socket.create_connection(server.address, timeout=10) as idle:
+            start = time.monotonic()
+            assert recv_until(idle, b"\x00never", timeout=10) == b""  # closed by the server
+            assert 0.9 < time.monotonic() - start < 5
+        assert b"STAT idle_kicks 1\r\n" in request(server, b"stats\r\n", b"END\r\n")
+    finally:
+        server.stop()
+
+
+def test_many_concurrent_connections() -> None:
+    server = start_cacheserver("-c", "2000")
+    socks = []
+    try:
+        for i in range(500):
+            sock = socket.create_connection(server.address, timeout=10)
+            sock.sendall(b"set c%d 0 0 1\r\n%d\r\n" % (i, i % 10))
+            socks.append(sock)
+        for i, sock in enumerate(socks):
+            assert recv_until(sock, b"\r\n") == b"STORED\r\n"
+            sock.sendall(b"get c%d\r\n" % i)
+        for i, sock in enumerate(socks):
+            assert recv_until(sock, b"END\r\n") == b"VALUE c%d 0 1\r\n%d\r\nEND\r\n" % (i, i % 10)
+        stats = request(server, b"stats\r\n", b"END\r\n")
+        assert b"STAT curr_connections 501\r\n" in stats
+    finally:
+        for sock in socks:
+            sock.close()
+        server.stop()

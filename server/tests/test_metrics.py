@@ -1,0 +1,78 @@
+"""Stats and the Prometheus endpoint read the same per-worker counters."""
+
+from __future__ import annotations
+
+import socket
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from servers import free_port, request, start_cacheserver
+
+
+def test_metrics_endpoint_reports_memcached_exporter_names() -> None:
+    metrics_port = free_port()
+    server = start_cacheserver("--metrics-port", str(metrics_port))
+    try:
+        request(server, b"set a 0 0 1\r\n1\r\nget a\r\nget b\r\n", b"END\r\n")
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+        assert samples[("memcached_up", ())] == 1
+        assert samples[("memcached_commands_total", (("command", "get"), ("status", "hit")))] == 1
+        assert samples[("memcached_commands_total", (("command", "get"), ("status", "miss")))] == 1
+        assert samples[("memcached_commands_total", (("command", "set"), ("status", "hit")))] == 1
+        assert samples[("memcached_current_items", ())] == 1
+        assert samples[("memcached_limit_bytes", ())] == 64 * 1024 * 1024
+        assert samples[("memcached_current_connections", ())] == 0
+        assert samples[("memcached_connections_total", ())] >= 1
+        assert samples[("memcached_read_bytes_total", ())] > 0
+        # The latency histogram samples 1 read in 64: a short session may have no sample yet,
+        # but the series exist and the +Inf bucket equals the sample count.
+        inf = samples[("cacheappliance_request_duration_seconds_bucket", (("le", "+Inf"),))]
+        assert inf == samples[("cacheappliance_request_duration_seconds_count", ())]
+    finally:
+        server.stop()
+
+
+def test_stats_counts_match_the_traffic() -> None:
+    server = start_cacheserver()
+    try:
+        request(server, b"set a 0 0 1\r\n1\r\nget a a b\r\ndelete b\r\nincr a 2\r\n", b"3\r\n")
+        stats = dict(
+            line.split(" ", 2)[1:]
+            for line in request(server, b"stats\r\n", b"END\r\n").decode().splitlines()
+            if line.startswith("STAT ")
+        )
+        assert stats["cmd_get"] == "3" and stats["get_hits"] == "2" and stats["get_misses"] == "1"
+        assert stats["cmd_set"] == "1" and stats["delete_misses"] == "1"
+        assert stats["incr_hits"] == "1" and stats["curr_items"] == "1"
+        assert request(server, b"stats reset\r\n") == b"RESET\r\n"
+        assert b"STAT cmd_get 0\r\n" in request(server, b"stats\r\n", b"END\r\n")
+        assert request(server, b"stats nonsense\r\n") == b"ERROR\r\n"
+    finally:
+        server.stop()
+
+
+def test_latency_histogram_samples_one_read_in_64() -> None:
+    metrics_port = free_port()
+    server = start_cacheserver("--metrics-port", str(metrics_port))
+    try:
+        with socket.create_connection(server.address, timeout=5) as sock:
+            for _ in range(64 * 3):  # one request per round trip: one read each
+                sock.sendall(b"get nothing\r\n")
+                assert sock.recv(100) == b"END\r\n"
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+        hist = families["cacheappliance_request_duration_seconds"]
+        count = next(s.value for s in hist.samples if s.name.endswith("_count"))
+        total = next(s.value for s in hist.samples if s.name.endswith("_sum"))
+        assert count == 3
+        assert 0 < total < 1  # three reads took some time, and well under a second
+    finally:
+        server.stop()

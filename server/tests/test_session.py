@@ -1,0 +1,72 @@
+"""Protocol framing without sockets: pipelining, values split over many reads, long lines."""
+
+from __future__ import annotations
+
+from cacheserver.metrics.counters import Counters
+from cacheserver.protocol.commands import Commands
+from cacheserver.protocol.session import MAX_LINE, TextSession
+from cacheserver.storage import Store
+
+
+def new_session() -> TextSession:
+    return TextSession(Commands(Store(capacity=64 << 20), Counters(), "test"))
+
+
+def test_value_arriving_over_many_reads_is_stored_exactly() -> None:
+    session = new_session()
+    value = bytes(range(256)) * 2000  # 512,000 bytes including CR and LF bytes
+    request = b"set big 5 0 %d\r\n%s\r\nget big\r\n" % (len(value), value)
+    replies = b"".join(session.feed(request[i : i + 1000]) for i in range(0, len(request), 1000))
+    assert replies == b"STORED\r\nVALUE big 5 %d\r\n%s\r\nEND\r\n" % (len(value), value)
+
+
+def test_one_byte_at_a_time() -> None:
+    session = new_session()
+    request = b"set a 0 0 3\r\nxyz\r\nget a\r\nincr a 1\r\n"
+    replies = b"".join(session.feed(request[i : i + 1]) for i in range(len(request)))
+    assert replies == (
+        b"STORED\r\nVALUE a 0 3\r\nxyz\r\nEND\r\n"
+        b"CLIENT_ERROR cannot increment or decrement non-numeric value\r\n"
+    )
+
+
+def test_pipelined_requests_are_answered_in_one_write() -> None:
+    session = new_session()
+    request = b"".join(b"set k%d 0 0 1\r\n%d\r\n" % (i, i % 10) for i in range(100))
+    request += b"get " + b" ".join(b"k%d" % i for i in range(100)) + b"\r\n"
+    reply = session.feed(request)
+    assert reply.count(b"STORED\r\n") == 100
+    assert reply.count(b"VALUE ") == 100 and reply.endswith(b"END\r\n")
+
+
+def test_too_large_value_is_swallowed_without_buffering_it() -> None:
+    session = new_session()
+    size = 5 * 1024 * 1024
+    assert session.feed(b"set huge 0 0 %d\r\n" % size) == b""
+    chunk = b"z" * 65536
+    for _ in range(size // len(chunk)):
+        assert session.feed(chunk) == b""
+        assert session._chunks == []  # swallowed, not kept
+    assert (
+        session.feed(b"\r\nget huge\r\n") == b"SERVER_ERROR object too large for cache\r\nEND\r\n"
+    )
+
+
+def test_endless_line_closes_but_a_long_multiget_does_not() -> None:
+    session = new_session()
+    session.feed(b"x" * (MAX_LINE + 1))
+    assert session.closing
+    multi = new_session()
+    keys = b" ".join(b"key%04d" % i for i in range(1000))
+    assert multi.feed(b"get " + keys[: len(keys) // 2]) == b""
+    assert not multi.closing
+    assert multi.feed(keys[len(keys) // 2 :] + b"\r\n") == b"END\r\n"
+
+
+def test_quit_stops_processing_and_http_is_dropped() -> None:
+    session = new_session()
+    assert session.feed(b"version\r\nquit\r\nversion\r\n") == b"VERSION test\r\n"
+    assert session.closing
+    http = new_session()
+    assert http.feed(b"GET / HTTP/1.1\r\n") == b""
+    assert http.closing

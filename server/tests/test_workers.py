@@ -1,0 +1,68 @@
+"""Shard-per-core workers (-t N): one process and one port per shard, metrics gathered by the
+parent, and a dead shard ends the server rather than leaving a hole in the keyspace."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import urllib.request
+
+from servers import RunningServer, free_port, request, start_cacheserver, wait_for_port
+
+
+def children_of(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def wait_for_exit(server: RunningServer, timeout: float = 10) -> int | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            return server.proc.returncode
+        time.sleep(0.05)
+    return None
+
+
+def test_each_worker_is_its_own_shard_and_port() -> None:
+    metrics_port = free_port()
+    server = start_cacheserver("-t", "2", "--metrics-port", str(metrics_port), udp=False)
+    second = RunningServer("worker1", server.port + 1, 0, server.proc)
+    try:
+        wait_for_port(second.port, server.proc)  # workers start independently
+        assert len(children_of(server.proc.pid)) == 2
+        assert request(server, b"set k 0 0 1\r\na\r\n") == b"STORED\r\n"
+        assert request(second, b"get k\r\n") == b"END\r\n"  # not split: k lives on worker 0
+        assert request(second, b"set k 0 0 1\r\nb\r\n") == b"STORED\r\n"
+        assert request(server, b"get k\r\n", b"END\r\n") == b"VALUE k 0 1\r\na\r\nEND\r\n"
+        settings = request(server, b"stats settings\r\n", b"END\r\n")
+        assert b"STAT maxbytes %d\r\n" % (32 * 1024 * 1024) in settings  # 64 MB split in two
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            text = r.read().decode()
+        assert 'memcached_up{worker="0"} 1.0' in text
+        assert 'memcached_up{worker="1"} 1.0' in text
+        assert 'memcached_current_items{worker="1"} 1.0' in text
+    finally:
+        server.stop()
+    assert wait_for_exit(server) is not None
+
+
+def test_a_dead_worker_ends_the_server_and_no_process_is_left() -> None:
+    server = start_cacheserver("-t", "2", udp=False)
+    try:
+        wait_for_port(server.port + 1, server.proc)
+        workers = children_of(server.proc.pid)
+        os.kill(workers[1], signal.SIGKILL)
+        assert wait_for_exit(server) == 1
+        time.sleep(0.2)
+        for pid in workers:
+            assert not os.path.exists(f"/proc/{pid}") or _is_zombie(pid)
+    finally:
+        server.stop()
+
+
+def _is_zombie(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split()[2] == "Z"
