@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Awaitable, Callable
 
 import uvloop
 
 from cacheserver.config import Settings
-from cacheserver.memory import MemoryLimit, MemoryPlan, SizingError
-from cacheserver.memory.service import attach, plan_for_settings
+from cacheserver.memory import SizingError
+from cacheserver.memory.service import plan_for_settings, serve_with_shrinker
 from cacheserver.server import Worker
 
 log = logging.getLogger("cacheserver")
@@ -26,13 +27,6 @@ def pin_to_cpu(index: int) -> int | None:
 
 
 def run(settings: Settings) -> int:
-    if settings.workers > 1:
-        from cacheserver.supervisor import run_workers
-
-        return run_workers(settings, settings.memory_limit_bytes)
-    if settings.pin:
-        cpu = pin_to_cpu(0)
-        log.info("pinned to CPU %s", cpu)
     try:
         # Measured here, after the imports and before any item: the interpreter's baseline.
         limit, plan = plan_for_settings(settings)
@@ -40,18 +34,29 @@ def run(settings: Settings) -> int:
         log.error("cannot size memory: %s", err)
         return 2
     plan.log(log)
+
+    async def serve(worker: Worker) -> None:
+        await serve_with_shrinker(worker, limit, plan, shards=settings.workers)
+
+    if settings.workers > 1:
+        from cacheserver.supervisor import run_workers
+
+        return run_workers(settings, plan.capacity, serve)
+    if settings.pin:
+        cpu = pin_to_cpu(0)
+        log.info("pinned to CPU %s", cpu)
     try:
-        uvloop.run(_serve(settings, limit, plan))
+        uvloop.run(_serve(settings, plan.capacity, serve))
     except OSError as err:
         log.error("cannot start: %s", err)
         return 1
     return 0
 
 
-async def _serve(settings: Settings, limit: MemoryLimit, plan: MemoryPlan) -> None:
-    worker = Worker(settings, capacity=plan.capacity // settings.workers)
-    shrinker = attach(worker, limit, plan, shards=settings.workers)
-    shrinker.start()
+async def _serve(
+    settings: Settings, capacity: int, serve: Callable[[Worker], Awaitable[None]]
+) -> None:
+    worker = Worker(settings, capacity=capacity)
     log.info(
         "cacheserver pid %d: capacity %d bytes, max item %d bytes, %d connections",
         os.getpid(),
@@ -59,10 +64,7 @@ async def _serve(settings: Settings, limit: MemoryLimit, plan: MemoryPlan) -> No
         settings.max_item_size,
         settings.conn_limit,
     )
-    try:
-        await worker.run_until_stopped()
-    finally:
-        await shrinker.stop()
+    await serve(worker)
 
 
 if __name__ == "__main__":  # pragma: no cover

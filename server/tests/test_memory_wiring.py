@@ -6,7 +6,7 @@ import subprocess
 import sys
 import urllib.request
 
-from servers import RunningServer, free_port, request, start_cacheserver
+from servers import RunningServer, free_port, request, start_cacheserver, wait_for_port
 
 MIB = 1 << 20
 ENV = "CACHESERVER_CONTAINER_MEMORY_LIMIT"
@@ -86,3 +86,27 @@ def test_a_limit_too_small_is_refused_with_a_reason() -> None:
     err = proc.stderr.decode()
     assert "cannot size memory: the memory limit 40.0 MiB (env)" in err
     assert "lower --memory-headroom" in err
+
+
+def test_workers_share_the_sized_capacity() -> None:
+    metrics_port = free_port()
+    server = start_cacheserver(
+        "-t", "2", "--metrics-port", str(metrics_port), udp=False, env={ENV: str(600 * MIB)}
+    )
+    second = RunningServer("worker1", server.port + 1, 0, server.proc)
+    try:
+        wait_for_port(second.port, server.proc)
+        first_settings, second_settings = stats(server, "settings"), stats(second, "settings")
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+    finally:
+        server.stop()
+    for worker in ("0", "1"):
+        assert f'cacheappliance_memory_shrink_events_total{{worker="{worker}"}} 0.0' in text
+        assert f'cacheappliance_memory_resident_bytes{{worker="{worker}"}}' in text
+    planned = int(first_settings["memory_capacity"])
+    # Three interpreters (a supervisor and two workers) count in the baseline.
+    assert int(first_settings["memory_baseline"]) > 3 * 10 * MIB
+    for settings in (first_settings, second_settings):
+        assert settings["memory_capacity"] == str(planned)
+        assert settings["maxbytes"] == str(planned // 2)

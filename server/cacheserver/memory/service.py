@@ -3,6 +3,7 @@ worker (its store, its `stats` answers and its Prometheus collector)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,8 +26,10 @@ def plan_for_settings(
     """Detect the limit and size the store; call it after imports, before serving, so the
     resident size measured is the interpreter's baseline. Raises SizingError."""
     limit = detect_memory_limit(root, env)
+    # With -t N a supervisor process runs next to the N workers (forked: an overestimate).
+    processes = settings.workers + 1 if settings.workers > 1 else 1
     baseline = baseline_for(
-        resident_bytes(root), settings.conn_limit, settings.max_item_size, settings.workers
+        resident_bytes(root), settings.conn_limit, settings.max_item_size, processes
     )
     plan = plan_memory(
         limit,
@@ -73,6 +76,22 @@ def attach(worker: _Worker, limit: MemoryLimit, plan: MemoryPlan, shards: int = 
     worker.report.extra_general.append(shrinker.stats_fields)
     worker.collector.extra.append(lambda: memory_metrics(shrinker))
     return shrinker
+
+
+async def serve_with_shrinker(
+    worker: Any, limit: MemoryLimit, plan: MemoryPlan, shards: int = 1
+) -> None:
+    """Run a worker (cacheserver.server.Worker) until it stops, its shrinker alongside."""
+    shrinker = attach(worker, limit, plan, shards=shards)
+    running = asyncio.ensure_future(worker.run_until_stopped())
+    # One loop step lets the worker bind its ports first: with -t N, worker i must take
+    # port+i before anything else on the machine can.
+    await asyncio.sleep(0)
+    shrinker.start()
+    try:
+        await running
+    finally:
+        await shrinker.stop()
 
 
 def memory_metrics(shrinker: Shrinker) -> Iterator[Metric]:
