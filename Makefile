@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 11211
 
-.PHONY: deps run test unit lint fmt crds clean bench
+.PHONY: deps run test unit lint fmt crds clean bench e2e-bins e2e up down
 
 deps:
 	@scripts/bootstrap.sh
@@ -22,10 +22,26 @@ fmt: deps
 unit: deps
 	$(BIN)/pytest
 
-test: lint unit
+test: lint unit e2e
 
 crds: deps
 	$(BIN)/python -m cacheoperator.crdgen crds/
+
+# End-to-end: a real control plane built from Go modules (cached outside the repo) and the
+# node agent playing the kubelet; see docs/e2e.md. E2E_KUBECONFIG=... runs e2e against
+# an existing cluster instead.
+e2e-bins:
+	@e2e/build-control-plane.sh
+
+e2e: deps $(if $(E2E_KUBECONFIG),,e2e-bins)
+	$(BIN)/pytest e2e/tests
+
+# A local cluster (3 nodes in 2 zones) kept running in the background; state in .e2e/.
+up: deps e2e-bins
+	@$(BIN)/python -m e2e.cluster up --nodes 3 --zones 2
+
+down: deps
+	@$(BIN)/python -m e2e.cluster down
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

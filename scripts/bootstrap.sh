@@ -11,6 +11,8 @@ PYTHON=${PYTHON:-python3}
 need_pkgs=()
 command -v memcached >/dev/null || need_pkgs+=(memcached)
 command -v memccapable >/dev/null || need_pkgs+=(libmemcached-tools)
+# The e2e control plane's certificates (e2e/pki.py).
+command -v openssl >/dev/null || need_pkgs+=(openssl)
 "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null || need_pkgs+=(python3-venv)
 if ((${#need_pkgs[@]})); then
     if [ "$(id -u)" != 0 ]; then

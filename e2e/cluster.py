@@ -1,0 +1,582 @@
+"""A real Kubernetes control plane on loopback for the e2e suite, run as plain processes.
+
+etcd, kube-apiserver (TLS, Node+RBAC authorization, admission on), kube-controller-manager
+(service-account tokens, statefulsets, garbage collection, node lifecycle, ...) and
+kube-scheduler, built from their Go modules by e2e/build-control-plane.sh. Everything lives
+in one working directory: certificates, etcd data, a log per process, an admin kubeconfig
+and ``state.json`` (pids), so another program can stop what this one started.
+
+As a library: ``LocalCluster(workdir).start()`` / ``.stop()``. As a command:
+
+    python -m e2e.cluster up [--state-dir DIR] [--nodes 3] [--zones 2]
+    python -m e2e.cluster status|down [--state-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import socket
+import ssl
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from e2e import procs
+from e2e.pki import KUBERNETES_SERVICE_IP, SERVICE_CIDR, Pki
+
+E2E_DIR = Path(__file__).resolve().parent
+REPO_ROOT = E2E_DIR.parent
+VERSIONS_FILE = E2E_DIR / "controlplane" / "versions.env"
+DEFAULT_STATE_DIR = REPO_ROOT / ".e2e"
+SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+def versions() -> dict[str, str]:
+    """KEY=value pairs of e2e/controlplane/versions.env (shared with the build script)."""
+    result = {}
+    for line in VERSIONS_FILE.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            result[key.strip()] = value.strip()
+    return result
+
+
+def cache_dir() -> Path:
+    if os.environ.get("E2E_CACHE"):
+        return Path(os.environ["E2E_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "cache-appliance"
+
+
+_VERSION_KEY = {
+    "etcd": "ETCD_VERSION",
+    "kube-apiserver": "KUBERNETES_VERSION",
+    "kube-controller-manager": "KUBERNETES_VERSION",
+    "kube-scheduler": "KUBERNETES_VERSION",
+    "kubectl": "KUBERNETES_VERSION",
+    "helm": "HELM_VERSION",
+}
+
+
+def binary(name: str) -> Path:
+    """The cached binary for ``name`` at the pinned version; a clear error if not built."""
+    path = cache_dir() / "bin" / f"{name}-{versions()[_VERSION_KEY[name]]}"
+    if not os.access(path, os.X_OK):
+        raise ClusterError(
+            f"{path.name} is not built yet: run `make e2e-bins` (takes a while once)"
+        )
+    return path
+
+
+def missing_binaries() -> list[str]:
+    missing = []
+    for name in _VERSION_KEY:
+        try:
+            binary(name)
+        except ClusterError:
+            missing.append(name)
+    return missing
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(
+    what: str,
+    check: Callable[[], object],
+    timeout: float,
+    interval: float = 0.25,
+    on_poll: Callable[[], None] | None = None,
+) -> object:
+    """Poll ``check`` until it returns something truthy; raise ClusterError after ``timeout``.
+
+    ``on_poll`` runs before each try and may raise to stop early (a process died)."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while True:
+        if on_poll:
+            on_poll()
+        try:
+            result = check()
+            if result:
+                return result
+        except Exception as e:  # the thing is not up yet; remember why for the message
+            last_error = e
+        if time.monotonic() >= deadline:
+            why = f" (last error: {last_error})" if last_error else ""
+            raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what}{why}")
+        time.sleep(interval)
+
+
+class LocalCluster:
+    """The control plane in ``workdir``; ``start()`` brings it up, ``stop()`` ends it all."""
+
+    def __init__(self, workdir: Path, name: str | None = None, detached: bool = False) -> None:
+        """``detached``: the processes outlive this program (make up); otherwise they are
+        also killed by the kernel if this program dies without stopping them."""
+        self.workdir = workdir.resolve()
+        self.detached = detached
+        self.name = name or f"e2e-{secrets.token_hex(3)}"
+        self.pki = Pki(self.workdir / "pki")
+        self.logs = self.workdir / "logs"
+        self.kubeconfig = self.workdir / "kubeconfig"
+        self.state_file = self.workdir / "state.json"
+        self.ports: dict[str, int] = {}
+        self.records: list[procs.ProcessRecord] = []
+        self._popens: dict[int, object] = {}
+
+    @property
+    def server(self) -> str:
+        return f"https://127.0.0.1:{self.ports['apiserver']}"
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    def start(self, timeout: float = 120.0) -> LocalCluster:
+        bins = {name: binary(name) for name in _VERSION_KEY if name.startswith(("kube-", "etcd"))}
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(exist_ok=True)
+        self.ports = {
+            k: free_port() for k in ("etcd", "etcd-peer", "apiserver", "kcm", "scheduler")
+        }
+        self._make_credentials()
+        self.save_state()
+        try:
+            self._start_etcd(bins["etcd"], timeout)
+            self._start_apiserver(bins["kube-apiserver"], timeout)
+            self._start_controller_manager(bins["kube-controller-manager"])
+            self._start_scheduler(bins["kube-scheduler"])
+            self._wait_healthz("kube-controller-manager", self.ports["kcm"], timeout)
+            self._wait_healthz("kube-scheduler", self.ports["scheduler"], timeout)
+            # The service-account controller and token signing work: pods can be admitted.
+            wait_for(
+                "the default service account (kube-controller-manager's controllers)",
+                lambda: self._get("/api/v1/namespaces/default/serviceaccounts/default"),
+                timeout,
+                on_poll=self._check_alive,
+            )
+        except BaseException as e:
+            report = self.failure_report()
+            self.stop()
+            if isinstance(e, ClusterError):
+                raise ClusterError(f"{e}\n{report}") from None
+            raise
+        return self
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop every process, last started first; bounded by ``grace`` (+5s) each."""
+        errors = []
+        for rec in reversed(self.records):
+            try:
+                rec.stop(grace, self._popens.get(rec.pid))  # type: ignore[arg-type]
+            except RuntimeError as e:
+                errors.append(str(e))
+        self.records = []
+        self.save_state()
+        if errors:
+            raise ClusterError("; ".join(errors))
+
+    def alive(self) -> bool:
+        return bool(self.records) and all(r.alive() for r in self.records)
+
+    def failure_report(self, lines: int = 30) -> str:
+        parts = []
+        for rec in self.records:
+            state = "running" if rec.alive() else "EXITED"
+            parts.append(f"--- {rec.name} ({state}), last lines of {rec.log}:\n{rec.tail(lines)}")
+        return "\n".join(parts)
+
+    # ---- state shared with `python -m e2e.cluster down` -----------------------------------
+
+    def save_state(self) -> None:
+        if not self.workdir.exists():
+            return
+        state = {
+            "name": self.name,
+            "ports": self.ports,
+            "kubeconfig": str(self.kubeconfig),
+            "processes": [r.to_dict() for r in self.records],
+        }
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        tmp.replace(self.state_file)
+
+    @classmethod
+    def load(cls, workdir: Path) -> LocalCluster:
+        cluster = cls(workdir)
+        state = json.loads(cluster.state_file.read_text())
+        cluster.name = state["name"]
+        cluster.ports = state["ports"]
+        cluster.records = [procs.ProcessRecord.from_dict(p) for p in state["processes"]]
+        return cluster
+
+    # ---- credentials --------------------------------------------------------------------
+
+    def _make_credentials(self) -> None:
+        self.pki.create_authorities()
+        self.pki.issue(
+            "apiserver",
+            "kube-apiserver",
+            server_names=(
+                "127.0.0.1",
+                "localhost",
+                KUBERNETES_SERVICE_IP,
+                "kubernetes",
+                "kubernetes.default",
+                "kubernetes.default.svc",
+                "kubernetes.default.svc.cluster.local",
+            ),
+        )
+        self.pki.issue(
+            "front-proxy-client",
+            "front-proxy-client",
+            ca=(self.pki.front_proxy_ca_cert, self.pki.front_proxy_ca_key),
+        )
+        self.issue_kubeconfig("admin", ("system:masters",), self.kubeconfig)
+        self.issue_kubeconfig("system:kube-controller-manager", (), self._kc("kcm"))
+        self.issue_kubeconfig("system:kube-scheduler", (), self._kc("scheduler"))
+
+    def _kc(self, name: str) -> Path:
+        return self.workdir / f"{name}.kubeconfig"
+
+    def issue_kubeconfig(self, user: str, groups: tuple[str, ...], path: Path) -> Path:
+        """A kubeconfig for ``user`` in ``groups`` (client certificate from the cluster CA)."""
+        safe = user.replace(":", "-")
+        cert, key = self.pki.issue(f"client-{safe}", user, organizations=groups)
+        return self.pki.kubeconfig(path, self.server, user, cert, key, self.name)
+
+    def node_kubeconfig(self, node: str) -> Path:
+        """Credentials a kubelet for ``node`` would have: user system:node:<node>."""
+        path = self._kc(f"node-{node}")
+        if not path.exists():
+            self.issue_kubeconfig(f"system:node:{node}", ("system:nodes",), path)
+        return path
+
+    # ---- processes ----------------------------------------------------------------------
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        rec, popen = procs.start(
+            name, argv, self.logs / f"{name}.log", die_with_parent=not self.detached
+        )
+        self.records.append(rec)
+        self._popens[rec.pid] = popen
+        self.save_state()
+
+    def _check_alive(self) -> None:
+        for rec in self.records:
+            if not rec.alive():
+                raise ClusterError(f"{rec.name} exited during start-up")
+
+    def _start_etcd(self, etcd: Path, timeout: float) -> None:
+        client = f"http://127.0.0.1:{self.ports['etcd']}"
+        peer = f"http://127.0.0.1:{self.ports['etcd-peer']}"
+        self._spawn(
+            "etcd",
+            [
+                str(etcd),
+                "--name=e2e",
+                f"--data-dir={self.workdir / 'etcd-data'}",
+                f"--listen-client-urls={client}",
+                f"--advertise-client-urls={client}",
+                f"--listen-peer-urls={peer}",
+                f"--initial-advertise-peer-urls={peer}",
+                f"--initial-cluster=e2e={peer}",
+                # Throwaway data: no fsync makes every write (and the suite) much faster.
+                "--unsafe-no-fsync",
+                "--log-level=warn",
+            ],
+        )
+
+        def healthy() -> bool:
+            with urllib.request.urlopen(f"{client}/health", timeout=2) as r:
+                return json.load(r).get("health") == "true"
+
+        wait_for("etcd /health", healthy, timeout, on_poll=self._check_alive)
+
+    def _start_apiserver(self, apiserver: Path, timeout: float) -> None:
+        pki = self.pki.dir
+        self._spawn(
+            "kube-apiserver",
+            [
+                str(apiserver),
+                f"--etcd-servers=http://127.0.0.1:{self.ports['etcd']}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={self.ports['apiserver']}",
+                f"--cert-dir={self.workdir / 'apiserver-certs'}",
+                f"--tls-cert-file={pki / 'apiserver.crt'}",
+                f"--tls-private-key-file={pki / 'apiserver.key'}",
+                f"--client-ca-file={self.pki.ca_cert}",
+                f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
+                f"--service-account-key-file={self.pki.sa_pub}",
+                f"--service-account-signing-key-file={self.pki.sa_key}",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                # The aggregation layer's front proxy; controller-manager and scheduler read
+                # this CA from the cluster and complain until it is set.
+                f"--requestheader-client-ca-file={self.pki.front_proxy_ca_cert}",
+                "--requestheader-allowed-names=front-proxy-client",
+                "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                f"--proxy-client-cert-file={pki / 'front-proxy-client.crt'}",
+                f"--proxy-client-key-file={pki / 'front-proxy-client.key'}",
+                "--authorization-mode=Node,RBAC",
+                # On top of the default admission chain: what a kubelet may change is limited
+                # to its own Node and the pods bound to it, as in a real cluster.
+                "--enable-admission-plugins=NodeRestriction",
+                "--allow-privileged=true",
+                # The `kubernetes` Endpoints would name 127.0.0.1, which validation refuses.
+                "--endpoint-reconciler-type=none",
+                "--profiling=false",
+            ],
+        )
+        wait_for(
+            "kube-apiserver /readyz",
+            lambda: self._get("/readyz"),
+            timeout,
+            on_poll=self._check_alive,
+        )
+
+    def _component_args(self, kubeconfig: Path, name: str, port: int) -> list[str]:
+        return [
+            f"--kubeconfig={kubeconfig}",
+            f"--authentication-kubeconfig={kubeconfig}",
+            f"--authorization-kubeconfig={kubeconfig}",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={port}",
+            f"--cert-dir={self.workdir / (name + '-certs')}",
+            # A single instance: no need to wait for a lease.
+            "--leader-elect=false",
+        ]
+
+    def _start_controller_manager(self, kcm: Path) -> None:
+        self._spawn(
+            "kube-controller-manager",
+            [
+                str(kcm),
+                *self._component_args(self._kc("kcm"), "kcm", self.ports["kcm"]),
+                f"--service-account-private-key-file={self.pki.sa_key}",
+                f"--root-ca-file={self.pki.ca_cert}",
+                "--use-service-account-credentials=true",
+                f"--cluster-signing-cert-file={self.pki.ca_cert}",
+                f"--cluster-signing-key-file={self.pki.ca_key}",
+                "--controllers=*",
+            ],
+        )
+
+    def _start_scheduler(self, scheduler: Path) -> None:
+        self._spawn(
+            "kube-scheduler",
+            [
+                str(scheduler),
+                *self._component_args(self._kc("scheduler"), "scheduler", self.ports["scheduler"]),
+            ],
+        )
+
+    def _wait_healthz(self, name: str, port: int, timeout: float) -> None:
+        # Their serving certificates are self-signed at start; /healthz needs no credentials.
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+
+        def healthy() -> bool:
+            url = f"https://127.0.0.1:{port}/healthz"
+            with urllib.request.urlopen(url, timeout=2, context=context) as r:
+                return r.status == 200
+
+        wait_for(f"{name} /healthz", healthy, timeout, on_poll=self._check_alive)
+
+    def _admin_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.pki.ca_cert))
+        context.load_cert_chain(
+            self.pki.dir / "client-admin.crt", self.pki.dir / "client-admin.key"
+        )
+        return context
+
+    def _get(self, path: str) -> bool:
+        try:
+            with urllib.request.urlopen(
+                self.server + path, timeout=5, context=self._admin_context()
+            ) as r:
+                return r.status == 200
+        except urllib.error.HTTPError as e:
+            if e.code == 404:
+                return False
+            raise
+
+    # ---- clients ------------------------------------------------------------------------
+
+    def api_client(self):
+        from kubernetes import config
+
+        return config.new_client_from_config(config_file=str(self.kubeconfig))
+
+
+class ExternalCluster:
+    """A cluster someone else runs (E2E_KUBECONFIG): used as it is, never started or stopped."""
+
+    def __init__(self, kubeconfig: Path) -> None:
+        if not kubeconfig.is_file():
+            raise ClusterError(f"E2E_KUBECONFIG={kubeconfig} is not a file")
+        self.kubeconfig = kubeconfig
+
+    def api_client(self):
+        from kubernetes import config
+
+        return config.new_client_from_config(config_file=str(self.kubeconfig))
+
+    def stop(self) -> None:
+        pass
+
+
+# ---- the `make up` / `make down` command ------------------------------------------------
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from e2e import nodeagent, product
+
+    state_dir: Path = args.state_dir.resolve()
+    if (state_dir / "cluster" / "state.json").exists():
+        existing = LocalCluster.load(state_dir / "cluster")
+        if existing.alive():
+            print(f"a cluster is already running from {state_dir}; `make down` first")
+            _print_usage(state_dir)
+            return 0
+        _stop_all(state_dir)
+    missing = missing_binaries()
+    if missing:
+        print(f"missing control-plane binaries ({', '.join(missing)}): run `make e2e-bins`")
+        return 1
+    started = time.monotonic()
+    cluster = LocalCluster(state_dir / "cluster", detached=True)
+    print(f"starting the control plane in {cluster.workdir} ...", flush=True)
+    cluster.start(timeout=args.timeout)
+    try:
+        nodes = nodeagent.default_nodes(args.nodes, args.zones)
+        config = nodeagent.AgentConfig(
+            cluster_id=cluster.name,
+            work_dir=str(state_dir / "nodeagent"),
+            nodes=nodes,
+            kubeconfigs={n.name: str(cluster.node_kubeconfig(n.name)) for n in nodes},
+            kubelet_version=versions()["KUBERNETES_VERSION"],
+        )
+        print(f"starting the node agent for {len(nodes)} nodes ...", flush=True)
+        nodeagent.start_detached(config, state_dir / "nodeagent.json")
+        nodeagent.wait_nodes_ready(cluster.api_client(), [n.name for n in nodes], args.timeout)
+        _link_tools(state_dir, cluster)
+        product.install(cluster.kubeconfig, state_dir / "bin")
+    except BaseException:
+        print(cluster.failure_report())
+        _stop_all(state_dir)
+        raise
+    print(f"cluster up in {time.monotonic() - started:.1f}s")
+    _print_usage(state_dir)
+    return 0
+
+
+def _link_tools(state_dir: Path, cluster: LocalCluster) -> None:
+    """state_dir/bin holds kubectl and helm; state_dir/env sets KUBECONFIG and PATH."""
+    bin_dir = state_dir / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for tool in ("kubectl", "helm"):
+        link = bin_dir / tool
+        with contextlib.suppress(FileNotFoundError):
+            link.unlink()
+        link.symlink_to(binary(tool))
+    (state_dir / "env").write_text(
+        f'export KUBECONFIG="{cluster.kubeconfig}"\nexport PATH="{bin_dir}:$PATH"\n'
+    )
+
+
+def _print_usage(state_dir: Path) -> None:
+    try:
+        shown = state_dir.relative_to(Path.cwd())
+    except ValueError:
+        shown = state_dir
+    print(
+        f"\nUse it with:\n    source {shown}/env\n    kubectl get nodes -L "
+        "topology.kubernetes.io/zone,topology.cache.appliance.io/rack\n"
+        f"Logs: {shown}/cluster/logs/ and {shown}/nodeagent/ ; stop it with `make down`."
+    )
+
+
+def _stop_all(state_dir: Path) -> None:
+    from e2e import nodeagent
+
+    nodeagent.stop_detached(state_dir / "nodeagent.json")
+    if (state_dir / "cluster" / "state.json").exists():
+        LocalCluster.load(state_dir / "cluster").stop()
+
+
+def _cmd_down(args: argparse.Namespace) -> int:
+    state_dir: Path = args.state_dir.resolve()
+    if not state_dir.exists():
+        print(f"no cluster state in {state_dir}: nothing to stop")
+        return 0
+    _stop_all(state_dir)
+    if args.keep:
+        print(f"stopped; logs kept in {state_dir}")
+    else:
+        shutil.rmtree(state_dir)
+        print("stopped and removed")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    state_dir: Path = args.state_dir.resolve()
+    cluster_state = state_dir / "cluster"
+    if not (cluster_state / "state.json").exists():
+        print("no cluster")
+        return 1
+    cluster = LocalCluster.load(cluster_state)
+    for rec in cluster.records:
+        print(f"{rec.name:26} pid {rec.pid:7} {'running' if rec.alive() else 'EXITED'}")
+    from e2e import nodeagent
+
+    agent = nodeagent.detached_record(state_dir / "nodeagent.json")
+    if agent:
+        print(f"{'node agent':26} pid {agent.pid:7} {'running' if agent.alive() else 'EXITED'}")
+    return 0 if cluster.alive() and agent and agent.alive() else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m e2e.cluster", description=__doc__)
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(os.environ.get("E2E_STATE_DIR", DEFAULT_STATE_DIR)),
+        help="where pids, logs and the kubeconfig live (default: .e2e in the repository)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start a cluster with nodes, kept running in the background")
+    up.add_argument("--nodes", type=int, default=3)
+    up.add_argument("--zones", type=int, default=2)
+    up.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for each step")
+    down = sub.add_parser("down", help="stop everything `up` started")
+    down.add_argument("--keep", action="store_true", help="keep the state directory (logs)")
+    sub.add_parser("status", help="show the processes of the running cluster")
+    args = parser.parse_args(argv)
+    try:
+        return {"up": _cmd_up, "down": _cmd_down, "status": _cmd_status}[args.command](args)
+    except ClusterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Fixtures of the e2e suite: a real control plane (or the cluster named by E2E_KUBECONFIG),
+the node agent with three nodes in two zones, and a namespace per test."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from e2e import nodeagent
+from e2e.cluster import (
+    ClusterError,
+    ExternalCluster,
+    LocalCluster,
+    missing_binaries,
+    versions,
+    wait_for,
+)
+
+START_TIMEOUT = 120.0
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster | ExternalCluster]:
+    external = os.environ.get("E2E_KUBECONFIG")
+    if external:
+        yield ExternalCluster(Path(external))
+        return
+    missing = missing_binaries()
+    if missing:
+        pytest.skip(f"control-plane binaries not built ({', '.join(missing)}): make e2e-bins")
+    # Under pytest's temporary directory: the logs of the last runs stay for a look.
+    local = LocalCluster(tmp_path_factory.mktemp("cluster"))
+    local.start(timeout=START_TIMEOUT)
+    try:
+        yield local
+    finally:
+        local.stop()
+
+
+@pytest.fixture(scope="session")
+def api(cluster):
+    client = cluster.api_client()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def agent(cluster, api) -> Iterator[nodeagent.NodeAgent]:
+    """The node agent's nodes. Tests that look at the pods' processes on this machine use it;
+    against an existing cluster (E2E_KUBECONFIG) they are skipped."""
+    if isinstance(cluster, ExternalCluster):
+        pytest.skip("E2E_KUBECONFIG: the cluster's own nodes run the pods, not the node agent")
+    nodes = nodeagent.default_nodes(3, 2)
+    config = nodeagent.AgentConfig(
+        cluster_id=cluster.name,
+        work_dir=str(cluster.workdir / "nodeagent"),
+        nodes=nodes,
+        kubeconfigs={n.name: str(cluster.node_kubeconfig(n.name)) for n in nodes},
+        kubelet_version=versions()["KUBERNETES_VERSION"],
+    )
+    running = nodeagent.NodeAgent(config).start()
+    try:
+        nodeagent.wait_nodes_ready(api, [n.name for n in nodes], START_TIMEOUT)
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def namespace(api) -> Iterator[str]:
+    from kubernetes import client
+
+    core = client.CoreV1Api(api)
+    name = f"e2e-{secrets.token_hex(3)}"
+    core.create_namespace({"metadata": {"name": name}})
+    # Pods are admitted only once the namespace's default service account exists.
+    wait_for(
+        f"service account default in {name}",
+        lambda: core.read_namespaced_service_account("default", name),
+        30,
+    )
+    yield name
+    core.delete_namespace(name)
+
+
+@pytest.fixture
+def eventually() -> Callable:
+    """eventually(what, check, timeout=60): poll until check() is truthy, else fail naming it."""
+
+    def wait(what: str, check: Callable[[], object], timeout: float = 60.0) -> object:
+        try:
+            return wait_for(what, check, timeout, interval=0.2)
+        except ClusterError as e:
+            pytest.fail(str(e))
+
+    return wait
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """On failure, attach the tails of the control plane's logs to the report."""
+    report = yield
+    if report.failed and "cluster" in item.fixturenames:
+        ns, api = item.funcargs.get("namespace"), item.funcargs.get("api")
+        if ns and api:
+            report.sections.append((f"namespace {ns}", describe_namespace(api, ns)))
+        local = item.funcargs.get("cluster")
+        if isinstance(local, LocalCluster):
+            report.sections.append(("control-plane logs", local.failure_report(15)))
+    return report
+
+
+def describe_namespace(api, namespace: str) -> str:
+    """Pods with their container states, and events: what `kubectl describe` would tell."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(api)
+    lines = []
+    try:
+        for pod in core.list_namespaced_pod(namespace).items:
+            lines.append(f"pod {pod.metadata.name} on {pod.spec.node_name}: {pod.status.phase}")
+            for cs in pod.status.container_statuses or []:
+                lines.append(
+                    f"  {cs.name} ready={cs.ready} restarts={cs.restart_count} "
+                    f"state={cs.state.to_dict()}"
+                )
+        for ev in core.list_namespaced_event(namespace).items:
+            lines.append(f"event {ev.involved_object.name}: {ev.reason}: {ev.message}")
+    except Exception as e:
+        lines.append(f"(could not describe: {e})")
+    return "\n".join(lines)
