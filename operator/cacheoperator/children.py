@@ -1,0 +1,170 @@
+"""Pure builders: a validated spec in, the desired child objects (plain dicts) out.
+
+Nothing here talks to the API server, reads the clock or the environment, so the same
+input always gives the same objects; applying them twice changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from cacheoperator.models import CacheClusterSpec, Endpoint
+from cacheoperator.naming import (
+    LABEL_PARTITION,
+    LABEL_STATEFULSET,
+    ClusterRef,
+    client_service_name,
+    common_labels,
+    configmap_name,
+    headless_service_name,
+    pdb_name,
+    selector_labels,
+    statefulset_name,
+)
+from cacheoperator.placement import partition_sizes
+from cacheoperator.pods import pod_template, server_env
+
+
+def _metadata(ref: ClusterRef, name: str, labels: dict[str, str] | None = None) -> dict:
+    return {
+        "name": name,
+        "namespace": ref.namespace,
+        "labels": labels or common_labels(ref.name),
+        "ownerReferences": [ref.owner_reference()],
+    }
+
+
+def statefulsets(
+    ref: ClusterRef, spec: CacheClusterSpec, default_image: str
+) -> list[dict[str, Any]]:
+    """One StatefulSet per partition (one in all for cluster and spread)."""
+    image = spec.image or default_image
+    out = []
+    for partition, replicas in partition_sizes(spec):
+        name = statefulset_name(ref.name, partition)
+        labels = common_labels(ref.name) | {LABEL_STATEFULSET: name}
+        if partition is not None:
+            labels[LABEL_PARTITION] = str(partition)
+        out.append(
+            {
+                "apiVersion": "apps/v1",
+                "kind": "StatefulSet",
+                "metadata": _metadata(ref, name, labels),
+                "spec": {
+                    "replicas": replicas,
+                    "serviceName": headless_service_name(ref.name),
+                    # A cache has no start-up order to respect: start and stop pods together.
+                    "podManagementPolicy": "Parallel",
+                    "updateStrategy": {"type": "RollingUpdate"},
+                    # Immutable, so it names this StatefulSet only: sets of one cluster never
+                    # claim each other's pods when the partitions change.
+                    "selector": {
+                        "matchLabels": selector_labels(ref.name) | {LABEL_STATEFULSET: name}
+                    },
+                    "template": pod_template(spec, ref.name, name, image, partition),
+                },
+            }
+        )
+    return out
+
+
+def _service_ports(spec: CacheClusterSpec, with_metrics: bool) -> list[dict[str, Any]]:
+    ports = [
+        {"name": f"tcp-{i}", "port": spec.port + i, "targetPort": spec.port + i, "protocol": "TCP"}
+        for i in range(spec.workers)
+    ]
+    if spec.udp.enabled:
+        ports += [
+            {
+                "name": f"udp-{i}",
+                "port": spec.udp.port + i,
+                "targetPort": spec.udp.port + i,
+                "protocol": "UDP",
+            }
+            for i in range(spec.workers)
+        ]
+    if with_metrics and spec.monitoring.enabled:
+        port = spec.monitoring.port
+        ports.append({"name": "metrics", "port": port, "targetPort": port, "protocol": "TCP"})
+    return ports
+
+
+def headless_service(ref: ClusterRef, spec: CacheClusterSpec) -> dict[str, Any]:
+    """Per-pod DNS names (the StatefulSets' service) and a target for metrics scrapers."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(ref, headless_service_name(ref.name)),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": False,
+            "selector": selector_labels(ref.name),
+            "ports": _service_ports(spec, with_metrics=True),
+        },
+    }
+
+
+def client_service(ref: ClusterRef, spec: CacheClusterSpec) -> dict[str, Any]:
+    """One virtual IP for clients that cannot hash keys; hashing clients use status.endpoints."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(ref, client_service_name(ref.name)),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(ref.name),
+            "ports": _service_ports(spec, with_metrics=False),
+        },
+    }
+
+
+def configmap(
+    ref: ClusterRef, spec: CacheClusterSpec, endpoints: Sequence[Endpoint]
+) -> dict[str, Any]:
+    """The server settings and the current endpoint list, for people and for clients."""
+    env = "".join(f"{k}={v}\n" for k, v in server_env(spec).items())
+    listed = [e.model_dump(by_alias=True, exclude_none=True) for e in endpoints]
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(ref, configmap_name(ref.name)),
+        "data": {
+            "cacheserver.env": env,
+            "endpoints.json": json.dumps(listed, indent=2, sort_keys=True) + "\n",
+            # memcached's usual server-list form: one host:port per line.
+            "servers": "".join(f"{e.address}:{e.port}\n" for e in endpoints),
+        },
+    }
+
+
+def pod_disruption_budget(ref: ClusterRef) -> dict[str, Any]:
+    """Voluntary evictions (drains) take one cache pod at a time."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(ref, pdb_name(ref.name)),
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": selector_labels(ref.name)},
+            # A pod that is not ready anyway must not block a node drain.
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        },
+    }
+
+
+def desired_objects(
+    ref: ClusterRef,
+    spec: CacheClusterSpec,
+    default_image: str,
+    endpoints: Sequence[Endpoint] = (),
+) -> list[dict[str, Any]]:
+    """Everything a CacheCluster owns, in the order it is applied."""
+    return [
+        configmap(ref, spec, endpoints),
+        headless_service(ref, spec),
+        client_service(ref, spec),
+        *statefulsets(ref, spec, default_image),
+        pod_disruption_budget(ref),
+    ]

@@ -1,0 +1,392 @@
+"""The CacheCluster API (cache.appliance.io/v1alpha1) as pydantic models.
+
+These models are the single source of the API: the CRD in crds/ is generated from them
+(`python -m cacheoperator.crdgen crds/`), the operator validates every object with them, and
+the builders read nothing but a validated `CacheClusterSpec`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from cacheoperator.quantity import Quantity
+from cacheoperator.rules import ROOT_RULES, SPEC_RULES, Rule, broken_rules
+
+GROUP = "cache.appliance.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "CacheCluster"
+PLURAL = "cacheclusters"
+SINGULAR = "cachecluster"
+SHORT_NAMES = ["cc"]
+
+DEFAULT_PORT = 11211
+DEFAULT_METRICS_PORT = 9150
+DEFAULT_ZONE_KEY = "topology.kubernetes.io/zone"
+# Kubernetes has no well-known rack label; this one is ours, documented in docs/operator.md.
+DEFAULT_RACK_KEY = "topology.cache.appliance.io/rack"
+DEFAULT_MAX_PER_ZONE = 7  # as EC2 spread placement groups: seven instances per zone
+DEFAULT_SPREAD_LEVEL = "host"
+MAX_PARTITIONS = 7  # as EC2 partition placement groups
+MAX_REPLICAS = 1000
+
+Strategy = Literal["cluster", "spread", "partition"]
+Phase = Literal["Pending", "Progressing", "Ready", "Degraded", "Invalid"]
+
+# Ports below 1024 need CAP_NET_BIND_SERVICE, which the non-root pods do not have.
+Port = Annotated[int, Field(ge=1024, le=65535)]
+LabelKey = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=317,
+        pattern=r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
+    ),
+]
+
+
+class _Model(BaseModel):
+    """camelCase in YAML, snake_case in Python, and no unknown fields (typos fail loudly)."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+        extra="forbid",
+        frozen=True,
+    )
+
+
+class Udp(_Model):
+    """memcached's UDP protocol (8-byte frame header); off unless enabled, as in memcached."""
+
+    enabled: bool = Field(False, description="Serve the UDP protocol too.")
+    port: Port = Field(
+        DEFAULT_PORT,
+        description="UDP port of worker 0 (worker i uses port + i); may equal the TCP port.",
+    )
+
+
+class Resources(_Model):
+    """Requests and limits of the cache container; always equal, so the pod's QoS is Guaranteed."""
+
+    cpu: Quantity = Field(
+        1, description='CPU cores (a whole number when pinning is on), e.g. 2 or "500m".'
+    )
+    memory: Quantity = Field("1Gi", description='Memory limit of the container, e.g. "4Gi".')
+
+
+class Memory(_Model):
+    """How much of the container's memory the cache may use."""
+
+    mode: Literal["auto", "fixed"] = Field(
+        "auto",
+        description=(
+            "auto: the server sizes its cache from its own cgroup limit (-m auto); "
+            "fixed: a set size."
+        ),
+    )
+    size: Quantity | None = Field(
+        None, description='Cache size for mode fixed (below resources.memory), e.g. "900Mi".'
+    )
+    headroom: Quantity | None = Field(
+        None,
+        description=(
+            "Memory kept free for the server itself (connections, buffers); "
+            "the server's default when unset."
+        ),
+    )
+
+
+class Placement(_Model):
+    """Where pods go, after EC2 placement groups."""
+
+    strategy: Strategy = Field(
+        "spread",
+        description=(
+            "cluster: pack into one zone, preferably one rack; "
+            "spread: distinct hosts (or racks), at most maxPerZone per zone; "
+            "partition: `partitions` groups that never share a rack."
+        ),
+    )
+    partitions: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_PARTITIONS,
+        description="Number of partitions (1 to 7); strategy partition only.",
+    )
+    spread_level: Literal["host", "rack"] | None = Field(
+        None, description="What spread pods never share: host (default) or rack; spread only."
+    )
+    max_per_zone: int | None = Field(
+        None,
+        ge=1,
+        le=100,
+        description=f"Most pods per zone (default {DEFAULT_MAX_PER_ZONE}); spread only.",
+    )
+    zone_key: LabelKey = Field(DEFAULT_ZONE_KEY, description="Node label naming the zone.")
+    rack_key: LabelKey = Field(DEFAULT_RACK_KEY, description="Node label naming the rack.")
+
+    @property
+    def effective_spread_level(self) -> str:
+        return self.spread_level or DEFAULT_SPREAD_LEVEL
+
+    @property
+    def effective_max_per_zone(self) -> int:
+        return self.max_per_zone or DEFAULT_MAX_PER_ZONE
+
+    @property
+    def partition_count(self) -> int:
+        """StatefulSets to run: one per partition, or one for cluster and spread."""
+        return (self.partitions or 1) if self.strategy == "partition" else 1
+
+
+class Toleration(_Model):
+    """A pod toleration, as in the Pod API."""
+
+    key: str | None = Field(None, max_length=317)
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = Field(None, max_length=63)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class Monitoring(_Model):
+    """The server's Prometheus endpoint (/metrics), scraped through pod annotations."""
+
+    enabled: bool = Field(True, description="Serve /metrics.")
+    port: Port = Field(DEFAULT_METRICS_PORT, description="TCP port of /metrics.")
+
+
+class CacheClusterSpec(_Model):
+    """Desired state of a CacheCluster."""
+
+    replicas: int = Field(
+        3, ge=0, le=MAX_REPLICAS, description="Pods in all (divided among the partitions)."
+    )
+    image: str | None = Field(
+        None,
+        min_length=1,
+        max_length=512,
+        description="Server image; the operator's default image when unset.",
+    )
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
+        None, description="Pull policy of the server image."
+    )
+    port: Port = Field(DEFAULT_PORT, description="TCP port of worker 0 (worker i uses port + i).")
+    udp: Udp = Field(default_factory=Udp, json_schema_extra={"default": {}})
+    resources: Resources = Field(default_factory=Resources, json_schema_extra={"default": {}})
+    memory: Memory = Field(default_factory=Memory, json_schema_extra={"default": {}})
+    pinning: bool = Field(
+        True,
+        description=(
+            "Pin each worker to a CPU of the pod's cpuset; needs whole cores so that the "
+            "kubelet's static CPU manager gives the pod exclusive ones."
+        ),
+    )
+    host_network: bool = Field(
+        True,
+        description=(
+            "Run on the node's network (one appliance per node per port), "
+            "with dnsPolicy ClusterFirstWithHostNet."
+        ),
+    )
+    placement: Placement = Field(default_factory=Placement, json_schema_extra={"default": {}})
+    node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(
+        default_factory=dict,
+        max_length=32,
+        description="Node labels the pods require.",
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=32, description="Taints the pods tolerate."
+    )
+    extra_args: list[Annotated[str, Field(max_length=256)]] = Field(
+        default_factory=list,
+        max_length=32,
+        description='More cacheserver flags, e.g. ["-c", "4096"].',
+    )
+    monitoring: Monitoring = Field(default_factory=Monitoring, json_schema_extra={"default": {}})
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description=(
+            "Server processes per pod, one shard each (worker i serves port + i); "
+            "each is published as its own endpoint."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> CacheClusterSpec:
+        _raise_broken(SPEC_RULES, self, title=type(self).__name__)
+        return self
+
+
+class Metadata(BaseModel):
+    """The part of the object metadata the API has rules about."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    name: str
+    namespace: str | None = None
+
+
+class CacheClusterManifest(BaseModel):
+    """A whole CacheCluster object, as written in a manifest (status ignored)."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        extra="ignore",
+        frozen=True,
+    )
+
+    api_version: Literal["cache.appliance.io/v1alpha1"] = API_VERSION
+    kind: Literal["CacheCluster"] = KIND
+    metadata: Metadata
+    spec: CacheClusterSpec
+
+    @model_validator(mode="after")
+    def _root_rules(self) -> CacheClusterManifest:
+        _raise_broken(ROOT_RULES, self, title=type(self).__name__)
+        return self
+
+
+def _raise_broken(rules: tuple[Rule, ...], obj: Any, title: str) -> None:
+    broken = broken_rules(rules, obj)
+    if not broken:
+        return
+    # One error per rule, located at the rule's own field, so the message names that field.
+    raise ValidationError.from_exception_data(
+        title,
+        [
+            InitErrorDetails(
+                type=PydanticCustomError(
+                    "cross_field_rule", "{message}", {"message": rule.message, "rule": rule.id}
+                ),
+                loc=tuple(rule.field.split(".")),
+                input=_lookup(obj, rule.field),
+            )
+            for rule in broken
+        ],
+    )
+
+
+def _lookup(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if obj is None:
+            return None
+        fields = type(obj).model_fields if isinstance(obj, BaseModel) else {}
+        name = next((n for n, f in fields.items() if f.alias == part or n == part), part)
+        obj = getattr(obj, name, None)
+    return obj
+
+
+# ---- status ----------------------------------------------------------------------------
+
+
+class _StatusModel(_Model):
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+        extra="ignore",
+        frozen=True,
+    )
+
+
+class Condition(_StatusModel):
+    """Ready, Progressing or Degraded, with why."""
+
+    type: Literal["Ready", "Progressing", "Degraded"]
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field(max_length=128)
+    message: str = Field(max_length=4096)
+    last_transition_time: str = Field(json_schema_extra={"format": "date-time"})
+    observed_generation: int | None = None
+
+
+class Endpoint(_StatusModel):
+    """One worker of one pod: what a client puts in its server list."""
+
+    pod: str
+    node: str | None = None
+    address: str
+    port: int
+    udp_port: int | None = None
+    worker: int
+    partition: int | None = None
+    zone: str | None = None
+    rack: str | None = None
+
+
+class CacheClusterStatus(_StatusModel):
+    """Observed state of a CacheCluster, written by the operator."""
+
+    phase: Phase | None = None
+    replicas: int | None = Field(None, description="Pods that exist.")
+    ready_replicas: int | None = Field(None, description="Pods that are ready.")
+    observed_generation: int | None = None
+    selector: str | None = Field(None, description="Label selector of the pods (scale).")
+    conditions: list[Condition] = Field(default_factory=list)
+    endpoints: list[Endpoint] = Field(
+        default_factory=list,
+        description="Ready endpoints, one per worker: hash keys across all of them.",
+    )
+
+
+# ---- validation entry points -------------------------------------------------------------
+
+
+def field_errors(exc: ValidationError, prefix: str = "") -> list[str]:
+    """One line per problem, each starting with the full path of the field, e.g.
+    "spec.placement.partitions: Input should be less than or equal to 7"."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        path = prefix
+        for part in error["loc"]:
+            if isinstance(part, int):
+                path += f"[{part}]"
+            else:
+                path += f".{part}" if path else str(part)
+        # pydantic prefixes messages from our own checks with "Value error, "; drop it.
+        message = error["msg"].removeprefix("Value error, ")
+        lines.append(f"{path or '(object)'}: {message}")
+    return lines
+
+
+class InvalidSpec(ValueError):
+    """A CacheCluster the operator cannot run; `problems` name the fields."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def rule_example(rule: Rule) -> dict[str, Any]:
+    """A whole CacheCluster manifest that breaks `rule` alone: an API server with the CRD
+    installed must refuse it, naming the rule's field."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {"name": rule.example_name},
+        "spec": rule.example_spec,
+    }
+
+
+def parse_spec(name: str, spec: Any) -> CacheClusterSpec:
+    """Validate a stored object's name and spec; raise InvalidSpec naming every bad field."""
+    try:
+        manifest = CacheClusterManifest.model_validate(
+            {"metadata": {"name": name}, "spec": spec or {}}
+        )
+    except ValidationError as exc:
+        raise InvalidSpec(field_errors(exc)) from None
+    return manifest.spec

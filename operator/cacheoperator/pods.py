@@ -1,0 +1,191 @@
+"""The pod template of a cache appliance: one `cacheserver` container, Guaranteed QoS.
+
+Settings reach the server as its CACHESERVER_* environment variables (the probe reads the
+same ones, so both agree on address and port); the only flag is `--pin`, plus extraArgs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cacheoperator.models import CacheClusterSpec
+from cacheoperator.naming import CONTAINER, LABEL_PARTITION, LABEL_STATEFULSET, common_labels
+from cacheoperator.placement import affinity, topology_spread
+from cacheoperator.quantity import to_mebibytes
+
+RUN_AS_USER = 10001  # the image's non-root user (see Dockerfile)
+TERMINATION_GRACE_SECONDS = 30
+PROBE_COMMAND = "cacheserver-probe"
+
+
+def server_env(spec: CacheClusterSpec) -> dict[str, str]:
+    """The server's settings that follow from the spec alone (also shown in the ConfigMap)."""
+    env = {
+        "CACHESERVER_PORT": str(spec.port),
+        "CACHESERVER_UDP_PORT": str(spec.udp.port) if spec.udp.enabled else "0",
+        # auto: the server sizes the cache from its own cgroup limit; never a guessed -m.
+        "CACHESERVER_MEMORY_LIMIT": (
+            str(to_mebibytes(spec.memory.size))
+            if spec.memory.mode == "fixed" and spec.memory.size is not None
+            else "auto"
+        ),
+        "CACHESERVER_WORKERS": str(spec.workers),
+        "CACHESERVER_METRICS_PORT": str(spec.monitoring.port) if spec.monitoring.enabled else "0",
+    }
+    if spec.memory.headroom is not None:
+        env["CACHESERVER_MEMORY_HEADROOM"] = str(to_mebibytes(spec.memory.headroom))
+    return env
+
+
+def _field(path: str) -> dict[str, Any]:
+    return {"fieldRef": {"fieldPath": path}}
+
+
+def _downward_env(spec: CacheClusterSpec, partition: int | None) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {
+            "name": "CACHESERVER_CONTAINER_MEMORY_LIMIT",
+            "valueFrom": {
+                "resourceFieldRef": {
+                    "containerName": CONTAINER,
+                    "resource": "limits.memory",
+                    "divisor": "1",
+                }
+            },
+        },
+        {"name": "NODE_NAME", "valueFrom": _field("spec.nodeName")},
+        {"name": "POD_NAME", "valueFrom": _field("metadata.name")},
+        {"name": "HOST_IP", "valueFrom": _field("status.hostIP")},
+    ]
+    if spec.host_network:
+        # On the node's network, listen on the node's address only, not on every interface.
+        env.append({"name": "CACHESERVER_LISTEN", "valueFrom": _field("status.hostIP")})
+    if partition is not None:
+        # Like EC2 instance metadata: the pod learns its partition from its own label.
+        env.append(
+            {
+                "name": "CACHESERVER_PARTITION",
+                "valueFrom": _field(f"metadata.labels['{LABEL_PARTITION}']"),
+            }
+        )
+    return env
+
+
+def _probe_command(spec: CacheClusterSpec) -> list[str]:
+    # The probe reads CACHESERVER_LISTEN/CACHESERVER_PORT; on the pod network the server
+    # listens on 0.0.0.0, so the probe is pointed at loopback.
+    listen = [] if spec.host_network else ["-l", "127.0.0.1"]
+    if spec.workers == 1:
+        return [PROBE_COMMAND, *listen]
+    # Every worker is its own shard: the pod is only healthy when all of them answer.
+    checks = " && ".join(
+        " ".join([PROBE_COMMAND, *listen, "-p", str(spec.port + i)]) for i in range(spec.workers)
+    )
+    return ["sh", "-c", checks]
+
+
+def _probes(spec: CacheClusterSpec) -> dict[str, Any]:
+    command = {"exec": {"command": _probe_command(spec)}}
+    return {
+        "readinessProbe": {
+            **command,
+            "periodSeconds": 5,
+            "timeoutSeconds": 2,
+            "failureThreshold": 2,
+        },
+        "livenessProbe": {
+            **command,
+            "initialDelaySeconds": 10,
+            "periodSeconds": 10,
+            "timeoutSeconds": 3,
+            "failureThreshold": 3,
+        },
+    }
+
+
+def _ports(spec: CacheClusterSpec) -> list[dict[str, Any]]:
+    def port(name: str, number: int, protocol: str) -> dict[str, Any]:
+        entry: dict[str, Any] = {"name": name, "containerPort": number, "protocol": protocol}
+        if spec.host_network:
+            # Declared host ports let the scheduler keep two appliances off one node's port.
+            entry["hostPort"] = number
+        return entry
+
+    ports = [port(f"tcp-{i}", spec.port + i, "TCP") for i in range(spec.workers)]
+    if spec.udp.enabled:
+        ports += [port(f"udp-{i}", spec.udp.port + i, "UDP") for i in range(spec.workers)]
+    if spec.monitoring.enabled:
+        ports.append(port("metrics", spec.monitoring.port, "TCP"))
+    return ports
+
+
+def container(spec: CacheClusterSpec, image: str, partition: int | None) -> dict[str, Any]:
+    # requests == limits for both CPU and memory: Guaranteed QoS, and with whole cores the
+    # static CPU manager hands out exclusive CPUs that --pin then binds the workers to.
+    resources = {"cpu": spec.resources.cpu, "memory": spec.resources.memory}
+    args = (["--pin"] if spec.pinning else []) + list(spec.extra_args)
+    out: dict[str, Any] = {"name": CONTAINER, "image": image}
+    if spec.image_pull_policy:
+        out["imagePullPolicy"] = spec.image_pull_policy
+    out |= {
+        "command": ["cacheserver"],
+        "args": args,
+        "env": [{"name": k, "value": v} for k, v in server_env(spec).items()]
+        + _downward_env(spec, partition),
+        "ports": _ports(spec),
+        "resources": {"requests": dict(resources), "limits": dict(resources)},
+        **_probes(spec),
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+    }
+    return out
+
+
+def pod_template(
+    spec: CacheClusterSpec, cluster: str, statefulset: str, image: str, partition: int | None
+) -> dict[str, Any]:
+    labels = common_labels(cluster) | {LABEL_STATEFULSET: statefulset}
+    if partition is not None:
+        labels[LABEL_PARTITION] = str(partition)
+    metadata: dict[str, Any] = {"labels": labels}
+    if spec.monitoring.enabled:
+        metadata["annotations"] = {
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": str(spec.monitoring.port),
+            "prometheus.io/path": "/metrics",
+        }
+    pod: dict[str, Any] = {
+        "hostNetwork": spec.host_network,
+        # Host-network pods would otherwise get the node's resolver, not cluster DNS.
+        "dnsPolicy": "ClusterFirstWithHostNet" if spec.host_network else "ClusterFirst",
+        # Service links would inject <SERVICE>_PORT variables, and a Service named
+        # "cacheserver" would collide with CACHESERVER_PORT.
+        "enableServiceLinks": False,
+        "automountServiceAccountToken": False,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS_USER,
+            "runAsGroup": RUN_AS_USER,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    if spec.node_selector:
+        pod["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        pod["tolerations"] = [
+            t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations
+        ]
+    pod["affinity"] = affinity(spec, cluster, partition)
+    spread = topology_spread(spec, cluster)
+    if spread:
+        pod["topologySpreadConstraints"] = spread
+    pod["containers"] = [container(spec, image, partition)]
+    # The root filesystem is read-only; a small scratch /tmp for anything that insists.
+    pod["volumes"] = [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}]
+    return {"metadata": metadata, "spec": pod}

@@ -1,0 +1,216 @@
+"""One reconcile pass for one CacheCluster: read, build, apply, prune, observe, report.
+
+No kopf in here: the handlers call `ClusterController.reconcile(namespace, name)` from
+whichever event woke them (the cluster changed, or one of its pods or StatefulSets did).
+Each pass re-reads the cluster, so it never acts on an old spec or compares against an
+old status; passes for the same cluster never overlap (see `Coalescer`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from cacheoperator.children import configmap, desired_objects
+from cacheoperator.kube import CACHECLUSTERS, NODES, PODS, STATEFULSETS, Kube, KubeError
+from cacheoperator.metrics import OperatorMetrics
+from cacheoperator.models import CacheClusterSpec, Endpoint, InvalidSpec, parse_spec
+from cacheoperator.naming import ClusterRef, selector_string
+from cacheoperator.status import Event, Observed, compute_status, invalid_status, transitions
+
+log = logging.getLogger(__name__)
+
+# Node labels (zone, rack) hardly ever change, while passes run on every pod event: read
+# each node at most once a minute.
+NODE_LABELS_TTL = 60.0
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class Outcome:
+    """What a pass did: `result` is ok, invalid or error (a refused child object)."""
+
+    result: str
+    status: dict[str, Any]
+    events: list[Event] = field(default_factory=list)
+    status_written: bool = False
+
+
+class Coalescer:
+    """Runs at most one pass per key at a time; calls that arrive meanwhile fold into one
+    more pass after it, so a burst of pod events costs two passes, not one per event."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._dirty: dict[Hashable, bool] = {}  # key present = a pass is running
+
+    def run(self, key: Hashable, fn: Callable[[], Any]) -> bool:
+        """True if this call ran the pass(es), False if it left them to a running one."""
+        with self._lock:
+            if key in self._dirty:
+                self._dirty[key] = True
+                return False
+            self._dirty[key] = False
+        try:
+            while True:
+                fn()
+                with self._lock:
+                    if not self._dirty[key]:
+                        del self._dirty[key]
+                        return True
+                    self._dirty[key] = False
+        except BaseException:
+            with self._lock:
+                self._dirty.pop(key, None)
+            raise
+
+
+def owned_by(obj: Mapping[str, Any], uid: str) -> bool:
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return any(r.get("uid") == uid and r.get("controller") for r in refs)
+
+
+class ClusterController:
+    """Reconciles CacheClusters through a `Kube`; safe to call from many threads."""
+
+    def __init__(
+        self,
+        kube: Kube,
+        default_image: str,
+        post_event: Callable[[Mapping[str, Any], Event], None] = lambda body, event: None,
+        metrics: OperatorMetrics | None = None,
+        clock: Callable[[], str] = utc_now,
+    ):
+        self.kube = kube
+        self.default_image = default_image
+        self.post_event = post_event
+        self.metrics = metrics or OperatorMetrics()
+        self.clock = clock
+        self.coalescer = Coalescer()
+        self._nodes: dict[str, tuple[float, dict[str, str]]] = {}
+
+    def reconcile(self, namespace: str, name: str) -> None:
+        self.coalescer.run((namespace, name), lambda: self._pass(namespace, name))
+
+    def forget(self, namespace: str, name: str) -> None:
+        self.metrics.forget(namespace, name)
+
+    def _pass(self, namespace: str, name: str) -> Outcome | None:
+        body = self.kube.get(CACHECLUSTERS, namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return None  # gone or going: the garbage collector removes the children
+        started = time.monotonic()
+        try:
+            outcome = self.reconcile_body(body)
+        except Exception:
+            self.metrics.observe_reconcile("error", time.monotonic() - started)
+            raise
+        self.metrics.observe_reconcile(outcome.result, time.monotonic() - started)
+        self.metrics.set_phase(namespace, name, outcome.status.get("phase", "Unknown"))
+        for event in outcome.events:
+            self.post_event(body, event)
+        return outcome
+
+    def reconcile_body(self, body: Mapping[str, Any]) -> Outcome:
+        """One pass over a freshly read CacheCluster object."""
+        meta = body["metadata"]
+        ref = ClusterRef(meta["name"], meta["namespace"], meta["uid"])
+        generation = int(meta.get("generation") or 0)
+        previous = body.get("status") or {}
+        now = self.clock()
+        try:
+            spec = parse_spec(ref.name, body.get("spec"))
+        except InvalidSpec as exc:
+            # Leave the running pods alone: a typo in an edit must not take the cache down.
+            log.warning("%s/%s: invalid spec: %s", ref.namespace, ref.name, exc)
+            status = invalid_status(
+                cluster=ref.name,
+                generation=generation,
+                problems=exc.problems,
+                observed=self.observe(ref),
+                previous=previous,
+                now=now,
+            )
+            return self._report(ref, "invalid", previous, status)
+
+        apply_error = None
+        try:
+            self.apply_children(ref, spec)
+        except KubeError as exc:
+            if exc.retryable:
+                raise
+            apply_error = str(exc)  # e.g. a nodeSelector key the API server rejects
+        observed = self.observe(ref)
+        status = compute_status(
+            cluster=ref.name,
+            generation=generation,
+            spec=spec,
+            observed=observed,
+            previous=previous,
+            now=now,
+            apply_error=apply_error,
+        )
+        if apply_error is None:
+            # Last, so that it lists the endpoints this very pass observed.
+            endpoints = [Endpoint.model_validate(e) for e in status.get("endpoints", [])]
+            self.kube.apply(configmap(ref, spec, endpoints))
+        return self._report(ref, "error" if apply_error else "ok", previous, status)
+
+    def apply_children(self, ref: ClusterRef, spec: CacheClusterSpec) -> None:
+        desired = desired_objects(ref, spec, self.default_image)
+        for obj in desired:
+            if obj["kind"] != "ConfigMap":
+                self.kube.apply(obj)
+        wanted = {o["metadata"]["name"] for o in desired if o["kind"] == "StatefulSet"}
+        for sts in self.kube.list(STATEFULSETS, ref.namespace, selector_string(ref.name)):
+            sts_meta = sts["metadata"]
+            # Partitions that no longer exist, or the single set after a strategy change.
+            if sts_meta["name"] not in wanted and owned_by(sts, ref.uid):
+                log.info(
+                    "%s/%s: removing StatefulSet %s", ref.namespace, ref.name, sts_meta["name"]
+                )
+                self.kube.delete(STATEFULSETS, ref.namespace, sts_meta["name"], sts_meta["uid"])
+
+    def observe(self, ref: ClusterRef) -> Observed:
+        selector = selector_string(ref.name)
+        statefulsets = [
+            s for s in self.kube.list(STATEFULSETS, ref.namespace, selector) if owned_by(s, ref.uid)
+        ]
+        pods = self.kube.list(PODS, ref.namespace, selector)
+        return Observed(statefulsets=statefulsets, pods=pods, node_labels=self._node_labels(pods))
+
+    def _node_labels(self, pods: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
+        labels: dict[str, dict[str, str]] = {}
+        now = time.monotonic()
+        for node_name in sorted({(p.get("spec") or {}).get("nodeName") for p in pods} - {None}):
+            cached = self._nodes.get(node_name)
+            if cached and cached[0] > now:
+                labels[node_name] = cached[1]
+                continue
+            try:
+                node = self.kube.get(NODES, None, node_name)
+            except KubeError as exc:
+                # Without read access to nodes the endpoints just lack zone and rack.
+                log.debug("cannot read node %s: %s", node_name, exc)
+                continue
+            if node:
+                labels[node_name] = dict((node.get("metadata") or {}).get("labels") or {})
+                self._nodes[node_name] = (now + NODE_LABELS_TTL, labels[node_name])
+        return labels
+
+    def _report(
+        self, ref: ClusterRef, result: str, previous: Mapping[str, Any], status: dict[str, Any]
+    ) -> Outcome:
+        outcome = Outcome(result=result, status=status, events=transitions(previous, status))
+        if status != previous:
+            self.kube.patch_status(CACHECLUSTERS, ref.namespace, ref.name, status)
+            outcome.status_written = True
+        return outcome

@@ -1,0 +1,110 @@
+"""Golden files: the complete objects each case builds, as YAML a person can review.
+
+A change to the builders shows up as a diff of operator/tests/golden/*.yaml. After an
+intended change, regenerate them and read the diff before committing:
+
+    UPDATE_GOLDEN=1 .venv/bin/pytest operator/tests/test_golden.py
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from cacheoperator import yamlfmt
+from cacheoperator.children import desired_objects
+from cacheoperator.models import CacheClusterManifest, Endpoint
+from cacheoperator.naming import ClusterRef
+from operator_testkit import UID, load_example
+
+GOLDEN = Path(__file__).parent / "golden"
+IMAGE = "cache-appliance:golden"
+UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
+
+
+def _manifest(name: str, spec: dict) -> dict:
+    return {"metadata": {"name": name}, "spec": spec}
+
+
+# case name -> (what it shows, manifest, endpoints for the ConfigMap)
+CASES = {
+    "example-cluster": ("examples/cachecluster-cluster.yaml", "cachecluster-cluster.yaml", []),
+    "example-spread": ("examples/cachecluster-spread.yaml", "cachecluster-spread.yaml", []),
+    "example-partition": (
+        "examples/cachecluster-partition.yaml",
+        "cachecluster-partition.yaml",
+        [
+            Endpoint(pod="cache-part-p1-0", node="n1", address="10.0.1.1", port=11211, worker=0,
+                     partition=1, zone="zone-a", rack="rack-1"),
+            Endpoint(pod="cache-part-p2-0", node="n2", address="10.0.2.1", port=11211, worker=0,
+                     partition=2, zone="zone-a", rack="rack-2"),
+        ],
+    ),
+    "spread-rack": (
+        "spread across racks, at most 2 per zone",
+        _manifest("racks", {"replicas": 4, "placement": {"strategy": "spread",
+                                                          "spreadLevel": "rack", "maxPerZone": 2}}),
+        [],
+    ),
+    "pod-network": (
+        "no hostNetwork, no pinning, fractional CPU",
+        _manifest("podnet", {"hostNetwork": False, "pinning": False,
+                             "resources": {"cpu": "500m", "memory": "256Mi"}}),
+        [],
+    ),
+    "fixed-memory": (
+        "memory mode fixed with headroom",
+        _manifest("fixed", {"replicas": 1, "resources": {"memory": "2Gi"},
+                            "memory": {"mode": "fixed", "size": "1536Mi", "headroom": "128Mi"}}),
+        [],
+    ),
+    "options": (
+        "image, pull policy, nodeSelector, tolerations, extraArgs, monitoring off, UDP",
+        _manifest("opts", {
+            "image": "mirror.example/cache-appliance:1.2",
+            "imagePullPolicy": "IfNotPresent",
+            "nodeSelector": {"pool": "cache"},
+            "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "cache",
+                             "effect": "NoSchedule"}],
+            "extraArgs": ["-c", "4096", "--idle-timeout", "300"],
+            "monitoring": {"enabled": False},
+            "udp": {"enabled": True, "port": 11311},
+            "placement": {"strategy": "cluster", "zoneKey": "example.com/zone"},
+        }),
+        [Endpoint(pod="opts-0", node="n1", address="10.0.0.7", port=11211, udp_port=11311,
+                  worker=0, zone="z1")],
+    ),
+}  # fmt: skip
+
+
+def _render(case: str) -> str:
+    about, source, endpoints = CASES[case]
+    raw = load_example(source) if isinstance(source, str) else source
+    manifest = CacheClusterManifest.model_validate(raw)
+    ref = ClusterRef(name=manifest.metadata.name, namespace="cache", uid=UID)
+    objects = desired_objects(ref, manifest.spec, IMAGE, endpoints)
+    header = (
+        f"# Golden file for case {case!r}: {about}.\n"
+        "# Regenerate: UPDATE_GOLDEN=1 .venv/bin/pytest operator/tests/test_golden.py\n"
+    )
+    return header + yamlfmt.dump_all(objects)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_builders_match_the_golden_file(case):
+    path = GOLDEN / f"{case}.yaml"
+    rendered = _render(case)
+    if UPDATE:
+        GOLDEN.mkdir(exist_ok=True)
+        path.write_text(rendered)
+    assert path.exists(), f"no golden file {path.name}: run with UPDATE_GOLDEN=1"
+    assert rendered == path.read_text(), (
+        f"{path.name} differs from what the builders make; if the change is intended, "
+        "run with UPDATE_GOLDEN=1 and review the diff"
+    )
+
+
+def test_no_stray_golden_files():
+    assert sorted(p.stem for p in GOLDEN.glob("*.yaml")) == sorted(CASES)

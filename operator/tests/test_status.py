@@ -1,0 +1,283 @@
+"""Status from observed objects: readiness, endpoints, conditions, events. The inputs are
+pod and StatefulSet dicts shaped like the API server's (see operator_testkit)."""
+
+from __future__ import annotations
+
+from cacheoperator.status import (
+    Observed,
+    compute_status,
+    endpoints,
+    invalid_status,
+    transitions,
+)
+from operator_testkit import make_pod, make_statefulset, spec_of
+
+T0 = "2030-01-01T00:00:00Z"
+T1 = "2030-01-01T00:05:00Z"
+NODES = {
+    "node-1": {"topology.kubernetes.io/zone": "zone-a", "topology.cache.appliance.io/rack": "r1"},
+    "node-2": {"topology.kubernetes.io/zone": "zone-b", "topology.cache.appliance.io/rack": "r7"},
+}
+
+
+def status_for(spec, statefulsets, pods, previous=None, now=T0, **kw):
+    return compute_status(
+        cluster="demo",
+        generation=4,
+        spec=spec,
+        observed=Observed(statefulsets=statefulsets, pods=pods, node_labels=NODES),
+        previous=previous,
+        now=now,
+        **kw,
+    )
+
+
+def conditions(status):
+    return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+
+
+def healthy():
+    spec = spec_of(replicas=2)
+    pods = [
+        make_pod("demo-0", node="node-1", host_ip="10.0.0.1"),
+        make_pod("demo-1", node="node-2", host_ip="10.0.0.2"),
+    ]
+    return spec, [make_statefulset("demo", 2)], pods
+
+
+def test_all_pods_ready_is_phase_ready_with_endpoints_per_pod():
+    status = status_for(*healthy())
+    assert status["phase"] == "Ready"
+    assert (status["replicas"], status["readyReplicas"]) == (2, 2)
+    assert status["observedGeneration"] == 4
+    assert status["selector"] == "cache.appliance.io/cluster=demo"
+    assert conditions(status) == {
+        "Ready": ("True", "AllPodsReady"),
+        "Progressing": ("False", "Complete"),
+        "Degraded": ("False", "AsExpected"),
+    }
+    assert status["endpoints"] == [
+        {
+            "pod": "demo-0",
+            "node": "node-1",
+            "address": "10.0.0.1",
+            "port": 11211,
+            "worker": 0,
+            "zone": "zone-a",
+            "rack": "r1",
+        },
+        {
+            "pod": "demo-1",
+            "node": "node-2",
+            "address": "10.0.0.2",
+            "port": 11211,
+            "worker": 0,
+            "zone": "zone-b",
+            "rack": "r7",
+        },
+    ]
+
+
+def test_a_second_pass_over_the_same_world_changes_nothing():
+    first = status_for(*healthy())
+    second = status_for(*healthy(), previous=first, now=T1)
+    assert second == first  # so the operator writes nothing and posts no event
+    assert transitions(first, second) == []
+
+
+def test_transition_time_moves_only_when_a_condition_flips():
+    spec, sets, pods = healthy()
+    first = status_for(spec, sets, pods)
+    pods[1] = make_pod("demo-1", node="node-2", host_ip="10.0.0.2", ready=False)
+    second = status_for(spec, sets, pods, previous=first, now=T1)
+    times = {c["type"]: c["lastTransitionTime"] for c in second["conditions"]}
+    assert times == {"Ready": T1, "Progressing": T1, "Degraded": T0}
+
+
+def test_each_worker_is_its_own_endpoint_with_tcp_and_udp_ports():
+    pod = make_pod("demo-0", workers=3, port=11211, udp_port=11211, node="node-1")
+    listed = [(e.port, e.udp_port, e.worker) for e in endpoints([pod], NODES)]
+    assert listed == [(11211, 11211, 0), (11212, 11212, 1), (11213, 11213, 2)]
+
+
+def test_endpoints_use_the_pod_ip_off_the_host_network():
+    pod = make_pod("demo-0", host_network=False, host_ip="10.0.0.1", pod_ip="192.168.5.9")
+    assert [e.address for e in endpoints([pod], NODES)] == ["192.168.5.9"]
+
+
+def test_endpoints_list_only_ready_pods_in_partition_then_ordinal_order():
+    pods = [
+        make_pod("demo-p2-0", partition=2, host_ip="10.0.0.4"),
+        make_pod("demo-p1-10", partition=1, host_ip="10.0.0.3"),
+        make_pod("demo-p1-2", partition=1, host_ip="10.0.0.2"),
+        make_pod("demo-p1-1", partition=1, host_ip="10.0.0.9", ready=False),
+    ]
+    listed = [(e.pod, e.partition) for e in endpoints(pods, NODES)]
+    assert listed == [("demo-p1-2", 1), ("demo-p1-10", 1), ("demo-p2-0", 2)]
+
+
+def test_terminating_pods_are_not_counted_or_listed():
+    spec, sets, pods = healthy()
+    pods.append(make_pod("demo-2", deleting=True))
+    status = status_for(spec, sets, pods)
+    assert status["replicas"] == 2 and len(status["endpoints"]) == 2
+
+
+def test_nodes_without_labels_leave_zone_and_rack_out():
+    pod = make_pod("demo-0", node="node-9")
+    (endpoint,) = endpoints([pod], NODES)
+    assert endpoint.zone is None and endpoint.rack is None
+
+
+def test_unschedulable_pods_are_a_degraded_condition_with_the_schedulers_reason():
+    spec = spec_of(replicas=3, placement={"strategy": "spread"})
+    message = "0/2 nodes are available: 2 node(s) didn't match pod anti-affinity rules."
+    pods = [
+        make_pod("demo-0", node="node-1", host_ip="10.0.0.1"),
+        make_pod("demo-1", node="node-2", host_ip="10.0.0.2"),
+        make_pod("demo-2", node=None, ready=False, unschedulable=message),
+    ]
+    status = status_for(spec, [make_statefulset("demo", 3, ready=2)], pods)
+    assert status["phase"] == "Degraded"
+    degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "Unschedulable")
+    assert "demo-2" in degraded["message"] and message in degraded["message"]
+    # The hint says what the spec needs, in the spec's own terms.
+    assert "at most one pod per host" in degraded["message"]
+    assert "3 hosts" in degraded["message"]
+    assert conditions(status)["Ready"] == ("False", "PodsNotReady")
+    assert len(status["endpoints"]) == 2  # the running pods still serve
+
+
+def test_partition_hint_names_the_rack_label():
+    spec = spec_of(replicas=2, placement={"strategy": "partition", "partitions": 2})
+    pods = [
+        make_pod("demo-p1-0", partition=1),
+        make_pod("demo-p2-0", partition=2, node=None, ready=False, unschedulable="no rack"),
+    ]
+    sets = [make_statefulset("demo-p1", 1), make_statefulset("demo-p2", 1, ready=0)]
+    degraded = next(
+        c for c in status_for(spec, sets, pods)["conditions"] if c["type"] == "Degraded"
+    )
+    assert "topology.cache.appliance.io/rack" in degraded["message"]
+    assert "2 partitions" in degraded["message"]
+
+
+def test_a_crash_looping_pod_is_degraded():
+    spec, sets, pods = healthy()
+    pods[0] = make_pod("demo-0", ready=False, waiting="CrashLoopBackOff")
+    status = status_for(spec, sets, pods)
+    assert conditions(status)["Degraded"] == ("True", "PodsFailing")
+    assert status["phase"] == "Degraded"
+
+
+def test_rollouts_and_scaling_are_progressing():
+    spec, _, pods = healthy()
+    rolling = [make_statefulset("demo", 2, current="rev-1", update="rev-2", updated=1)]
+    assert conditions(status_for(spec, rolling, pods))["Progressing"] == ("True", "RollingOut")
+    unseen = [make_statefulset("demo", 2, generation=3, observed=2)]
+    assert conditions(status_for(spec, unseen, pods))["Progressing"][0] == "True"
+    scaling = [make_statefulset("demo", 1)]  # spec wants 2
+    status = status_for(spec, scaling, pods)
+    assert conditions(status)["Progressing"] == ("True", "RollingOut")
+    assert "resized to 2" in next(
+        c["message"] for c in status["conditions"] if c["type"] == "Progressing"
+    )
+    missing = status_for(spec, [], pods)
+    assert "not created yet" in next(
+        c["message"] for c in missing["conditions"] if c["type"] == "Progressing"
+    )
+
+
+def test_a_leftover_statefulset_is_reported_while_it_goes():
+    spec, sets, pods = healthy()
+    status = status_for(spec, [*sets, make_statefulset("demo-p3", 1)], pods)
+    progressing = next(c for c in status["conditions"] if c["type"] == "Progressing")
+    assert "demo-p3 is being removed" in progressing["message"]
+
+
+def test_no_pod_ready_yet_is_pending_then_progressing():
+    spec = spec_of(replicas=2)
+    sets = [make_statefulset("demo", 2, ready=0)]
+    none_ready = [make_pod("demo-0", ready=False), make_pod("demo-1", ready=False)]
+    status = status_for(spec, sets, none_ready)
+    assert status["phase"] == "Pending"
+    assert conditions(status)["Progressing"] == ("True", "WaitingForPods")
+    one_ready = [make_pod("demo-0"), make_pod("demo-1", ready=False)]
+    assert status_for(spec, sets, one_ready)["phase"] == "Progressing"
+
+
+def test_scaled_to_zero_is_ready():
+    status = status_for(spec_of(replicas=0), [make_statefulset("demo", 0)], [])
+    assert status["phase"] == "Ready"
+    assert status["endpoints"] == []
+
+
+def test_a_refused_child_object_is_degraded():
+    status = status_for(*healthy(), apply_error="HTTP 422: nodeSelector key is invalid")
+    assert conditions(status)["Degraded"] == ("True", "ApplyFailed")
+    assert status["phase"] == "Degraded"
+
+
+def test_invalid_spec_keeps_reporting_the_running_pods():
+    _, _, pods = healthy()
+    status = invalid_status(
+        cluster="demo",
+        generation=5,
+        problems=["spec.port: Input should be greater than or equal to 1024"],
+        observed=Observed(pods=pods, node_labels=NODES),
+        previous=None,
+        now=T0,
+    )
+    assert status["phase"] == "Invalid"
+    assert (status["readyReplicas"], len(status["endpoints"])) == (2, 2)
+    degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
+    assert degraded["reason"] == "InvalidSpec"
+    assert "spec.port" in degraded["message"]
+
+
+def test_events_are_posted_for_transitions_only():
+    spec, sets, pods = healthy()
+    first = status_for(spec, sets, pods)
+    # First report: only the news (Ready), not the quiet conditions.
+    assert [(e.type, e.reason) for e in transitions(None, first)] == [("Normal", "AllPodsReady")]
+    pods[1] = make_pod("demo-1", ready=False, waiting="CrashLoopBackOff")
+    second = status_for(spec, sets, pods, previous=first, now=T1)
+    assert [(e.type, e.reason) for e in transitions(first, second)] == [
+        ("Warning", "PodsNotReady"),
+        ("Warning", "PodsFailing"),
+    ]
+    # Same state again, different counts in the messages: no new events.
+    assert transitions(second, status_for(spec, sets, pods, previous=second, now=T1)) == []
+
+
+def test_an_invalid_spec_makes_one_warning_not_one_per_condition():
+    spec, sets, pods = healthy()
+    ready = status_for(spec, sets, pods)
+    invalid = invalid_status(
+        cluster="demo",
+        generation=5,
+        problems=["spec.port: too low"],
+        observed=Observed(pods=pods, node_labels=NODES),
+        previous=ready,
+        now=T1,
+    )
+    events = transitions(ready, invalid)
+    assert [(e.type, e.reason) for e in events] == [
+        ("Warning", "InvalidSpec"),
+        ("Normal", "InvalidSpec"),
+    ]
+    assert "spec.port" in events[0].message
+
+
+def test_a_new_cluster_reports_its_rollout_not_that_it_is_not_ready_yet():
+    spec = spec_of(replicas=2)
+    status = status_for(spec, [], [])
+    assert [(e.type, e.reason) for e in transitions(None, status)] == [("Normal", "RollingOut")]
+
+
+def test_long_scheduler_messages_are_cut_to_the_schema_limit():
+    spec = spec_of(replicas=1)
+    pods = [make_pod("demo-0", node=None, ready=False, unschedulable="x" * 10000)]
+    status = status_for(spec, [make_statefulset("demo", 1, ready=0)], pods)
+    assert all(len(c["message"]) <= 4096 for c in status["conditions"])
