@@ -4,7 +4,10 @@ its pods and the nodes they run on, and memcached traffic to the endpoints in th
 from __future__ import annotations
 
 import copy
+import random
 import shlex
+import socket
+import struct
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -228,6 +231,39 @@ def stats(endpoint: Endpoint, *args: str) -> dict[str, str]:
     }
 
 
+def udp_request(address: str, port: int, command: bytes, timeout: float = 2.0) -> bytes:
+    """One request in memcached's UDP framing (request id, sequence 0 of 1), one reply
+    datagram back; retried a few times, as UDP clients do."""
+    request_id = random.randrange(1 << 16)
+    frame = struct.pack("!HHHH", request_id, 0, 1, 0) + command
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        for attempt in range(3):
+            sock.sendto(frame, (address, port))
+            try:
+                data, _ = sock.recvfrom(65536)
+            except TimeoutError:
+                if attempt == 2:
+                    raise
+                continue
+            if struct.unpack("!H", data[:2])[0] == request_id:
+                return data[8:]
+    raise AssertionError("unreachable")
+
+
+def pid_of(pod) -> int:
+    """The node agent reports a container's process id as its id (nodeagent://<pid>)."""
+    container_id = pod.status.container_statuses[0].container_id or ""
+    if not container_id.startswith("nodeagent://"):
+        raise ClusterError(f"{pod.metadata.name}: no process id in {container_id!r}")
+    return int(container_id.removeprefix("nodeagent://"))
+
+
+def process_env(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(e.split("=", 1) for e in raw.decode(errors="replace").split("\0") if "=" in e)
+
+
 def describe_endpoints(name: str, status: Mapping[str, Any]) -> str:
     """What `make up` prints: the endpoints and a one-line way to talk to the first."""
     eps = endpoints(status)
@@ -239,10 +275,11 @@ def describe_endpoints(name: str, status: Mapping[str, Any]) -> str:
         lines.append(f"    {e.address}:{e.port}    {e.pod} ({where})")
     first = eps[0]
     servers = ",".join(f"{e.address}:{e.port}" for e in eps)
+    servers_list = ", ".join(f'"{e.address}:{e.port}"' for e in eps)
     script = (
         "from pymemcache.client.hash import HashClient; "
-        f"c = HashClient({[(e.address, e.port) for e in eps]!r}); "
-        "c.set('hello', 'world'); print(c.get('hello'))"
+        f"c = HashClient([{servers_list}]); "
+        'c.set("hello", "world"); print(c.get("hello"))'
     )
     lines += [
         "\nTalk to it:",

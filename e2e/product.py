@@ -15,7 +15,9 @@ Used by the e2e fixtures (e2e/tests/conftest.py) and by `make up` (`install`, `s
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -40,6 +42,7 @@ PEERING = RELEASE
 # The label no node carries: the chart's Deployment pod stays Pending (see the docstring).
 NO_NODE_SELECTOR = {"e2e.cache.appliance.io/runs-operator-pods": "never"}
 APPLIANCE_IMAGE = "cache-appliance:e2e"  # the node agent runs `command`, never the image
+POD_ID = "cache-operator-beside-the-cluster"
 
 
 def helm_env(kubeconfig: Path, bin_dir: Path) -> dict[str, str]:
@@ -199,6 +202,10 @@ class OperatorProcess:
             "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
             "HOME": str(self.kubeconfig.parent),
             "PYTHONUNBUFFERED": "1",
+            # kopf's peering identity, stable across restarts as the chart's pod name is
+            # (see the Deployment): a restarted operator does not wait for its own old
+            # keep-alive to expire.
+            "POD_ID": POD_ID,
         }
         self.record, self._popen = procs.start("cacheoperator", self.argv(), self.log, env=env)
         self.wait_live(timeout)
@@ -230,10 +237,18 @@ class OperatorProcess:
         if self.record is not None:
             self.record.stop(grace, self._popen)
 
+    def pause(self) -> None:
+        """SIGSTOP: frozen where it is, in the middle of whatever it was doing."""
+        assert self.record is not None
+        os.killpg(self.record.pid, signal.SIGSTOP)
+
     def kill(self) -> None:
         """SIGKILL: the operator gets no chance to finish what it was doing."""
-        if self.record is not None:
-            self.record.stop(0, self._popen)
+        assert self.record is not None
+        os.killpg(self.record.pid, signal.SIGKILL)
+        wait_for("the killed operator to be gone", lambda: not self.alive(), 10)
+        if self._popen is not None:
+            self._popen.wait(timeout=5)
 
     def tail(self, lines: int = 40) -> str:
         return procs.tail(self.log, lines)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from e2e import nodeagent, product
+from e2e.appliance import GROUP, LABEL_CLUSTER, PLURAL, VERSION, CacheClusters
 from e2e.cluster import (
     ClusterError,
     ExternalCluster,
@@ -128,6 +129,25 @@ def namespace(api) -> Iterator[str]:
     )
     yield name
     core.delete_namespace(name)
+
+
+@pytest.fixture
+def caches(api, operator, namespace) -> Iterator[CacheClusters]:
+    """CacheClusters in the test's namespace, with the operator running. Afterwards the
+    clusters left are deleted and their pods waited out: the next test's pods need the
+    same host ports on the same nodes."""
+    clusters = CacheClusters(api, namespace)
+    yield clusters
+    listing = clusters.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+    for item in listing["items"]:
+        clusters.delete(item["metadata"]["name"])
+    wait_for(
+        f"the cache pods of namespace {namespace} to be gone",
+        lambda: (
+            not clusters.core.list_namespaced_pod(namespace, label_selector=LABEL_CLUSTER).items
+        ),
+        90,
+    )
 
 
 @pytest.fixture
