@@ -1,4 +1,4 @@
-# The two commands a new user needs are `make run` and `make test`; everything else is detail.
+# The two commands a new user needs are `make up` and `make test`; everything else is detail.
 VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 11211
@@ -38,7 +38,9 @@ e2e-bins:
 e2e: deps $(if $(E2E_KUBECONFIG),,e2e-bins)
 	$(BIN)/pytest e2e/tests
 
-# A local cluster (3 nodes in 2 zones) kept running in the background; state in .e2e/.
+# A local cluster (3 nodes in 2 zones) with the chart, the operator (as the chart's
+# ServiceAccount) and examples/cachecluster.yaml, Ready, kept running in the background;
+# state, logs and pids in .e2e/. `make down` stops all of it.
 up: deps e2e-bins
 	@$(BIN)/python -m e2e.cluster up --nodes 3 --zones 2
 

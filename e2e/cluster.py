@@ -511,7 +511,9 @@ def _print_usage(state_dir: Path) -> None:
     print(
         f"\nUse it with:\n    source {shown}/env\n    kubectl get nodes -L "
         "topology.kubernetes.io/zone,topology.cache.appliance.io/rack\n"
-        f"Logs: {shown}/cluster/logs/ and {shown}/nodeagent/ ; stop it with `make down`."
+        "    kubectl get cc -o wide; kubectl describe cc cache\n"
+        f"Logs: {shown}/cluster/logs/, {shown}/nodeagent/ and {shown}/operator.log; "
+        "stop it all with `make down`."
     )
 
 
@@ -547,11 +549,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
     cluster = LocalCluster.load(cluster_state)
     for rec in cluster.records:
         print(f"{rec.name:26} pid {rec.pid:7} {'running' if rec.alive() else 'EXITED'}")
-    from e2e import nodeagent
+    from e2e import nodeagent, product
 
     agent = nodeagent.detached_record(state_dir / "nodeagent.json")
     if agent:
         print(f"{'node agent':26} pid {agent.pid:7} {'running' if agent.alive() else 'EXITED'}")
+    operator = product.operator_record(state_dir)
+    if operator:
+        state = "running" if operator.alive() else "EXITED"
+        print(f"{'cacheoperator':26} pid {operator.pid:7} {state}")
     return 0 if cluster.alive() and agent and agent.alive() else 1
 
 

@@ -293,9 +293,16 @@ def install(cluster, state_dir: Path, timeout: float = 180) -> None:
     print(describe_endpoints(name, status))
 
 
-def stop(state_dir: Path) -> None:
-    """Stop the operator `install` started, if it runs."""
+def operator_record(state_dir: Path) -> procs.ProcessRecord | None:
     record_file = state_dir / "operator.json"
-    if record_file.exists():
-        procs.ProcessRecord.from_dict(json.loads(record_file.read_text())).stop(grace=10)
-        record_file.unlink()
+    if not record_file.exists():
+        return None
+    return procs.ProcessRecord.from_dict(json.loads(record_file.read_text()))
+
+
+def stop(state_dir: Path) -> None:
+    """Stop the operator `install` started, if it runs (SIGTERM: kopf leaves its peering)."""
+    record = operator_record(state_dir)
+    if record is not None:
+        record.stop(grace=10)
+        (state_dir / "operator.json").unlink()

@@ -1,0 +1,113 @@
+"""`make up` and `make down` as a new user runs them: a cluster of 3 nodes in 2 zones, the
+chart, the operator and the example, Ready, with endpoints that answer; then nothing left.
+
+It starts a second control plane of its own (in a temporary state directory), so it does
+not need the suite's cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from e2e import procs
+from e2e.cluster import REPO_ROOT, missing_binaries
+
+pytestmark = pytest.mark.skipif(
+    bool(os.environ.get("E2E_KUBECONFIG")), reason="E2E_KUBECONFIG: make up starts its own"
+)
+
+
+def make(target: str, state_dir: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["make", "-s", target],
+        cwd=REPO_ROOT,
+        env={**os.environ, "E2E_STATE_DIR": str(state_dir)},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def processes_under(state_dir: Path) -> list[str]:
+    """Processes whose command line or working directory lies in the state directory."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            cwd = os.readlink(entry / "cwd")
+        except OSError:
+            continue
+        if str(state_dir) in cmdline or cwd.startswith(str(state_dir)):
+            found.append(f"{entry.name}: {cmdline.strip()} (in {cwd})")
+    return found
+
+
+def recorded_processes(state_dir: Path) -> list[procs.ProcessRecord]:
+    records = [
+        procs.ProcessRecord.from_dict(p)
+        for p in json.loads((state_dir / "cluster" / "state.json").read_text())["processes"]
+    ]
+    for name in ("nodeagent.json", "operator.json"):
+        path = state_dir / name
+        if path.exists():
+            records.append(procs.ProcessRecord.from_dict(json.loads(path.read_text())))
+    return records
+
+
+def test_make_up_serves_the_example_and_make_down_leaves_nothing(tmp_path):
+    if missing_binaries():
+        pytest.skip(f"control-plane binaries not built ({missing_binaries()}): make e2e-bins")
+    state_dir = tmp_path / "state"
+    records: list[procs.ProcessRecord] = []
+    try:
+        up = make("up", state_dir, 400)
+        output = up.stdout + up.stderr
+        assert up.returncode == 0, output
+        assert "CacheCluster cache Ready" in output, output
+        records = recorded_processes(state_dir)
+        names = {r.name for r in records}
+        assert {"etcd", "kube-apiserver", "nodeagent", "cacheoperator"} <= names, names
+        assert all(r.alive() for r in records)
+
+        # The endpoints it printed answer, with the one-liner it printed.
+        servers = re.findall(r"^\s+(127\.\d+\.\d+\.\d+):(\d+)\s+cache-\d", output, re.M)
+        assert len(servers) == 3, output
+        line = next(x for x in output.splitlines() if "| nc -q1" in x).strip()
+        if shutil.which("nc"):
+            reply = subprocess.run(
+                ["sh", "-c", line], capture_output=True, text=True, timeout=30, check=False
+            )
+            assert reply.stdout.replace("\r", "") == "STORED\nVALUE hello 0 5\nworld\nEND\n"
+        script = next(x for x in output.splitlines() if "HashClient" in x).strip()
+        reply = subprocess.run(
+            ["sh", "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30
+        )
+        assert reply.stdout.strip() == "b'world'", reply.stderr
+
+        status = subprocess.run(
+            [sys.executable, "-m", "e2e.cluster", "--state-dir", str(state_dir), "status"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert "cacheoperator" in status.stdout and "EXITED" not in status.stdout, status
+        # The appliances run as processes in the state directory: what down must stop.
+        pods = [p for p in processes_under(state_dir) if "/pods/default_cache-" in p]
+        assert len(pods) == 3, processes_under(state_dir)
+    finally:
+        down = make("down", state_dir, 120)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert not [r.name for r in records if r.alive()], "make down left recorded processes"
+    assert not processes_under(state_dir), processes_under(state_dir)
+    assert not state_dir.exists()
