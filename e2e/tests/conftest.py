@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -90,14 +91,20 @@ def tools(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return bin_dir
 
 
+@dataclass
+class ChartInstall:
+    ports: product.OperatorPorts  # where the operator beside the cluster will serve
+    output: str  # what `helm upgrade --install` printed, NOTES included
+
+
 @pytest.fixture(scope="session")
-def chart(cluster, agent, tools) -> product.OperatorPorts:
+def chart(cluster, agent, tools) -> ChartInstall:
     """The chart installed as a user would (release cache-operator in cache-system), with
-    the Deployment's pod kept off the agent's nodes (see e2e/product.py). Gives the ports
-    the operator beside the cluster will serve on; `helm test` asks its liveness URL."""
+    the Deployment's pod kept off the agent's nodes (see e2e/product.py). `helm test` asks
+    the liveness URL of the operator that will run beside the cluster."""
     ports = product.OperatorPorts.pick()
-    product.install_chart(cluster.kubeconfig, tools, ports.liveness_url)
-    return ports
+    result = product.install_chart(cluster.kubeconfig, tools, ports.liveness_url)
+    return ChartInstall(ports, result.stdout)
 
 
 @pytest.fixture(scope="session")
@@ -106,7 +113,9 @@ def operator(cluster, api, chart, tmp_path_factory) -> Iterator[product.Operator
     token from the TokenRequest API: everything it does is checked against the chart's RBAC."""
     work = tmp_path_factory.mktemp("operator")
     kubeconfig = product.service_account_kubeconfig(api, cluster.kubeconfig, work / "kubeconfig")
-    running = product.OperatorProcess(kubeconfig, work / "operator.log", chart, detached=False)
+    running = product.OperatorProcess(
+        kubeconfig, work / "operator.log", chart.ports, detached=False
+    )
     running.start()
     try:
         yield running

@@ -154,6 +154,14 @@ def test_install_creates_what_the_operator_needs(api, chart):
     assert deployment.spec.replicas == 1
 
 
+def test_install_notes_tell_the_next_step(chart):
+    notes = chart.output.split("NOTES:", 1)[1]
+    assert "watching every namespace" in notes
+    assert "helm test cache-operator -n cache-system" in notes
+    assert "kubectl apply -f examples/cachecluster.yaml" in notes
+    assert ".status.endpoints" in notes
+
+
 def test_deployment_pod_is_held_off_the_agent_nodes(api, chart, eventually):
     """Here the operator runs beside the cluster (e2e/product.py): the Deployment's pod is
     admitted (its ServiceAccount exists) but no node matches its nodeSelector."""
