@@ -73,9 +73,16 @@ def run_tool(
 
 
 def install_chart(
-    kubeconfig: Path, bin_dir: Path, liveness_url: str, timeout: float = 120
+    kubeconfig: Path,
+    bin_dir: Path,
+    liveness_url: str,
+    timeout: float = 120,
+    release: str = RELEASE,
+    namespace: str = NAMESPACE,
+    values: Sequence[str] = (),
 ) -> subprocess.CompletedProcess[str]:
-    """`helm upgrade --install` the chart as release cache-operator in cache-system.
+    """`helm upgrade --install` the chart (by default as release cache-operator in
+    cache-system), plus ``values`` (helm flags such as --set).
 
     No --wait: the Deployment's pod cannot become ready here (see the module docstring).
     `helm test` asks ``liveness_url``, the operator beside the cluster."""
@@ -84,15 +91,16 @@ def install_chart(
             str(bin_dir / "helm"),
             "upgrade",
             "--install",
-            RELEASE,
+            release,
             str(CHART),
             "--namespace",
-            NAMESPACE,
+            namespace,
             "--create-namespace",
             "--set-json",
             f"nodeSelector={json.dumps(NO_NODE_SELECTOR)}",
             "--set",
             f"tests.url={liveness_url}",
+            *values,
             f"--timeout={timeout:.0f}s",
         ],
         helm_env(kubeconfig, bin_dir),
@@ -101,7 +109,12 @@ def install_chart(
 
 
 def service_account_kubeconfig(
-    api_client, admin_kubeconfig: Path, path: Path, hours: float = 2
+    api_client,
+    admin_kubeconfig: Path,
+    path: Path,
+    hours: float = 2,
+    account: str = SERVICE_ACCOUNT,
+    namespace: str = NAMESPACE,
 ) -> Path:
     """A kubeconfig that authenticates as the chart's ServiceAccount, with a bound token
     from the TokenRequest API (what the kubelet would mount into the operator's pod)."""
@@ -111,19 +124,19 @@ def service_account_kubeconfig(
         return (
             client.CoreV1Api(api_client)
             .create_namespaced_service_account_token(
-                SERVICE_ACCOUNT,
-                NAMESPACE,
+                account,
+                namespace,
                 {"spec": {"expirationSeconds": int(hours * 3600)}},
             )
             .status.token
         )
 
     # The ServiceAccount was just created by helm: the token request may need a moment.
-    value = wait_for(f"a token for ServiceAccount {NAMESPACE}/{SERVICE_ACCOUNT}", token, 30)
+    value = wait_for(f"a token for ServiceAccount {namespace}/{account}", token, 30)
     admin = yaml.safe_load(admin_kubeconfig.read_text())
     context = next(c for c in admin["contexts"] if c["name"] == admin["current-context"])
     cluster = next(c for c in admin["clusters"] if c["name"] == context["context"]["cluster"])
-    user = f"system:serviceaccount:{NAMESPACE}:{SERVICE_ACCOUNT}"
+    user = f"system:serviceaccount:{namespace}:{account}"
     config = {
         "apiVersion": "v1",
         "kind": "Config",
@@ -132,7 +145,7 @@ def service_account_kubeconfig(
         "contexts": [
             {
                 "name": "operator",
-                "context": {"cluster": cluster["name"], "user": user, "namespace": NAMESPACE},
+                "context": {"cluster": cluster["name"], "user": user, "namespace": namespace},
             }
         ],
         "current-context": "operator",
@@ -173,18 +186,29 @@ class OperatorProcess:
     """`cacheoperator` as the Deployment runs it (all namespaces, peering, liveness,
     metrics), on loopback ports, with the ServiceAccount's kubeconfig."""
 
-    def __init__(self, kubeconfig: Path, log: Path, ports: OperatorPorts, detached: bool) -> None:
+    def __init__(
+        self,
+        kubeconfig: Path,
+        log: Path,
+        ports: OperatorPorts,
+        detached: bool,
+        namespaces: Sequence[str] = (),
+        pod_id: str = POD_ID,
+    ) -> None:
+        """``namespaces``: watch these (as the chart's operator.watchNamespaces), else all."""
         self.kubeconfig = kubeconfig
         self.log = log
         self.ports = ports
         self.detached = detached
+        self.namespaces = list(namespaces)
+        self.pod_id = pod_id
         self.record: procs.ProcessRecord | None = None
         self._popen: subprocess.Popen | None = None
 
     def argv(self) -> list[str]:
         argv = [
             *operator_command(),
-            "--all-namespaces",
+            *([f"--namespace={ns}" for ns in self.namespaces] or ["--all-namespaces"]),
             f"--peering={PEERING}",
             f"--liveness={self.ports.liveness_url}",
             f"--metrics-port={self.ports.metrics}",
@@ -205,7 +229,7 @@ class OperatorProcess:
             # kopf's peering identity, stable across restarts as the chart's pod name is
             # (see the Deployment): a restarted operator does not wait for its own old
             # keep-alive to expire.
-            "POD_ID": POD_ID,
+            "POD_ID": self.pod_id,
         }
         self.record, self._popen = procs.start("cacheoperator", self.argv(), self.log, env=env)
         self.wait_live(timeout)
