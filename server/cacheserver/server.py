@@ -10,7 +10,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 
 from prometheus_client import CollectorRegistry
 
@@ -20,7 +19,7 @@ from cacheserver.metrics.collector import ServerCollector
 from cacheserver.metrics.counters import Counters
 from cacheserver.metrics.http import serve_metrics
 from cacheserver.metrics.stats_report import StatsReport
-from cacheserver.network.tcp import ConnectionTracker, TCPConnection
+from cacheserver.network.tcp import TCPServer
 from cacheserver.network.udp import UDPEndpoint
 from cacheserver.protocol.commands import Commands
 from cacheserver.storage import Store
@@ -46,9 +45,11 @@ class Worker:
         self.counters = Counters()
         self.report = StatsReport(settings, self.store, self.counters, VERSION)
         self.commands = Commands(self.store, self.counters, VERSION, self.report)
-        self.tracker = ConnectionTracker(self.counters, settings.conn_limit, settings.idle_timeout)
+        self.tcp = TCPServer(
+            self.commands, self.counters, settings.conn_limit, settings.idle_timeout
+        )
         self.registry = CollectorRegistry(auto_describe=False)
-        self.collector = ServerCollector(self.report, self.tracker.latency)
+        self.collector = ServerCollector(self.report, self.tcp.latency)
         self.registry.register(self.collector)
         self._servers: list[asyncio.Server] = []
         self._udp: asyncio.DatagramTransport | None = None
@@ -58,17 +59,7 @@ class Worker:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         st = self.settings
-        server = await loop.create_server(
-            lambda: TCPConnection(self.commands, self.tracker),
-            st.listen,
-            st.port,
-            reuse_address=True,
-            backlog=1024,
-        )
-        self._servers.append(server)
-        for sock in server.sockets:
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.tcp.listen(st.listen, st.port)
         log.info("listening on %s:%d (TCP)", st.listen, st.port)
         if st.udp_port:
             transport, _ = await loop.create_datagram_endpoint(
@@ -90,7 +81,7 @@ class Worker:
 
     def _tick(self) -> None:
         self.store.reclaim_expired(CRAWL_BUDGET)
-        self.tracker.sweep(SWEEP_PERIOD)
+        self.tcp.sweep(SWEEP_PERIOD)
         self._ticker = asyncio.get_running_loop().call_later(SWEEP_PERIOD, self._tick)
 
     def stop(self) -> None:
@@ -111,7 +102,7 @@ class Worker:
             server.close()
         if self._udp is not None:
             self._udp.close()
-        self.tracker.close_all()
+        self.tcp.close()
         for server in self._servers:
             await server.wait_closed()
         log.info("stopped (pid %d)", os.getpid())
