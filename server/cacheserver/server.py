@@ -20,7 +20,7 @@ from cacheserver.metrics.counters import Counters
 from cacheserver.metrics.http import serve_metrics
 from cacheserver.metrics.stats_report import StatsReport
 from cacheserver.network.tcp import TCPServer
-from cacheserver.network.udp import UDPEndpoint
+from cacheserver.network.udp import UDPServer
 from cacheserver.protocol.commands import Commands
 from cacheserver.storage import Store
 
@@ -52,7 +52,7 @@ class Worker:
         self.collector = ServerCollector(self.report, self.tcp.latency)
         self.registry.register(self.collector)
         self._servers: list[asyncio.Server] = []
-        self._udp: asyncio.DatagramTransport | None = None
+        self.udp = UDPServer(self.commands, self.counters, settings.udp_allow_all)
         self._ticker: asyncio.TimerHandle | None = None
         self._stopped = asyncio.Event()
 
@@ -62,12 +62,7 @@ class Worker:
         self.tcp.listen(st.listen, st.port)
         log.info("listening on %s:%d (TCP)", st.listen, st.port)
         if st.udp_port:
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: UDPEndpoint(self.commands, self.counters, st.udp_allow_all),
-                local_addr=(st.listen, st.udp_port),
-                reuse_port=False,
-            )
-            self._udp = transport  # type: ignore[assignment]
+            self.udp.listen(st.listen, st.udp_port)
             log.info(
                 "listening on %s:%d (UDP%s)",
                 st.listen,
@@ -100,8 +95,7 @@ class Worker:
             self._ticker.cancel()
         for server in self._servers:
             server.close()
-        if self._udp is not None:
-            self._udp.close()
+        self.udp.close()
         self.tcp.close()
         for server in self._servers:
             await server.wait_closed()
