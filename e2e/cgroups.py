@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -45,6 +46,9 @@ class Cgroups:
 
     def __init__(self, name: str) -> None:
         self.name = name
+        # Pod workers run in threads: one making the tree (root, pod) while another reads
+        # a parent's cpus that are not written yet would copy an empty cpuset.
+        self._lock = threading.Lock()
         self.unified = (CGROUP_FS / "cgroup.controllers").exists()
         own = _own_paths()
         if self.unified:
@@ -101,11 +105,14 @@ class Cgroups:
             memory_dir.mkdir(exist_ok=True)
         except OSError as e:
             raise CgroupError(f"cannot create cgroup {memory_dir}: {e.strerror}") from e
-        if cpuset_dir is not None and not self.unified and not cpuset_dir.exists():
-            cpuset_dir.mkdir()
+        if cpuset_dir is not None and not self.unified:
+            cpuset_dir.mkdir(exist_ok=True)
             # A v1 cpuset starts empty and takes no processes until cpus and mems are set.
+            # Filled whenever found empty, not only when made here: another agent on this
+            # machine may have removed this tree while it was empty, and it is remade.
             for f in ("cpuset.cpus", "cpuset.mems"):
-                _write(cpuset_dir / f, (cpuset_dir.parent / f).read_text().strip())
+                if not (cpuset_dir / f).read_text().strip():
+                    _write(cpuset_dir / f, (cpuset_dir.parent / f).read_text().strip())
 
     def _dirs(self, rel: str) -> list[Path]:
         dirs = [self.memory_root / rel]
@@ -117,13 +124,14 @@ class Cgroups:
         self, pod_uid: str, container: str, memory_limit: int | None, cpus: Iterable[int] | None
     ) -> list[Path]:
         """Make ``<pod>/<container>`` with the limits; returns the cgroup.procs files to join."""
-        self._ensure_root()
         pod_rel = pod_uid
         rel = f"{pod_uid}/{container}"
-        for r in (pod_rel, rel):
-            self._mkdir(self.memory_root / r, self.cpuset_root and self.cpuset_root / r)
-        if self.unified:
-            self._enable_controllers(self.memory_root / pod_rel)
+        with self._lock:
+            self._ensure_root()
+            for r in (pod_rel, rel):
+                self._mkdir(self.memory_root / r, self.cpuset_root and self.cpuset_root / r)
+            if self.unified:
+                self._enable_controllers(self.memory_root / pod_rel)
         mem_dir = self.memory_root / rel
         limit_file = "memory.max" if self.unified else "memory.limit_in_bytes"
         _write(
