@@ -59,6 +59,8 @@ def test_metrics_show_the_memory_layer() -> None:
         "--metrics-port", str(metrics_port), udp=False, env={ENV: str(300 * MIB)}
     )
     try:
+        # The metrics listener may open a moment after the memcached port.
+        wait_for_port(metrics_port, server.proc)
         url = f"http://127.0.0.1:{metrics_port}/metrics"
         text = urllib.request.urlopen(url, timeout=5).read().decode()
     finally:
@@ -97,6 +99,7 @@ def test_workers_share_the_sized_capacity() -> None:
     try:
         wait_for_port(second.port, server.proc)
         first_settings, second_settings = stats(server, "settings"), stats(second, "settings")
+        wait_for_port(metrics_port, server.proc)
         url = f"http://127.0.0.1:{metrics_port}/metrics"
         text = urllib.request.urlopen(url, timeout=5).read().decode()
     finally:
