@@ -19,6 +19,7 @@ from cacheserver.config import Settings
 from cacheserver.metrics.collector import ServerCollector
 from cacheserver.metrics.counters import Counters
 from cacheserver.metrics.http import serve_metrics
+from cacheserver.metrics.identity import PodIdentity
 from cacheserver.metrics.stats_report import StatsReport
 from cacheserver.network.tcp import ConnectionTracker, TCPConnection
 from cacheserver.network.udp import UDPEndpoint
@@ -49,6 +50,7 @@ class Worker:
         self.tracker = ConnectionTracker(self.counters, settings.conn_limit, settings.idle_timeout)
         self.registry = CollectorRegistry(auto_describe=False)
         self.collector = ServerCollector(self.report, self.tracker.latency)
+        self.collector.extra.append(PodIdentity.from_env().metrics)
         self.registry.register(self.collector)
         self._servers: list[asyncio.Server] = []
         self._udp: asyncio.DatagramTransport | None = None

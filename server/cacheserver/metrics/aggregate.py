@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 
 from cacheserver.config import Settings
 from cacheserver.metrics.http import serve_metrics
+from cacheserver.metrics.identity import PodIdentity
 
 # (metric, help, kind, stats field); commands come from _COMMAND_FIELDS below.
 _SERIES = (
@@ -77,6 +78,7 @@ class WorkersCollector(Collector):
         self._settings = settings
         host = settings.listen
         self._host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+        self._identity = PodIdentity.from_env()
 
     def collect(self) -> Iterator[Metric]:
         st = self._settings
@@ -85,6 +87,7 @@ class WorkersCollector(Collector):
         for worker, stats in per_worker:
             up.add_metric([worker], 1 if stats is not None else 0)
         yield up
+        yield from self._identity.metrics()
         commands = CounterMetricFamily(
             "memcached_commands",
             "Commands by command and result.",
