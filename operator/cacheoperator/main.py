@@ -78,6 +78,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="port of the operator's Prometheus /metrics, 0 for none (default: %(default)s)",
     )
     parser.add_argument(
+        "--metrics-address",
+        default=os.environ.get("CACHEOPERATOR_METRICS_ADDRESS", "0.0.0.0"),
+        metavar="ADDR",
+        help="address the metrics port listens on (default: %(default)s, every interface)",
+    )
+    parser.add_argument(
         "--default-image",
         default=os.environ.get("CACHEOPERATOR_IMAGE", DEFAULT_IMAGE),
         help="server image for clusters that name none (default: %(default)s)",
@@ -101,8 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     metrics = OperatorMetrics()
     if args.metrics_port:
-        metrics.serve(args.metrics_port)
-        log.info("operator metrics on :%d/metrics", args.metrics_port)
+        metrics.serve(args.metrics_port, args.metrics_address)
+        log.info("operator metrics on %s:%d/metrics", args.metrics_address, args.metrics_port)
     controller = ClusterController(
         connect(), args.default_image, post_event=handlers.post_event, metrics=metrics
     )
