@@ -68,19 +68,30 @@ def rss_bytes(pid: int) -> int:
 
 
 class Server:
-    def __init__(self, name: str, server_cpu: int | None, memory_mb: int, conns: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        server_cpu: int | None,
+        memory_mb: int,
+        conns: int,
+        source: Path | None = None,
+    ) -> None:
+        """memcached, or cacheserver (from ``source``, a checkout's server/ dir, if given)."""
         self.name = name
         self.port = free_port()
         taskset = ["taskset", "-c", str(server_cpu)] if server_cpu is not None else []
         common = ["-l", HOST, "-p", str(self.port), "-U", str(self.port), "-c", str(conns)]
+        env = dict(os.environ)
         if name == "memcached":
             cmd = ["memcached", *common, "-m", str(memory_mb), "-t", "1"]
             if os.geteuid() == 0:
                 cmd += ["-u", "root"]
         else:
             cmd = [sys.executable, "-m", "cacheserver", *common, "-m", str(memory_mb)]
+            if source is not None:
+                env["PYTHONPATH"] = str(source)
         self.proc = subprocess.Popen(
-            taskset + cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            taskset + cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
         )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
@@ -194,6 +205,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs per server and workload")
     parser.add_argument("--idle-connections", type=int, default=10_000)
     parser.add_argument("--only", default="W1,W2,W3,W4,W5", help="comma-separated workloads")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout's server/ dir: also run its cacheserver (before/after rows)",
+    )
     args = parser.parse_args()
     for tool in ("memcached", "memcaslap", "cc", "taskset"):
         if shutil.which(tool) is None:
@@ -212,7 +228,16 @@ def main() -> None:
         f"{server_cpu}, client on CPU {client_cpu}; {args.repeat} runs of {args.seconds}s, "
         "medians shown\n"
     )
-    servers = {name: Server(name, server_cpu, 1024, conns) for name in ("memcached", "cacheserver")}
+
+    def start_all() -> dict[str, Server]:
+        started = {
+            name: Server(name, server_cpu, 1024, conns) for name in ("memcached", "cacheserver")
+        }
+        if args.baseline:
+            started["baseline"] = Server("baseline", server_cpu, 1024, conns, args.baseline)
+        return started
+
+    servers = start_all()
     try:
         workloads: list[tuple[str, Callable[[Server], Callable[[], tuple]]]] = []
         if "W1" in only:
@@ -255,15 +280,19 @@ def main() -> None:
                 )
                 for name, rs in results.items()
             }
-            ratio = med["cacheserver"].ops_per_sec / med["memcached"].ops_per_sec
             for name, r in med.items():
-                shown = f"{ratio:.2f}x" if name == "cacheserver" else ""
+                ratio = r.ops_per_sec / med["memcached"].ops_per_sec
+                shown = "" if name == "memcached" else f"{ratio:.2f}x"
                 print(
                     f"| {label} | {name} | {r.ops_per_sec:,.0f} | {r.median_us:.0f} | "
                     f"{r.p99_us:.0f} | {r.cpu_per_million:.1f} | {shown} |"
                 )
             sys.stdout.flush()
         if "W5" in only:
+            # Fresh servers: memory freed by the earlier runs would hide what connections cost.
+            for server in servers.values():
+                server.stop()
+            servers = start_all()
             per_conn = {
                 name: idle_connection_bytes(s, args.idle_connections) for name, s in servers.items()
             }
@@ -271,8 +300,9 @@ def main() -> None:
             print("|---|---:|")
             for name, value in per_conn.items():
                 print(f"| {name} | {value:,.0f} |")
-            ratio = per_conn["cacheserver"] / per_conn["memcached"]
-            print(f"| ratio cacheserver/memcached | {ratio:.2f}x |")
+            for name, value in per_conn.items():
+                if name != "memcached":
+                    print(f"| ratio {name}/memcached | {value / per_conn['memcached']:.2f}x |")
     finally:
         for server in servers.values():
             server.stop()

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
+from collections.abc import Awaitable, Callable
 
 import uvloop
 
 from cacheserver.config import Settings
+from cacheserver.memory import SizingError
+from cacheserver.memory.service import plan_for_settings, serve_with_shrinker
 from cacheserver.server import Worker
 
 log = logging.getLogger("cacheserver")
@@ -25,23 +27,36 @@ def pin_to_cpu(index: int) -> int | None:
 
 
 def run(settings: Settings) -> int:
+    try:
+        # Measured here, after the imports and before any item: the interpreter's baseline.
+        limit, plan = plan_for_settings(settings)
+    except SizingError as err:
+        log.error("cannot size memory: %s", err)
+        return 2
+    plan.log(log)
+
+    async def serve(worker: Worker) -> None:
+        await serve_with_shrinker(worker, limit, plan, shards=settings.workers)
+
     if settings.workers > 1:
         from cacheserver.supervisor import run_workers
 
-        return run_workers(settings, settings.memory_limit_bytes)
+        return run_workers(settings, plan.capacity, serve)
     if settings.pin:
         cpu = pin_to_cpu(0)
         log.info("pinned to CPU %s", cpu)
     try:
-        uvloop.run(_serve(settings))
+        uvloop.run(_serve(settings, plan.capacity, serve))
     except OSError as err:
         log.error("cannot start: %s", err)
         return 1
     return 0
 
 
-async def _serve(settings: Settings) -> None:
-    worker = Worker(settings)
+async def _serve(
+    settings: Settings, capacity: int, serve: Callable[[Worker], Awaitable[None]]
+) -> None:
+    worker = Worker(settings, capacity=capacity)
     log.info(
         "cacheserver pid %d: capacity %d bytes, max item %d bytes, %d connections",
         os.getpid(),
@@ -49,8 +64,8 @@ async def _serve(settings: Settings) -> None:
         settings.max_item_size,
         settings.conn_limit,
     )
-    await worker.run_until_stopped()
+    await serve(worker)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    asyncio.run(_serve(Settings()))
+    raise SystemExit(run(Settings()))

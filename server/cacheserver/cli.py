@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from cacheserver import __version__
-from cacheserver.config import DEFAULT_MEMORY_MB, DEFAULT_PORT, Settings, parse_size
+from cacheserver.config import DEFAULT_PORT, Settings, parse_size
 
 ENV_PREFIX = "CACHESERVER_"
 
@@ -96,7 +96,7 @@ _OPTIONS: list[tuple[tuple[str, ...], str, Callable[[str], Any], Any, str]] = [
         ("-m", "--memory-limit"),
         "memory_limit_mb",
         _memory,
-        DEFAULT_MEMORY_MB,
+        None,
         "item memory in megabytes, or 'auto' to size from the cgroup limit",
     ),
     (

@@ -25,7 +25,7 @@ class Settings:
     port: int = DEFAULT_PORT
     udp_port: int = 0
     listen: str = "0.0.0.0"
-    memory_limit_mb: int | None = DEFAULT_MEMORY_MB  # None: size from the cgroup ("auto")
+    memory_limit_mb: int | None = None  # None: size from the cgroup ("auto"), the default
     memory_headroom_mb: int | None = None
     conn_limit: int = 1024
     max_item_size: int = 1024 * 1024

@@ -14,13 +14,20 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import uvloop
 
 from cacheserver.config import Settings
 
+if TYPE_CHECKING:
+    from cacheserver.server import Worker
+
 log = logging.getLogger("cacheserver")
+# Runs a worker until it stops (the memory layer's shrinker goes along); default: run it alone.
+Serve = Callable[["Worker"], Awaitable[None]]
 
 
 def worker_settings(settings: Settings, index: int) -> Settings:
@@ -39,7 +46,7 @@ def cpu_for(index: int) -> int | None:
     return cpus[index % len(cpus)] if cpus else None
 
 
-def _run_child(settings: Settings, index: int, capacity: int) -> None:
+def _run_child(settings: Settings, index: int, capacity: int, serve: Serve | None) -> None:
     """Body of a forked worker process; never returns."""
     from cacheserver.server import Worker
 
@@ -51,7 +58,8 @@ def _run_child(settings: Settings, index: int, capacity: int) -> None:
                 os.sched_setaffinity(0, {cpu})
                 log.info("worker %d pinned to CPU %d", index, cpu)
         mine = worker_settings(settings, index)
-        uvloop.run(Worker(mine, capacity=capacity, worker_index=index).run_until_stopped())
+        worker = Worker(mine, capacity=capacity, worker_index=index)
+        uvloop.run(serve(worker) if serve else worker.run_until_stopped())
     except OSError as err:
         log.error("worker %d cannot start: %s", index, err)
         code = 1
@@ -63,7 +71,7 @@ def _run_child(settings: Settings, index: int, capacity: int) -> None:
         os._exit(code)
 
 
-def run_workers(settings: Settings, total_capacity: int) -> int:
+def run_workers(settings: Settings, total_capacity: int, serve: Serve | None = None) -> int:
     """Fork the workers, serve their aggregated metrics, and wait. Returns the exit code."""
     count = settings.workers
     share = total_capacity // count
@@ -71,7 +79,7 @@ def run_workers(settings: Settings, total_capacity: int) -> int:
     for index in range(count):
         pid = os.fork()
         if pid == 0:
-            _run_child(settings, index, share)
+            _run_child(settings, index, share, serve)
         children[pid] = index
     log.info(
         "started %d workers on ports %d-%d, %d bytes each",

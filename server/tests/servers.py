@@ -4,6 +4,7 @@ memcached, each as its own process on a free loopback port."""
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -17,20 +18,28 @@ import pytest
 STARTUP_TIMEOUT = 15.0
 
 
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """A port free for both TCP and UDP on 127.0.0.1."""
-    for _ in range(50):
+# Below Linux's default ephemeral range (32768-60999), so a client socket's local port never
+# takes a port a server here is about to bind (worker i of -t N binds port+i).
+_PORT_RANGE = (20000, 32000)
+
+
+def free_port(span: int = 8) -> int:
+    """A port whose ``span`` consecutive ports are all free for TCP and UDP on 127.0.0.1."""
+    for _ in range(200):
+        base = random.randrange(_PORT_RANGE[0], _PORT_RANGE[1] - span)
+        if all(_bindable(base + i) for i in range(span)):
+            return base
+    raise RuntimeError("no free port range found")
+
+
+def _bindable(port: int) -> bool:
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
         with socket.socket(socket.AF_INET, kind) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        other = socket.SOCK_DGRAM if kind == socket.SOCK_STREAM else socket.SOCK_STREAM
-        with socket.socket(socket.AF_INET, other) as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port pair found")
+                return False
+    return True
 
 
 def wait_for_port(

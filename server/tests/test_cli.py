@@ -13,7 +13,8 @@ from cacheserver.cli import parse_settings
 
 def test_defaults_match_memcached() -> None:
     s = parse_settings([], environ={})
-    assert (s.port, s.udp_port, s.listen, s.memory_limit_mb) == (11211, 0, "0.0.0.0", 64)
+    # -m: memcached's 64 MB would not follow the container; the default sizes from its limit.
+    assert (s.port, s.udp_port, s.listen, s.memory_limit_mb) == (11211, 0, "0.0.0.0", None)
     assert s.max_item_size == 1024 * 1024 and s.conn_limit == 1024
 
 

@@ -12,7 +12,7 @@ from servers import free_port, request, start_cacheserver
 
 def test_metrics_endpoint_reports_memcached_exporter_names() -> None:
     metrics_port = free_port()
-    server = start_cacheserver("--metrics-port", str(metrics_port))
+    server = start_cacheserver("-m", "64", "--metrics-port", str(metrics_port))
     try:
         request(server, b"set a 0 0 1\r\n1\r\nget a\r\nget b\r\n", b"END\r\n")
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:

@@ -139,3 +139,16 @@ def test_udp_is_off_unless_asked() -> None:
                 sock.recv(65536)
     finally:
         server.stop()
+
+
+def test_a_request_cut_off_at_the_datagram_end_does_not_leak_into_the_next(
+    udp_server: RunningServer,
+) -> None:
+    target = ("127.0.0.1", udp_server.udp_port)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(0.5)
+        sock.sendto(HEADER.pack(3, 0, 1, 0) + b"set cut 0 0 10\r\nabc", target)
+        with pytest.raises(TimeoutError):
+            sock.recv(65536)  # incomplete: nothing stored, nothing answered
+    reply = reassemble(udp_exchange(udp_server, b"get cut\r\n"))
+    assert reply == b"END\r\n"

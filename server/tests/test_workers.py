@@ -27,7 +27,9 @@ def wait_for_exit(server: RunningServer, timeout: float = 10) -> int | None:
 
 def test_each_worker_is_its_own_shard_and_port() -> None:
     metrics_port = free_port()
-    server = start_cacheserver("-t", "2", "--metrics-port", str(metrics_port), udp=False)
+    server = start_cacheserver(
+        "-t", "2", "-m", "64", "--metrics-port", str(metrics_port), udp=False
+    )
     second = RunningServer("worker1", server.port + 1, 0, server.proc)
     try:
         wait_for_port(second.port, server.proc)  # workers start independently

@@ -32,6 +32,22 @@ _SERIES = (
     ("memcached_read_bytes", "Bytes read from clients.", "counter", "bytes_read"),
     ("memcached_written_bytes", "Bytes written to clients.", "counter", "bytes_written"),
     ("memcached_uptime_seconds", "Seconds since start.", "gauge", "uptime"),
+    # The memory layer's own numbers (cacheserver.memory), as a single worker reports them.
+    ("cacheappliance_memory_limit_bytes", "The memory limit sized to.", "gauge", "memory_limit"),
+    ("cacheappliance_memory_working_set_bytes", "Working set.", "gauge", "memory_working_set"),
+    ("cacheappliance_memory_resident_bytes", "Resident memory.", "gauge", "memory_resident"),
+    (
+        "cacheappliance_memory_shrink_events",
+        "Times the shrinker evicted.",
+        "counter",
+        "memory_shrink_events",
+    ),
+    (
+        "cacheappliance_memory_shrinker_released_bytes",
+        "Bytes of items the shrinker evicted.",
+        "counter",
+        "memory_bytes_released",
+    ),
 )
 _COMMAND_FIELDS = (
     ("get", "hit", "get_hits"),

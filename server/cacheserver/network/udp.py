@@ -31,9 +31,10 @@ def frame_reply(request_id: int, reply: bytes) -> list[bytes]:
 
 class UDPEndpoint(asyncio.DatagramProtocol):
     def __init__(self, commands: Commands, counters: Counters, allow_all: bool = False) -> None:
-        self._commands = commands
         self._counters = counters
-        self._allowed = None if allow_all else UDP_SAFE_COMMANDS
+        # One session serves every datagram: each request is complete in its datagram, so
+        # the session is only reset when a datagram left a partial request behind.
+        self._session = TextSession(commands, None if allow_all else UDP_SAFE_COMMANDS)
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -53,14 +54,22 @@ class UDPEndpoint(asyncio.DatagramProtocol):
         if count != 1:
             counters.udp_dropped_multidatagram += 1
             return
-        session = TextSession(self._commands, self._allowed)
+        session = self._session
         reply = session.feed(data[HEADER_SIZE:])
-        counters.udp_refused_commands += session.refused
+        if not session.idle or session.closing or session.refused:
+            counters.udp_refused_commands += session.refused
+            session.reset()  # a request cut off at the datagram's end is dropped with it
         if not reply:
+            return
+        transport = self.transport
+        if len(reply) <= MAX_PAYLOAD:
+            datagram = HEADER.pack(request_id, 0, 1, 0) + reply
+            transport.sendto(datagram, addr)  # type: ignore[union-attr]
+            counters.udp_datagrams_sent += 1
+            counters.bytes_written += len(datagram)
             return
         if len(reply) > MAX_PAYLOAD * MAX_DATAGRAMS:
             reply = b"SERVER_ERROR reply too large for UDP\r\n"
-        transport = self.transport
         assert transport is not None
         for datagram in frame_reply(request_id, reply):
             transport.sendto(datagram, addr)

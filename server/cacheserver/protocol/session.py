@@ -59,6 +59,15 @@ class TextSession:
         self.closing = False  # set when the connection is to close after the reply is sent
         self.refused = 0  # commands refused by the allow-list
 
+    def reset(self) -> None:
+        """Forget any partial request and the close flag (a new datagram starts afresh)."""
+        self._buffer = b""
+        self._request = None
+        self._chunks = []
+        self._have = self._need = 0
+        self.closing = False
+        self.refused = 0
+
     @property
     def idle(self) -> bool:
         """No partial request is held."""
