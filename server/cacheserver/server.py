@@ -10,7 +10,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 
 from prometheus_client import CollectorRegistry
 
@@ -21,8 +20,8 @@ from cacheserver.metrics.counters import Counters
 from cacheserver.metrics.http import serve_metrics
 from cacheserver.metrics.identity import PodIdentity
 from cacheserver.metrics.stats_report import StatsReport
-from cacheserver.network.tcp import ConnectionTracker, TCPConnection
-from cacheserver.network.udp import UDPEndpoint
+from cacheserver.network.tcp import TCPServer
+from cacheserver.network.udp import UDPServer
 from cacheserver.protocol.commands import Commands
 from cacheserver.storage import Store
 
@@ -47,38 +46,25 @@ class Worker:
         self.counters = Counters()
         self.report = StatsReport(settings, self.store, self.counters, VERSION)
         self.commands = Commands(self.store, self.counters, VERSION, self.report)
-        self.tracker = ConnectionTracker(self.counters, settings.conn_limit, settings.idle_timeout)
+        self.tcp = TCPServer(
+            self.commands, self.counters, settings.conn_limit, settings.idle_timeout
+        )
         self.registry = CollectorRegistry(auto_describe=False)
-        self.collector = ServerCollector(self.report, self.tracker.latency)
+        self.collector = ServerCollector(self.report, self.tcp.latency)
         self.collector.extra.append(PodIdentity.from_env().metrics)
         self.registry.register(self.collector)
         self._servers: list[asyncio.Server] = []
-        self._udp: asyncio.DatagramTransport | None = None
+        self.udp = UDPServer(self.commands, self.counters, settings.udp_allow_all)
         self._ticker: asyncio.TimerHandle | None = None
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         st = self.settings
-        server = await loop.create_server(
-            lambda: TCPConnection(self.commands, self.tracker),
-            st.listen,
-            st.port,
-            reuse_address=True,
-            backlog=1024,
-        )
-        self._servers.append(server)
-        for sock in server.sockets:
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.tcp.listen(st.listen, st.port)
         log.info("listening on %s:%d (TCP)", st.listen, st.port)
         if st.udp_port:
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: UDPEndpoint(self.commands, self.counters, st.udp_allow_all),
-                local_addr=(st.listen, st.udp_port),
-                reuse_port=False,
-            )
-            self._udp = transport  # type: ignore[assignment]
+            self.udp.listen(st.listen, st.udp_port)
             log.info(
                 "listening on %s:%d (UDP%s)",
                 st.listen,
@@ -92,7 +78,7 @@ class Worker:
 
     def _tick(self) -> None:
         self.store.reclaim_expired(CRAWL_BUDGET)
-        self.tracker.sweep(SWEEP_PERIOD)
+        self.tcp.sweep(SWEEP_PERIOD)
         self._ticker = asyncio.get_running_loop().call_later(SWEEP_PERIOD, self._tick)
 
     def stop(self) -> None:
@@ -111,9 +97,8 @@ class Worker:
             self._ticker.cancel()
         for server in self._servers:
             server.close()
-        if self._udp is not None:
-            self._udp.close()
-        self.tracker.close_all()
+        self.udp.close()
+        self.tcp.close()
         for server in self._servers:
             await server.wait_closed()
         log.info("stopped (pid %d)", os.getpid())

@@ -62,3 +62,26 @@ def test_many_concurrent_connections() -> None:
         for sock in socks:
             sock.close()
         server.stop()
+
+
+def test_a_client_that_does_not_read_its_replies_gets_them_all_later() -> None:
+    """Back-pressure: the server keeps at most what the kernel refused, stops reading that
+    client meanwhile, keeps serving others, and loses nothing."""
+    server = start_cacheserver()
+    value = b"v" * 100_000
+    try:
+        assert request(server, b"set big 0 0 %d\r\n%s\r\n" % (len(value), value)) == b"STORED\r\n"
+        with socket.create_connection(server.address, timeout=10) as slow:
+            slow.sendall(b"get big\r\n" * 300)  # 30 MB of replies nobody reads yet
+            time.sleep(0.5)
+            assert request(server, b"version\r\n").startswith(b"VERSION")  # others served
+            expected = b"VALUE big 0 %d\r\n%s\r\nEND\r\n" % (len(value), value)
+            chunks, total = [], 0
+            while total < len(expected) * 300:
+                chunk = slow.recv(1 << 20)
+                assert chunk, "server closed the slow client"
+                chunks.append(chunk)
+                total += len(chunk)
+            assert b"".join(chunks) == expected * 300
+    finally:
+        server.stop()

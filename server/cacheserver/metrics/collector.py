@@ -109,6 +109,7 @@ class ServerCollector(Collector):
         )
         drops.add_metric(["malformed"], c.udp_dropped_malformed)
         drops.add_metric(["multi_datagram_request"], c.udp_dropped_multidatagram)
+        drops.add_metric(["send_error"], c.udp_send_errors)
         yield drops
         yield counter(
             "cacheappliance_udp_refused_commands",

@@ -43,6 +43,7 @@ class Counters:
     udp_dropped_malformed: int = 0
     udp_dropped_multidatagram: int = 0
     udp_refused_commands: int = 0
+    udp_send_errors: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -121,6 +121,7 @@ class StatsReport:
             ("udp_dropped_malformed", c.udp_dropped_malformed),
             ("udp_dropped_multidatagram", c.udp_dropped_multidatagram),
             ("udp_refused_commands", c.udp_refused_commands),
+            ("udp_send_errors", c.udp_send_errors),
         ]
         for extra in self.extra_general:
             lines.extend(extra())

@@ -1,9 +1,20 @@
-"""TCP connections: one asyncio protocol object per client, fed by the event loop's shared
-read buffer (no per-connection buffer beyond a partial request)."""
+"""TCP: every client socket in one epoll set, which the event loop watches as a single fd.
+
+The OSv and Facebook lessons applied to a Python server: when the epoll fd turns readable,
+one callback drains every ready socket (one loop wake-up for a batch of clients, not one
+callback and transport object per client), reads go through one shared buffer, and a
+connection costs only its socket and its protocol session (see W5 in docs/benchmarks.md).
+Replies are written straight away; only what the kernel would not take is kept, and the
+connection stops being read until that is flushed (back-pressure).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import select
+import socket
 from time import perf_counter
 
 from cacheserver.metrics.counters import Counters
@@ -12,100 +23,190 @@ from cacheserver.protocol.commands import Commands
 from cacheserver.protocol.session import TextSession
 
 TOO_MANY_CONNECTIONS = b"ERROR Too many open connections\r\n"
+READ_SIZE = 65536
+BATCH = 512  # sockets handled per wake-up; the rest wait for the next loop iteration
+_IN = select.EPOLLIN | select.EPOLLRDHUP
+_OUT = select.EPOLLOUT
+_GONE = select.EPOLLHUP | select.EPOLLERR
 
 
-class ConnectionTracker:
-    """Counts open connections against the limit and closes idle ones.
+class Connection(TextSession):
+    """One client: the protocol session plus its socket and what it still has to send."""
 
-    Idle detection is tick-based: a connection remembers the sweeper's tick when it last
-    received bytes, so the request path stores one int instead of reading a clock.
-    """
+    __slots__ = ("pending", "seen_tick", "sock")
 
-    def __init__(self, counters: Counters, limit: int, idle_timeout: float) -> None:
+    def __init__(self, commands: Commands, sock: socket.socket, tick: int) -> None:
+        super().__init__(commands)
+        self.sock = sock
+        self.seen_tick = tick
+        self.pending = b""  # reply bytes the kernel has not taken yet
+
+
+class TCPServer:
+    """Accepts clients on one listening socket and serves them from one epoll set."""
+
+    def __init__(
+        self, commands: Commands, counters: Counters, limit: int, idle_timeout: float
+    ) -> None:
+        self.commands = commands
         self.counters = counters
         self.limit = limit
         self.idle_timeout = idle_timeout
-        self.tick = 0
-        self.open: set[TCPConnection] = set()
         self.latency = LatencyHistogram()
+        self.tick = 0
+        self.connections: dict[int, Connection] = {}
+        self._epoll = select.epoll()
+        self._listener: socket.socket | None = None
+        self._buffer = bytearray(READ_SIZE)
+        self._view = memoryview(self._buffer)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def listen(self, host: str, port: int, backlog: int = 1024) -> socket.socket:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listener = socket.create_server((host, port), family=family, backlog=backlog)
+        listener.setblocking(False)
+        self._listener = listener
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(listener.fileno(), self._accept)
+        self._loop.add_reader(self._epoll.fileno(), self._serve_ready)
+        return listener
+
+    # -- accepting -----------------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        counters = self.counters
+        for _ in range(BATCH):
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # EMFILE and friends: try again on the next readiness
+                return
+            counters.total_connections += 1
+            if len(self.connections) >= self.limit:
+                counters.rejected_connections += 1
+                with contextlib.suppress(OSError):
+                    sock.send(TOO_MANY_CONNECTIONS)
+                sock.close()
+                continue
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = Connection(self.commands, sock, self.tick)
+            fd = sock.fileno()
+            self.connections[fd] = conn
+            self._epoll.register(fd, _IN)
+            counters.curr_connections += 1
+
+    # -- serving -------------------------------------------------------------------------------
+
+    def _serve_ready(self) -> None:
+        connections = self.connections
+        for fd, events in self._epoll.poll(0, BATCH):
+            conn = connections.get(fd)
+            if conn is None:
+                continue
+            if events & _OUT and conn.pending:
+                self._flush(fd, conn)
+            if events & (_IN | _GONE) and not conn.pending:
+                self._read(fd, conn)
+
+    def _read(self, fd: int, conn: Connection) -> None:
+        try:
+            n = conn.sock.recv_into(self._buffer)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            n = 0
+        if n == 0:  # the client closed (or reset) its side: nothing more will come
+            self._close(fd, conn)
+            return
+        data = bytes(self._view[:n])
+        conn.seen_tick = self.tick
+        counters = self.counters
+        counters.bytes_read += n
+        latency = self.latency
+        latency.reads += 1
+        if latency.reads & SAMPLE_MASK:
+            out = conn.feed(data)
+        else:
+            started = perf_counter()
+            out = conn.feed(data)
+            latency.observe(perf_counter() - started)
+        if out:
+            counters.bytes_written += len(out)
+            self._send(fd, conn, out)
+        if conn.closing and not conn.pending:
+            self._close(fd, conn)
+
+    def _send(self, fd: int, conn: Connection, out: bytes) -> None:
+        try:
+            sent = conn.sock.send(out)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._close(fd, conn)
+            return
+        if sent < len(out):
+            # The client is not reading fast enough: keep the rest, and stop reading its
+            # requests until it has taken the replies it already has.
+            conn.pending = out[sent:]
+            self._epoll.modify(fd, _OUT)
+
+    def _flush(self, fd: int, conn: Connection) -> None:
+        out = conn.pending
+        conn.pending = b""
+        try:
+            sent = conn.sock.send(out)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._close(fd, conn)
+            return
+        if sent < len(out):
+            conn.pending = out[sent:]
+            return
+        if conn.closing:
+            self._close(fd, conn)
+        else:
+            self._epoll.modify(fd, _IN)
+
+    def _close(self, fd: int, conn: Connection) -> None:
+        if self.connections.pop(fd, None) is None:
+            return
+        try:
+            self._epoll.unregister(fd)
+        except OSError as err:
+            if err.errno != errno.EBADF:
+                raise
+        conn.sock.close()
+        self.counters.curr_connections -= 1
+
+    # -- housekeeping --------------------------------------------------------------------------
 
     def sweep(self, period: float) -> None:
-        """Called every ``period`` seconds: close connections idle for the timeout or longer."""
+        """Called every ``period`` seconds: close connections idle for the timeout or longer.
+
+        Idle detection is tick-based: a read stores the current tick, so the request path
+        never reads a clock for it.
+        """
         self.tick += 1
         if self.idle_timeout <= 0:
             return
         max_idle_ticks = max(1, round(self.idle_timeout / period))
-        for conn in list(self.open):
-            if self.tick - conn.seen_tick > max_idle_ticks and conn.session.idle:
+        for fd, conn in list(self.connections.items()):
+            if self.tick - conn.seen_tick > max_idle_ticks and conn.idle and not conn.pending:
                 self.counters.idle_kicks += 1
-                conn.close()
-
-    def close_all(self) -> None:
-        for conn in list(self.open):
-            conn.close()
-
-
-class TCPConnection(asyncio.Protocol):
-    __slots__ = ("_paused", "_tracker", "seen_tick", "session", "transport")
-
-    def __init__(self, commands: Commands, tracker: ConnectionTracker) -> None:
-        self.session = TextSession(commands)
-        self._tracker = tracker
-        self.transport: asyncio.Transport | None = None
-        self.seen_tick = tracker.tick
-        self._paused = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        tracker = self._tracker
-        counters = tracker.counters
-        counters.total_connections += 1
-        if len(tracker.open) >= tracker.limit:
-            counters.rejected_connections += 1
-            transport.write(TOO_MANY_CONNECTIONS)
-            transport.close()
-            return
-        tracker.open.add(self)
-        counters.curr_connections += 1
-
-    def data_received(self, data: bytes) -> None:
-        tracker = self._tracker
-        self.seen_tick = tracker.tick
-        counters = tracker.counters
-        counters.bytes_read += len(data)
-        session = self.session
-        latency = tracker.latency
-        latency.reads += 1
-        if latency.reads & SAMPLE_MASK:
-            out = session.feed(data)
-        else:
-            started = perf_counter()
-            out = session.feed(data)
-            latency.observe(perf_counter() - started)
-        transport = self.transport
-        if out:
-            counters.bytes_written += len(out)
-            transport.write(out)  # type: ignore[union-attr]
-        if session.closing:
-            transport.close()  # type: ignore[union-attr]
-
-    def pause_writing(self) -> None:
-        # The client is not reading its replies: stop reading its requests until it does.
-        self._paused = True
-        if self.transport is not None:
-            self.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        self._paused = False
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        tracker = self._tracker
-        if self in tracker.open:
-            tracker.open.discard(self)
-            tracker.counters.curr_connections -= 1
+                self._close(fd, conn)
 
     def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+        loop = self._loop
+        if loop is not None:
+            if self._listener is not None:
+                loop.remove_reader(self._listener.fileno())
+            loop.remove_reader(self._epoll.fileno())
+        for fd, conn in list(self.connections.items()):
+            self._close(fd, conn)
+        if self._listener is not None:
+            self._listener.close()
+        self._epoll.close()

@@ -8,6 +8,8 @@ at most ``MAX_PAYLOAD`` bytes each, which the client reassembles by sequence num
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import struct
 
 from cacheserver.metrics.counters import Counters
@@ -29,16 +31,52 @@ def frame_reply(request_id: int, reply: bytes) -> list[bytes]:
     ]
 
 
-class UDPEndpoint(asyncio.DatagramProtocol):
+BATCH = 256  # datagrams drained per loop wake-up
+RECEIVE_BUFFER = 4 * 1024 * 1024  # room for bursts while the worker is busy (best effort)
+
+
+class UDPServer:
+    """One UDP socket read directly from the event loop: each wake-up drains every datagram
+    waiting (up to ``BATCH``), so a burst costs one loop iteration, not one per datagram."""
+
     def __init__(self, commands: Commands, counters: Counters, allow_all: bool = False) -> None:
         self._counters = counters
         # One session serves every datagram: each request is complete in its datagram, so
         # the session is only reset when a datagram left a partial request behind.
         self._session = TextSession(commands, None if allow_all else UDP_SAFE_COMMANDS)
-        self.transport: asyncio.DatagramTransport | None = None
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+    def listen(self, host: str, port: int) -> socket.socket:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+        sock.bind((host, port))
+        sock.setblocking(False)
+        self._sock = sock
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock.fileno(), self._drain)
+        return sock
+
+    def close(self) -> None:
+        if self._sock is not None and self._loop is not None:
+            self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+
+    def _drain(self) -> None:
+        sock = self._sock
+        assert sock is not None
+        recvfrom = sock.recvfrom
+        for _ in range(BATCH):
+            try:
+                data, addr = recvfrom(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # an ICMP error for an earlier reply (client gone): nothing to do
+                continue
+            self.datagram_received(data, addr)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         counters = self._counters
@@ -61,21 +99,20 @@ class UDPEndpoint(asyncio.DatagramProtocol):
             session.reset()  # a request cut off at the datagram's end is dropped with it
         if not reply:
             return
-        transport = self.transport
         if len(reply) <= MAX_PAYLOAD:
-            datagram = HEADER.pack(request_id, 0, 1, 0) + reply
-            transport.sendto(datagram, addr)  # type: ignore[union-attr]
-            counters.udp_datagrams_sent += 1
-            counters.bytes_written += len(datagram)
+            self._send(HEADER.pack(request_id, 0, 1, 0) + reply, addr)
             return
         if len(reply) > MAX_PAYLOAD * MAX_DATAGRAMS:
             reply = b"SERVER_ERROR reply too large for UDP\r\n"
-        assert transport is not None
         for datagram in frame_reply(request_id, reply):
-            transport.sendto(datagram, addr)
-            counters.udp_datagrams_sent += 1
-            counters.bytes_written += len(datagram)
+            self._send(datagram, addr)
 
-    def error_received(self, exc: Exception) -> None:
-        # An ICMP error for an earlier reply (client gone): nothing to do for a cache.
-        pass
+    def _send(self, datagram: bytes, addr: tuple[str, int]) -> None:
+        try:
+            self._sock.sendto(datagram, addr)  # type: ignore[union-attr]
+        except OSError:
+            # A full send buffer or an unreachable client: UDP may drop, and so do we.
+            self._counters.udp_send_errors += 1
+            return
+        self._counters.udp_datagrams_sent += 1
+        self._counters.bytes_written += len(datagram)
