@@ -13,7 +13,8 @@ command -v memcached >/dev/null || need_pkgs+=(memcached)
 command -v memccapable >/dev/null || need_pkgs+=(libmemcached-tools)
 # The e2e control plane's certificates (e2e/pki.py).
 command -v openssl >/dev/null || need_pkgs+=(openssl)
-# promtool checks every alert and dashboard expression; the e2e suite runs a real Prometheus.
+# promtool checks every alert and dashboard expression (the e2e suite's Prometheus server is
+# built by make e2e-bins: Debian's has no Kubernetes discovery).
 command -v promtool >/dev/null || need_pkgs+=(prometheus)
 "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null || need_pkgs+=(python3-venv)
 if ((${#need_pkgs[@]})); then

@@ -6,16 +6,22 @@ operator builds. test_observability.py then runs them against a real Prometheus.
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
 from cacheoperator.children import statefulsets
+from cacheoperator.metrics import OperatorMetrics
 from cacheoperator.models import parse_spec
 from cacheoperator.naming import ClusterRef
 from e2e import monitoring
-from e2e.cluster import REPO_ROOT, ClusterError, binary
+from e2e.cluster import REPO_ROOT, ClusterError, binary, free_port
+from e2e.container import default_path
 
 OVERVIEW = monitoring.CHART / "dashboards" / "cache-cluster-overview.json"
 OPERATOR = monitoring.CHART / "dashboards" / "cache-operator.json"
@@ -121,6 +127,64 @@ def test_the_overview_has_the_panels_operators_look_for():
     assert {"Reconciles by result", "Errors", "Reconcile latency", "CacheClusters by phase"} <= (
         operator_titles
     )
+
+
+# ---- the metrics they read exist --------------------------------------------------------
+
+_METRIC = re.compile(r"\b((?:memcached|cacheappliance|cacheoperator)_\w+)")
+# With -t N the supervisor gathers each worker's `stats`, which has no latency histogram.
+NOT_WITH_WORKERS = {"cacheappliance_request_duration_seconds_bucket"}
+
+
+def used_metric_names() -> set[str]:
+    exprs = [q.expr for q in monitoring.all_dashboard_queries()]
+    exprs += [a.expr for a in monitoring.alerts()]
+    return {m for e in exprs for m in _METRIC.findall(e)}
+
+
+def exposed_names(text: str) -> set[str]:
+    return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line[:1] != "#"}
+
+
+def scrape_cacheserver(*args: str) -> str:
+    """The /metrics of a real cacheserver started with ``args``, on loopback."""
+    server = shutil.which("cacheserver", path=default_path())
+    port, metrics = free_port(), free_port()
+    argv = [server, "-l", "127.0.0.1", "-p", str(port), "--metrics-port", str(metrics), *args]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=2) as r:
+                    return r.read().decode()
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_every_metric_the_dashboards_and_alerts_read_is_exported():
+    """Names in the dashboards and rules that no server or operator exports would be panels
+    and alerts that never show anything: check them against a real cacheserver, alone and
+    with two workers, and the operator's registry."""
+    from prometheus_client import generate_latest
+
+    used = used_metric_names()
+    assert len(used) > 20, used
+    operator = exposed_names(generate_latest(OperatorMetrics().registry).decode())
+    single = exposed_names(scrape_cacheserver())
+    workers = exposed_names(scrape_cacheserver("-t", "2"))
+    for name in sorted(used):
+        if name.startswith("cacheoperator_"):
+            assert name in operator, name
+            continue
+        assert name in single, f"{name}: not exported by cacheserver"
+        if name not in NOT_WITH_WORKERS:
+            assert name in workers, f"{name}: not exported by cacheserver -t 2"
 
 
 # ---- the chart, rendered by the pinned helm ---------------------------------------------
