@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from e2e.cluster import REPO_ROOT
+from e2e.cluster import REPO_ROOT, versions
 
 CHART = REPO_ROOT / "charts" / "cache-operator"
 DASHBOARDS = sorted((CHART / "dashboards").glob("*.json"))
@@ -199,6 +199,9 @@ def helm_template(
                 namespace,
                 "--values",
                 str(values_file),
+                # The chart's kubeVersion check needs the cluster's version (helm assumes old).
+                "--kube-version",
+                versions()["KUBERNETES_VERSION"],
             ],
             capture_output=True,
             text=True,
