@@ -7,7 +7,7 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from servers import free_port, request, start_cacheserver
+from servers import RunningServer, free_port, request, start_cacheserver, wait_for_port
 
 
 def test_metrics_endpoint_reports_memcached_exporter_names() -> None:
@@ -78,7 +78,8 @@ def test_latency_histogram_samples_one_read_in_64() -> None:
         server.stop()
 
 
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
+def scrape(server: RunningServer, port: int) -> dict[tuple[str, tuple], float]:
+    wait_for_port(port, server.proc)  # the metrics port may open after the memcached one
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         text = r.read().decode()
     return {
@@ -110,7 +111,7 @@ def test_pod_info_reports_the_downward_api_env_with_one_or_many_workers() -> Non
             "-t", workers, "--metrics-port", str(metrics_port), udp=False, env=env
         )
         try:
-            samples = scrape(metrics_port)
+            samples = scrape(server, metrics_port)
         finally:
             server.stop()
         pod_info = [k for k in samples if k[0] == expected[0]]
@@ -125,7 +126,7 @@ def test_pod_info_outside_kubernetes_has_empty_labels() -> None:
         env={"POD_NAME": "", "NODE_NAME": "", "HOST_IP": "", "CACHESERVER_PARTITION": ""},
     )
     try:
-        samples = scrape(metrics_port)
+        samples = scrape(server, metrics_port)
     finally:
         server.stop()
     # Unset variables leave their labels out: the series is there, with no placement.

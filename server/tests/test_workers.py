@@ -78,6 +78,7 @@ def test_aggregated_metrics_count_evictions_udp_drops_and_refusals_per_worker() 
     server = start_cacheserver("-t", "2", "-m", "1", "-c", "4", "--metrics-port", str(metrics_port))
     try:
         wait_for_port(server.port + 1, server.proc)
+        wait_for_port(metrics_port, server.proc)
         value = b"x" * 100_000
         for i in range(12):
             request(server, b"set k%d 0 0 %d\r\n%s\r\n" % (i, len(value), value))
