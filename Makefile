@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 11211
 
-.PHONY: deps run test unit lint fmt crds clean bench e2e-bins e2e up down
+.PHONY: deps run test unit lint fmt crds clean bench e2e-bins e2e up down dashboard-picture
 
 deps:
 	@scripts/bootstrap.sh
@@ -37,6 +37,12 @@ e2e-bins:
 
 e2e: deps $(if $(E2E_KUBECONFIG),,e2e-bins)
 	$(BIN)/pytest e2e/tests
+
+# The overview dashboard drawn from the data of a real e2e run (Prometheus scraping cache
+# appliances under load), for docs/observability.md and the README.
+dashboard-picture: deps e2e-bins
+	E2E_DASHBOARD_PNG=$(CURDIR)/docs/images/cache-cluster-overview.png \
+		$(BIN)/pytest e2e/tests/test_observability.py
 
 # A local cluster (3 nodes in 2 zones) with the chart, the operator (as the chart's
 # ServiceAccount) and examples/cachecluster.yaml, Ready, kept running in the background;

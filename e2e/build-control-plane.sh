@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the binaries of the e2e control plane from their Go modules and caches them outside
 # the repository, keyed by version:
-#   etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, helm
+#   etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, helm, prometheus
 # into ${E2E_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/cache-appliance}/bin/<name>-<version>.
 # The Go module and build caches live under the same directory, so a second run takes seconds.
 #
@@ -130,7 +130,9 @@ build() { # component module version binary-name=package...
     start=$(date +%s)
     out=$(mktemp -d "$BIN/.build.XXXXXX")
     log "$component $version: building ${names[*]} (slow the first time)"
-    (cd "$dir" && nice -n 10 "$GO" build -trimpath -ldflags="-s -w $ldflags" -o "$out/" "${pkgs[@]}")
+    # BUILD_TAGS (set by the caller) selects optional parts, e.g. Prometheus' discoveries.
+    (cd "$dir" && nice -n 10 "$GO" build -trimpath ${BUILD_TAGS:+-tags="$BUILD_TAGS"} \
+        -ldflags="-s -w $ldflags" -o "$out/" "${pkgs[@]}")
     for pair in "$@"; do
         local name=${pair%%=*} pkg=${pair#*=} built
         built=$(basename "$pkg")
@@ -166,5 +168,14 @@ build kubernetes k8s.io/kubernetes "$KUBERNETES_VERSION" "$k8s_ldflags" \
 build helm helm.sh/helm/v3 "$HELM_VERSION" \
     "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
     helm=helm.sh/helm/v3/cmd/helm
+
+# Prometheus for the observability test (Debian's package has no Kubernetes discovery), built
+# with Kubernetes discovery only: the other discoveries would compile in every cloud's SDK.
+# No web UI assets either; the HTTP API is all the tests use.
+prometheus_release=3.${PROMETHEUS_VERSION#v0.3}
+BUILD_TAGS=remove_all_sd,enable_kubernetes_sd build prometheus github.com/prometheus/prometheus \
+    "$PROMETHEUS_VERSION" \
+    "-X github.com/prometheus/common/version.Version=$prometheus_release" \
+    prometheus=github.com/prometheus/prometheus/cmd/prometheus
 
 log "all binaries ready in $BIN ($(($(date +%s) - total_start))s)"

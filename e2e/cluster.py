@@ -68,6 +68,7 @@ _VERSION_KEY = {
     "kube-scheduler": "KUBERNETES_VERSION",
     "kubectl": "KUBERNETES_VERSION",
     "helm": "HELM_VERSION",
+    "prometheus": "PROMETHEUS_VERSION",
 }
 
 

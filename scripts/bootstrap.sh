@@ -13,6 +13,9 @@ command -v memcached >/dev/null || need_pkgs+=(memcached)
 command -v memccapable >/dev/null || need_pkgs+=(libmemcached-tools)
 # The e2e control plane's certificates (e2e/pki.py).
 command -v openssl >/dev/null || need_pkgs+=(openssl)
+# promtool checks every alert and dashboard expression (the e2e suite's Prometheus server is
+# built by make e2e-bins: Debian's has no Kubernetes discovery).
+command -v promtool >/dev/null || need_pkgs+=(prometheus)
 "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null || need_pkgs+=(python3-venv)
 if ((${#need_pkgs[@]})); then
     if [ "$(id -u)" != 0 ]; then
@@ -21,7 +24,9 @@ if ((${#need_pkgs[@]})); then
     fi
     echo "bootstrap: installing ${need_pkgs[*]}"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+    # --no-install-recommends: prometheus would pull in node-exporter, which nothing here uses.
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${need_pkgs[@]}" >/dev/null
 fi
 
 stamp="$VENV/.installed"

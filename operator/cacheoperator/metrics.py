@@ -13,6 +13,7 @@ from prometheus_client.registry import Collector
 from cacheoperator.models import Phase
 
 PHASES: tuple[str, ...] = Phase.__args__
+RESULTS = ("ok", "invalid", "error")
 
 
 class _PhaseCollector(Collector):
@@ -52,6 +53,10 @@ class OperatorMetrics:
             ["result"],
             registry=self.registry,
         )
+        # Every result exists from the start at 0: increase() and rate() cannot see the first
+        # error of a series that appears with the value 1, and alerts would miss it.
+        for result in RESULTS:
+            self.reconciles.labels(result=result)
         self.duration = Histogram(
             "cacheoperator_reconcile_duration_seconds",
             "Time of one reconcile pass, API calls included",

@@ -79,6 +79,15 @@ def test_operator_metrics_count_reconciles_and_phases():
     assert 'cacheoperator_clusters{phase="Ready"} 1.0' in text
     assert 'cacheoperator_clusters{phase="Degraded"} 1.0' in text
     assert 'cacheoperator_clusters{phase="Invalid"} 0.0' in text
+    # No error yet, but the series is there: the first error is an increase an alert sees.
+    assert 'cacheoperator_reconciles_total{result="error"} 0.0' in text
+
+
+def test_operator_metrics_listen_where_told(monkeypatch):
+    assert parse_args([]).metrics_address == "0.0.0.0"
+    assert parse_args(["--metrics-address", "127.0.0.1"]).metrics_address == "127.0.0.1"
+    monkeypatch.setenv("CACHEOPERATOR_METRICS_ADDRESS", "::1")
+    assert parse_args([]).metrics_address == "::1"
 
 
 def test_startup_settings_keep_kopf_out_of_the_status_and_filter_children_server_side():

@@ -18,6 +18,7 @@ from cacheserver.config import Settings
 from cacheserver.metrics.collector import ServerCollector
 from cacheserver.metrics.counters import Counters
 from cacheserver.metrics.http import serve_metrics
+from cacheserver.metrics.identity import PodIdentity
 from cacheserver.metrics.stats_report import StatsReport
 from cacheserver.network.tcp import TCPServer
 from cacheserver.network.udp import UDPServer
@@ -50,6 +51,7 @@ class Worker:
         )
         self.registry = CollectorRegistry(auto_describe=False)
         self.collector = ServerCollector(self.report, self.tcp.latency)
+        self.collector.extra.append(PodIdentity.from_env().metrics)
         self.registry.register(self.collector)
         self._servers: list[asyncio.Server] = []
         self.udp = UDPServer(self.commands, self.counters, settings.udp_allow_all)

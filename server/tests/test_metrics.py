@@ -7,7 +7,7 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from servers import free_port, request, start_cacheserver
+from servers import RunningServer, free_port, request, start_cacheserver, wait_for_port
 
 
 def test_metrics_endpoint_reports_memcached_exporter_names() -> None:
@@ -76,3 +76,58 @@ def test_latency_histogram_samples_one_read_in_64() -> None:
         assert 0 < total < 1  # three reads took some time, and well under a second
     finally:
         server.stop()
+
+
+def scrape(server: RunningServer, port: int) -> dict[tuple[str, tuple], float]:
+    wait_for_port(port, server.proc)  # the metrics port may open after the memcached one
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_pod_info_reports_the_downward_api_env_with_one_or_many_workers() -> None:
+    env = {
+        "POD_NAME": "cache-p1-0",
+        "NODE_NAME": "node-2",
+        "HOST_IP": "127.0.0.2",
+        "CACHESERVER_PARTITION": "1",
+    }
+    expected = (
+        "cacheappliance_pod_info",
+        (
+            ("host_ip", "127.0.0.2"),
+            ("node_name", "node-2"),
+            ("partition_number", "1"),
+            ("pod_name", "cache-p1-0"),
+        ),
+    )
+    for workers in ("1", "2"):
+        metrics_port = free_port()
+        server = start_cacheserver(
+            "-t", workers, "--metrics-port", str(metrics_port), udp=False, env=env
+        )
+        try:
+            samples = scrape(server, metrics_port)
+        finally:
+            server.stop()
+        pod_info = [k for k in samples if k[0] == expected[0]]
+        assert samples.get(expected) == 1, f"-t {workers}: {pod_info}"
+
+
+def test_pod_info_outside_kubernetes_has_empty_labels() -> None:
+    metrics_port = free_port()
+    server = start_cacheserver(
+        "--metrics-port",
+        str(metrics_port),
+        env={"POD_NAME": "", "NODE_NAME": "", "HOST_IP": "", "CACHESERVER_PARTITION": ""},
+    )
+    try:
+        samples = scrape(server, metrics_port)
+    finally:
+        server.stop()
+    # Unset variables leave their labels out: the series is there, with no placement.
+    assert samples[("cacheappliance_pod_info", ())] == 1

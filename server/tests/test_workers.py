@@ -4,7 +4,9 @@ parent, and a dead shard ends the server rather than leaving a hole in the keysp
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
 import time
 import urllib.request
 
@@ -68,3 +70,36 @@ def test_a_dead_worker_ends_the_server_and_no_process_is_left() -> None:
 def _is_zombie(pid: int) -> bool:
     with open(f"/proc/{pid}/stat") as f:
         return f.read().split()[2] == "Z"
+
+
+def test_aggregated_metrics_count_evictions_udp_drops_and_refusals_per_worker() -> None:
+    metrics_port = free_port()
+    # 1 MB split in two: a few 100 KB values overflow worker 0.
+    server = start_cacheserver("-t", "2", "-m", "1", "-c", "4", "--metrics-port", str(metrics_port))
+    try:
+        wait_for_port(server.port + 1, server.proc)
+        wait_for_port(metrics_port, server.proc)
+        value = b"x" * 100_000
+        for i in range(12):
+            request(server, b"set k%d 0 0 %d\r\n%s\r\n" % (i, len(value), value))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.sendto(b"bad", ("127.0.0.1", server.port + 1))  # shorter than a frame header
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        deadline = time.monotonic() + 5
+        while True:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                text = r.read().decode()
+            dropped = 'reason="malformed",worker="1"} 1.0' in text
+            if dropped or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    finally:
+        server.stop()
+    assert 'cacheappliance_udp_dropped_datagrams_total{reason="malformed",worker="1"} 1.0' in text
+    evicted = re.search(
+        r'cacheappliance_evictions_total\{cause="capacity",worker="0"\} (\S+)', text
+    )
+    assert evicted and float(evicted.group(1)) > 0, text
+    assert 'cacheappliance_evictions_total{cause="shrinker",worker="0"} 0.0' in text
+    assert 'memcached_connections_rejected_total{worker="0"} 0.0' in text
+    assert 'memcached_max_connections{worker="1"} 4.0' in text

@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 
 from cacheserver.config import Settings
 from cacheserver.metrics.http import serve_metrics
+from cacheserver.metrics.identity import PodIdentity
 
 # (metric, help, kind, stats field); commands come from _COMMAND_FIELDS below.
 _SERIES = (
@@ -28,6 +29,19 @@ _SERIES = (
     ("memcached_items_reclaimed", "Expired items reclaimed.", "counter", "reclaimed"),
     ("memcached_current_connections", "Open connections.", "gauge", "curr_connections"),
     ("memcached_connections", "Connections accepted.", "counter", "total_connections"),
+    ("memcached_max_connections", "The connection limit.", "gauge", "max_connections"),
+    (
+        "memcached_connections_rejected",
+        "Connections refused at the limit.",
+        "counter",
+        "rejected_connections",
+    ),
+    (
+        "cacheappliance_udp_refused_commands",
+        "Commands refused over UDP by the amplification guard.",
+        "counter",
+        "udp_refused_commands",
+    ),
     ("memcached_read_bytes", "Bytes read from clients.", "counter", "bytes_read"),
     ("memcached_written_bytes", "Bytes written to clients.", "counter", "bytes_written"),
     ("memcached_uptime_seconds", "Seconds since start.", "gauge", "uptime"),
@@ -46,6 +60,25 @@ _SERIES = (
         "Bytes of items the shrinker evicted.",
         "counter",
         "memory_bytes_released",
+    ),
+)
+# Families with one label besides the worker: (metric, help, label, ((value, field), ...)).
+_LABELLED = (
+    (
+        "cacheappliance_evictions",
+        "Valid items evicted, by cause.",
+        "cause",
+        (("capacity", "evictions_capacity"), ("shrinker", "evictions_shrinker")),
+    ),
+    (
+        "cacheappliance_udp_dropped_datagrams",
+        "UDP datagrams dropped.",
+        "reason",
+        (
+            ("malformed", "udp_dropped_malformed"),
+            ("multi_datagram_request", "udp_dropped_multidatagram"),
+            ("send_error", "udp_send_errors"),
+        ),
     ),
 )
 _COMMAND_FIELDS = (
@@ -93,6 +126,7 @@ class WorkersCollector(Collector):
         self._settings = settings
         host = settings.listen
         self._host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+        self._identity = PodIdentity.from_env()
 
     def collect(self) -> Iterator[Metric]:
         st = self._settings
@@ -101,6 +135,7 @@ class WorkersCollector(Collector):
         for worker, stats in per_worker:
             up.add_metric([worker], 1 if stats is not None else 0)
         yield up
+        yield from self._identity.metrics()
         commands = CounterMetricFamily(
             "memcached_commands",
             "Commands by command and result.",
@@ -119,6 +154,13 @@ class WorkersCollector(Collector):
                 if stats is not None and field in stats:
                     family.add_metric([worker], float(stats[field]))
             yield family
+        for name, doc, label, values in _LABELLED:
+            counter = CounterMetricFamily(name, doc, labels=["worker", label])
+            for worker, stats in per_worker:
+                for value, field in values:
+                    if stats is not None and field in stats:
+                        counter.add_metric([worker, value], float(stats[field]))
+            yield counter
 
 
 async def serve_aggregated_metrics(settings: Settings) -> asyncio.Server:
