@@ -16,10 +16,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from cacheserver.config import Settings
+from cacheserver.metrics.collector import COMMANDS
 from cacheserver.metrics.http import serve_metrics
 from cacheserver.metrics.identity import PodIdentity
 
-# (metric, help, kind, stats field); commands come from _COMMAND_FIELDS below.
+# (metric, help, kind, stats field); the command counters follow collector.COMMANDS.
 _SERIES = (
     ("memcached_current_items", "Items stored.", "gauge", "curr_items"),
     ("memcached_items", "Items ever stored.", "counter", "total_items"),
@@ -81,23 +82,6 @@ _LABELLED = (
         ),
     ),
 )
-_COMMAND_FIELDS = (
-    ("get", "hit", "get_hits"),
-    ("get", "miss", "get_misses"),
-    ("set", "hit", "cmd_set"),
-    ("cas", "hit", "cas_hits"),
-    ("cas", "miss", "cas_misses"),
-    ("cas", "badval", "cas_badval"),
-    ("delete", "hit", "delete_hits"),
-    ("delete", "miss", "delete_misses"),
-    ("incr", "hit", "incr_hits"),
-    ("incr", "miss", "incr_misses"),
-    ("decr", "hit", "decr_hits"),
-    ("decr", "miss", "decr_misses"),
-    ("touch", "hit", "touch_hits"),
-    ("touch", "miss", "touch_misses"),
-    ("flush", "hit", "cmd_flush"),
-)
 
 
 def fetch_stats(host: str, port: int, timeout: float = 2.0) -> dict[str, str] | None:
@@ -144,7 +128,7 @@ class WorkersCollector(Collector):
         for worker, stats in per_worker:
             if stats is None:
                 continue
-            for command, status, field in _COMMAND_FIELDS:
+            for command, status, field in COMMANDS:
                 commands.add_metric([worker, command, status], float(stats.get(field, 0)))
         yield commands
         for name, doc, kind, field in _SERIES:

@@ -22,7 +22,7 @@ from cacheserver.metrics.latency import LatencyHistogram
 from cacheserver.metrics.stats_report import StatsReport
 
 # (command label, status label, counter field) as memcached_exporter reports them.
-_COMMANDS = (
+COMMANDS = (
     ("get", "hit", "get_hits"),
     ("get", "miss", "get_misses"),
     ("set", "hit", "cmd_set"),
@@ -65,7 +65,7 @@ class ServerCollector(Collector):
         commands = CounterMetricFamily(
             "memcached_commands", "Commands by command and result.", labels=["command", "status"]
         )
-        for command, status, field in _COMMANDS:
+        for command, status, field in COMMANDS:
             commands.add_metric([command, status], getattr(c, field))
         yield commands
 

@@ -139,32 +139,26 @@ class TCPServer:
         if conn.closing and not conn.pending:
             self._close(fd, conn)
 
-    def _send(self, fd: int, conn: Connection, out: bytes) -> None:
+    def _write(self, fd: int, conn: Connection, out: bytes) -> bool:
+        """Send what the kernel takes; keep the rest in ``pending``. True when all went."""
         try:
             sent = conn.sock.send(out)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
             self._close(fd, conn)
-            return
-        if sent < len(out):
-            # The client is not reading fast enough: keep the rest, and stop reading its
-            # requests until it has taken the replies it already has.
-            conn.pending = out[sent:]
+            return False
+        conn.pending = out[sent:] if sent < len(out) else b""
+        return not conn.pending
+
+    def _send(self, fd: int, conn: Connection, out: bytes) -> None:
+        if not self._write(fd, conn, out) and fd in self.connections:
+            # The client is not reading fast enough: stop reading its requests until it has
+            # taken the replies it already has.
             self._epoll.modify(fd, _OUT)
 
     def _flush(self, fd: int, conn: Connection) -> None:
-        out = conn.pending
-        conn.pending = b""
-        try:
-            sent = conn.sock.send(out)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            self._close(fd, conn)
-            return
-        if sent < len(out):
-            conn.pending = out[sent:]
+        if not self._write(fd, conn, conn.pending):
             return
         if conn.closing:
             self._close(fd, conn)

@@ -32,14 +32,18 @@ def _parse(token: bytes) -> int | None:
     return sign * int(text[:end])
 
 
-def parse_u32(token: bytes) -> int | None:
+def _parse_unsigned(token: bytes, maximum: int) -> int | None:
     if token.isdigit():
         value = int(token)
     else:
         value = _parse(token)
         if value is None or value < 0:
             return None
-    return value if value <= U32_MAX else None
+    return value if value <= maximum else None
+
+
+def parse_u32(token: bytes) -> int | None:
+    return _parse_unsigned(token, U32_MAX)
 
 
 def parse_i32(token: bytes) -> int | None:
@@ -50,10 +54,4 @@ def parse_i32(token: bytes) -> int | None:
 
 
 def parse_u64(token: bytes) -> int | None:
-    if token.isdigit():
-        value = int(token)
-    else:
-        value = _parse(token)
-        if value is None or value < 0:
-            return None
-    return value if value <= U64_MAX else None
+    return _parse_unsigned(token, U64_MAX)
