@@ -51,6 +51,7 @@ class Worker:
         )
         self.registry = CollectorRegistry(auto_describe=False)
         self.collector = ServerCollector(self.report, self.tcp.latency)
+        self.report.extra_general.append(self.tcp.latency.stats_fields)
         self.collector.extra.append(PodIdentity.from_env().metrics)
         self.registry.register(self.collector)
         self._servers: list[asyncio.Server] = []

@@ -103,3 +103,21 @@ def test_aggregated_metrics_count_evictions_udp_drops_and_refusals_per_worker() 
     assert 'cacheappliance_evictions_total{cause="shrinker",worker="0"} 0.0' in text
     assert 'memcached_connections_rejected_total{worker="0"} 0.0' in text
     assert 'memcached_max_connections{worker="1"} 4.0' in text
+
+
+def test_the_parent_reports_each_workers_latency_histogram() -> None:
+    metrics_port = free_port()
+    server = start_cacheserver("-t", "2", "-m", "64", "--metrics-port", str(metrics_port))
+    try:
+        wait_for_port(server.port + 1, server.proc)
+        with socket.create_connection(server.address, timeout=5) as sock:
+            for _ in range(64 * 2):  # one read per round trip: two sampled reads
+                sock.sendall(b"get nothing\r\n")
+                assert sock.recv(100) == b"END\r\n"
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            text = r.read().decode()
+        assert 'cacheappliance_request_duration_seconds_count{worker="0"} 2.0' in text
+        assert 'cacheappliance_request_duration_seconds_count{worker="1"} 0.0' in text
+    finally:
+        server.stop()

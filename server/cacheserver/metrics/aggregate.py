@@ -12,13 +12,19 @@ import socket
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from cacheserver.config import Settings
 from cacheserver.metrics.collector import COMMANDS
 from cacheserver.metrics.http import serve_metrics
 from cacheserver.metrics.identity import PodIdentity
+from cacheserver.metrics.latency import histogram_from_stats
 
 # (metric, help, kind, stats field); the command counters follow collector.COMMANDS.
 _SERIES = (
@@ -145,6 +151,17 @@ class WorkersCollector(Collector):
                     if stats is not None and field in stats:
                         counter.add_metric([worker, value], float(stats[field]))
             yield counter
+        latency = HistogramMetricFamily(
+            "cacheappliance_request_duration_seconds",
+            "Server time to handle one read's requests, sampled 1 in 64 reads.",
+            labels=["worker"],
+        )
+        for worker, stats in per_worker:
+            histogram = histogram_from_stats(stats) if stats is not None else None
+            if histogram is not None:
+                buckets, total = histogram
+                latency.add_metric([worker], buckets, sum_value=total)
+        yield latency
 
 
 async def serve_aggregated_metrics(settings: Settings) -> asyncio.Server:

@@ -51,3 +51,20 @@ class LatencyHistogram:
             running += count
             out.append(("+Inf" if bound == float("inf") else repr(bound), running))
         return out
+
+    def stats_fields(self) -> list[tuple[str, object]]:
+        """The histogram as ``stats`` lines, so a multi-worker parent can gather it."""
+        fields: list[tuple[str, object]] = [
+            (f"request_duration_le_{bound}", count) for bound, count in self.cumulative()
+        ]
+        fields.append(("request_duration_sum", f"{self.sum_seconds:.9f}"))
+        return fields
+
+
+def histogram_from_stats(stats: dict[str, str]) -> tuple[list[tuple[str, float]], float] | None:
+    """Buckets and sum back from ``stats`` lines written by ``stats_fields``."""
+    prefix = "request_duration_le_"
+    buckets = [(k[len(prefix) :], float(v)) for k, v in stats.items() if k.startswith(prefix)]
+    if not buckets or "request_duration_sum" not in stats:
+        return None
+    return buckets, float(stats["request_duration_sum"])
