@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from cacheserver.metrics.counters import Counters
 from cacheserver.protocol.numbers import parse_i32, parse_u32, parse_u64
 from cacheserver.storage import Outcome, Store
-from cacheserver.storage.item import value_response, value_response_with_cas
+from cacheserver.storage.item import HEADER_SIZE, value_response, value_response_with_cas
 
 KEY_MAX_LENGTH = 250
 MAX_RELATIVE_EXPTIME = 60 * 60 * 24 * 30  # memcached's REALTIME_MAXDELTA: 30 days
@@ -144,6 +144,8 @@ class Commands:
     def _retrieve(
         self, tokens: list[bytes], first: int, with_cas: bool, exptime: int | None
     ) -> bytes:
+        if exptime is None and not with_cas:
+            return self._get_many(tokens, first)
         store = self.store
         counters = self.counters
         fmt = value_response_with_cas if with_cas else value_response
@@ -167,6 +169,34 @@ class Commands:
                     continue
                 counters.touch_hits += 1
             parts.append(fmt(key, item))
+        if not parts:
+            return END
+        parts.append(END)
+        return b"".join(parts)
+
+    def _get_many(self, tokens: list[bytes], first: int) -> bytes:
+        """Plain get of one or more keys: the multi-get path, kept free of per-key calls
+        beyond the store lookup, with the counters added once at the end."""
+        get = self.store.get
+        parts: list[bytes] = []
+        hits = looked_up = 0
+        reply = None
+        for key in tokens[first:]:
+            if len(key) > KEY_MAX_LENGTH:
+                # memcached drops what it had gathered and answers with the error alone.
+                reply = BAD_FORMAT
+                break
+            looked_up += 1
+            item = get(key)
+            if item is not None:
+                hits += 1
+                parts += (b"VALUE ", key, item[HEADER_SIZE:])
+        counters = self.counters
+        counters.cmd_get += looked_up
+        counters.get_hits += hits
+        counters.get_misses += looked_up - hits
+        if reply is not None:
+            return reply
         if not parts:
             return END
         parts.append(END)
