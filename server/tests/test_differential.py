@@ -55,6 +55,9 @@ def _script() -> list[Step]:
         b"set  spaced   0  0  2\r\nsp\r\n",
         b"get   spaced  \r\n",
         b"set lf 0 0 2\nlf\r\nget lf\n",
+        b"set lz 007 0 005\r\nhello\r\n",
+        b"get lz\r\n",
+        b"set lz 0 0 00\r\n\r\nget lz\r\n",
         # -- malformed storage commands
         b"set f -1 0 1\r\nx\r\n",
         b"set f abc 0 1\r\nx\r\n",

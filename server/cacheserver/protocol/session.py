@@ -174,7 +174,15 @@ class TextSession:
                         counters.cmd_set += 1
                         if exptime:
                             exptime = commands.absolute_exptime(exptime)
-                        outcome = store.set(key, flags, exptime, data[pos:end])
+                        # The reply suffix can reuse the request's own digits when they are
+                        # written the way the server would write them (no leading zeros).
+                        suffix = (
+                            b"".join((b" ", flags_token, b" ", nbytes_token, b"\r\n"))
+                            if (flags_token[0] != 48 or len(flags_token) == 1)
+                            and (nbytes_token[0] != 48 or len(nbytes_token) == 1)
+                            else None
+                        )
+                        outcome = store.set_fitting(key, flags, exptime, data[pos:end], suffix)
                         if outcome is Outcome.STORED:
                             out.append(STORED)
                         else:

@@ -25,9 +25,18 @@ pack_header = _HEADER.pack
 unpack_header = _HEADER.unpack_from
 
 
-def make_item(cas: int, exptime: int, flags: int, data: bytes, fetched: bool = False) -> bytes:
-    """Build an item; ``data`` is the value without its trailing CRLF."""
-    suffix = b" %d %d\r\n" % (flags, len(data))
+def make_item(
+    cas: int,
+    exptime: int,
+    flags: int,
+    data: bytes,
+    fetched: bool = False,
+    suffix: bytes | None = None,
+) -> bytes:
+    """Build an item; ``data`` is the value without its trailing CRLF. ``suffix``, when the
+    caller has it already, is ``b" <flags> <len(data)>\r\n"`` exactly."""
+    if suffix is None:
+        suffix = b" %d %d\r\n" % (flags, len(data))
     meta = (HEADER_SIZE + len(suffix)) | (FETCHED if fetched else 0)
     return b"".join((_HEADER.pack(cas, exptime, flags, meta), suffix, data, b"\r\n"))
 

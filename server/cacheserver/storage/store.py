@@ -132,6 +132,13 @@ class Store:
         self._cas += 1
         return self._store(key, make_item(self._cas, exptime, flags, data))
 
+    def set_fitting(
+        self, key: bytes, flags: int, exptime: int, data: bytes, suffix: bytes | None = None
+    ) -> Outcome:
+        """``set`` for a value the caller has already checked with ``too_large``."""
+        self._cas += 1
+        return self._store(key, make_item(self._cas, exptime, flags, data, False, suffix))
+
     def add(self, key: bytes, flags: int, exptime: int, data: bytes) -> Outcome:
         if self.too_large(key, flags, len(data)):
             return Outcome.TOO_LARGE
