@@ -22,17 +22,9 @@ from e2e.appliance import (
     process_env,
     udp_request,
 )
+from servers import memcaslap_totals
 
 READY_TIMEOUT = 180
-
-
-def memcaslap_totals(output: str) -> dict[str, int]:
-    totals: dict[str, int] = {}
-    for line in output.splitlines():
-        name, sep, value = line.partition(":")
-        if sep and value.strip().isdigit():
-            totals[name.strip()] = int(value)
-    return totals
 
 
 def check_traffic(eps: list[Endpoint], tag: str) -> None:

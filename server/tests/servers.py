@@ -128,3 +128,13 @@ def request(server: RunningServer, payload: bytes, terminator: bytes = b"\r\n") 
     with socket.create_connection(server.address, timeout=5) as sock:
         sock.sendall(payload)
         return recv_until(sock, terminator)
+
+
+def memcaslap_totals(output: str) -> dict[str, int]:
+    """The 'name: number' totals memcaslap prints at the end of a run."""
+    totals: dict[str, int] = {}
+    for line in output.splitlines():
+        name, sep, value = line.partition(":")
+        if sep and value.strip().isdigit():
+            totals[name.strip()] = int(value)
+    return totals

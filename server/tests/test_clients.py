@@ -11,7 +11,7 @@ import pytest
 from pymemcache.client.base import Client
 from pymemcache.exceptions import MemcacheClientError, MemcacheIllegalInputError
 
-from servers import RunningServer, start_memcached
+from servers import RunningServer, memcaslap_totals, start_memcached
 
 
 @pytest.fixture
@@ -141,16 +141,6 @@ def test_memccapable_against_memcached_in_the_same_run() -> None:
     finally:
         server.stop()
     assert result.returncode == 0, result.stdout + result.stderr
-
-
-def memcaslap_totals(output: str) -> dict[str, int]:
-    """The 'name: number' totals memcaslap prints at the end of a run."""
-    totals: dict[str, int] = {}
-    for line in output.splitlines():
-        name, sep, value = line.partition(":")
-        if sep and value.strip().isdigit():
-            totals[name.strip()] = int(value)
-    return totals
 
 
 def test_memcaslap_over_udp_finishes_without_errors(cacheserver: RunningServer) -> None:
