@@ -5,10 +5,13 @@
 #   docker build -t cache-appliance:0.1.0 .
 
 FROM python:3.11-slim AS build
+# A C compiler for the server's compiled fast path (setup.py); the runtime image needs none.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY server/ server/
 COPY operator/ operator/
 RUN pip install --no-cache-dir .

@@ -17,6 +17,10 @@ command -v openssl >/dev/null || need_pkgs+=(openssl)
 # built by make e2e-bins: Debian's has no Kubernetes discovery).
 command -v promtool >/dev/null || need_pkgs+=(prometheus)
 "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null || need_pkgs+=(python3-venv)
+# The server's compiled fast path (setup.py) needs a C compiler and Python's headers.
+command -v cc >/dev/null || need_pkgs+=(gcc)
+"$PYTHON" -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+    || need_pkgs+=(python3-dev)
 if ((${#need_pkgs[@]})); then
     if [ "$(id -u)" != 0 ]; then
         echo "bootstrap: missing Debian packages: ${need_pkgs[*]}; install them as root" >&2
@@ -30,7 +34,9 @@ if ((${#need_pkgs[@]})); then
 fi
 
 stamp="$VENV/.installed"
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+fastpath=server/cacheserver/fastpath/_fastpath.c
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] \
+    || [ "$fastpath" -nt "$stamp" ]; then
     [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
     "$VENV/bin/python" -m pip install -q --upgrade pip
     "$VENV/bin/python" -m pip install -q -e '.[test]'

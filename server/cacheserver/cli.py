@@ -131,6 +131,13 @@ _OPTIONS: list[tuple[tuple[str, ...], str, Callable[[str], Any], Any, str]] = [
         False,
         "answer every command over UDP, not only the get/set family",
     ),
+    (
+        ("--python-only",),
+        "python_only",
+        _flag,
+        False,
+        "serve every request in Python, without the compiled fast path for get and set",
+    ),
 ]
 
 

@@ -35,6 +35,7 @@ class Settings:
     workers: int = 1
     pin: bool = False
     udp_allow_all: bool = False
+    python_only: bool = False  # serve without the compiled fast path
 
     @property
     def memory_limit_bytes(self) -> int:

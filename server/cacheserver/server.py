@@ -15,10 +15,12 @@ from prometheus_client import CollectorRegistry
 
 from cacheserver import __version__
 from cacheserver.config import Settings
+from cacheserver.fastpath import make_engine
 from cacheserver.metrics.collector import ServerCollector
 from cacheserver.metrics.counters import Counters
 from cacheserver.metrics.http import serve_metrics
 from cacheserver.metrics.identity import PodIdentity
+from cacheserver.metrics.latency import LatencyHistogram
 from cacheserver.metrics.stats_report import StatsReport
 from cacheserver.network.tcp import TCPServer
 from cacheserver.network.udp import UDPServer
@@ -46,16 +48,30 @@ class Worker:
         self.counters = Counters()
         self.report = StatsReport(settings, self.store, self.counters, VERSION)
         self.commands = Commands(self.store, self.counters, VERSION, self.report)
+        latency = LatencyHistogram()
+        # One compiled fast path per worker, shared by its TCP and UDP servers; None when it
+        # was not built or --python-only asks for the Python path alone.
+        self.engine = (
+            None if settings.python_only else make_engine(self.store, self.counters, latency)
+        )
         self.tcp = TCPServer(
-            self.commands, self.counters, settings.conn_limit, settings.idle_timeout
+            self.commands,
+            self.counters,
+            settings.conn_limit,
+            settings.idle_timeout,
+            latency,
+            self.engine,
         )
         self.registry = CollectorRegistry(auto_describe=False)
         self.collector = ServerCollector(self.report, self.tcp.latency)
         self.report.extra_general.append(self.tcp.latency.stats_fields)
+        self.report.extra_settings.append(
+            lambda: [("fast_path", "compiled" if self.engine is not None else "python")]
+        )
         self.collector.extra.append(PodIdentity.from_env().metrics)
         self.registry.register(self.collector)
         self._servers: list[asyncio.Server] = []
-        self.udp = UDPServer(self.commands, self.counters, settings.udp_allow_all)
+        self.udp = UDPServer(self.commands, self.counters, settings.udp_allow_all, self.engine)
         self._ticker: asyncio.TimerHandle | None = None
         self._stopped = asyncio.Event()
 

@@ -218,10 +218,11 @@ def _normalize(reply: bytes) -> bytes:
     return re.sub(rb"^(VALUE \S+ \d+ \d+) \d+\r$", rb"\1 <cas>\r", reply, flags=re.M)
 
 
-@pytest.fixture(scope="module")
-def both() -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]:
+@pytest.fixture(scope="module", params=["compiled", "python"])
+def both(request) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]:
+    """memcached's replies and cacheserver's, with its compiled fast path and without."""
     mc = start_memcached("-I", "1m")
-    cs = start_cacheserver("-I", "1m")
+    cs = start_cacheserver("-I", "1m", *(["--python-only"] if request.param == "python" else []))
     try:
         return _run_script(mc), _run_script(cs)
     finally:

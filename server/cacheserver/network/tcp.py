@@ -16,6 +16,7 @@ import errno
 import select
 import socket
 from time import perf_counter
+from typing import Any
 
 from cacheserver.metrics.counters import Counters
 from cacheserver.metrics.latency import SAMPLE_MASK, LatencyHistogram
@@ -46,13 +47,19 @@ class TCPServer:
     """Accepts clients on one listening socket and serves them from one epoll set."""
 
     def __init__(
-        self, commands: Commands, counters: Counters, limit: int, idle_timeout: float
+        self,
+        commands: Commands,
+        counters: Counters,
+        limit: int,
+        idle_timeout: float,
+        latency: LatencyHistogram | None = None,
+        engine: Any | None = None,
     ) -> None:
         self.commands = commands
         self.counters = counters
         self.limit = limit
         self.idle_timeout = idle_timeout
-        self.latency = LatencyHistogram()
+        self.latency = latency if latency is not None else LatencyHistogram()
         self.tick = 0
         self.connections: dict[int, Connection] = {}
         self._epoll = select.epoll()
@@ -60,6 +67,15 @@ class TCPServer:
         self._buffer = bytearray(READ_SIZE)
         self._view = memoryview(self._buffer)
         self._loop: asyncio.AbstractEventLoop | None = None
+        # The compiled fast path (cacheserver/fastpath) serves plain gets and sets and calls
+        # back into the methods below for everything else.
+        self._engine = engine
+        if engine is not None:
+            engine.attach_tcp(self._epoll.fileno(), self.connections, self)
+
+    @property
+    def compiled(self) -> bool:
+        return self._engine is not None
 
     def listen(self, host: str, port: int, backlog: int = 1024) -> socket.socket:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -68,7 +84,8 @@ class TCPServer:
         self._listener = listener
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(listener.fileno(), self._accept)
-        self._loop.add_reader(self._epoll.fileno(), self._serve_ready)
+        serve = self._serve_ready if self._engine is None else self._engine.serve_tcp
+        self._loop.add_reader(self._epoll.fileno(), serve)
         return listener
 
     # -- accepting -----------------------------------------------------------------------------
@@ -104,12 +121,14 @@ class TCPServer:
         connections = self.connections
         for fd, events in self._epoll.poll(0, BATCH):
             conn = connections.get(fd)
-            if conn is None:
-                continue
-            if events & _OUT and conn.pending:
-                self._flush(fd, conn)
-            if events & (_IN | _GONE) and not conn.pending:
-                self._read(fd, conn)
+            if conn is not None:
+                self._serve_event(fd, conn, events)
+
+    def _serve_event(self, fd: int, conn: Connection, events: int) -> None:
+        if events & _OUT and conn.pending:
+            self._flush(fd, conn)
+        if events & (_IN | _GONE) and not conn.pending:
+            self._read(fd, conn)
 
     def _read(self, fd: int, conn: Connection) -> None:
         try:
@@ -133,8 +152,16 @@ class TCPServer:
             started = perf_counter()
             out = conn.feed(data)
             latency.observe(perf_counter() - started)
+        self._reply(fd, conn, out)
+
+    def _continue(self, fd: int, conn: Connection, head: bytes, rest: bytes) -> None:
+        """The compiled path ran the requests that gave ``head`` and leaves ``rest`` (already
+        counted as read) to the session."""
+        self._reply(fd, conn, head + conn.feed(rest))
+
+    def _reply(self, fd: int, conn: Connection, out: bytes) -> None:
         if out:
-            counters.bytes_written += len(out)
+            self.counters.bytes_written += len(out)
             self._send(fd, conn, out)
         if conn.closing and not conn.pending:
             self._close(fd, conn)

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import socket
 import struct
+from typing import Any
 
 from cacheserver.metrics.counters import Counters
 from cacheserver.protocol.commands import Commands
@@ -39,8 +40,17 @@ class UDPServer:
     """One UDP socket read directly from the event loop: each wake-up drains every datagram
     waiting (up to ``BATCH``), so a burst costs one loop iteration, not one per datagram."""
 
-    def __init__(self, commands: Commands, counters: Counters, allow_all: bool = False) -> None:
+    def __init__(
+        self,
+        commands: Commands,
+        counters: Counters,
+        allow_all: bool = False,
+        engine: Any | None = None,
+    ) -> None:
         self._counters = counters
+        # The compiled fast path (cacheserver/fastpath), shared with the worker's TCP server:
+        # it runs plain gets and sets and hands the rest of a datagram to _answer.
+        self._engine = engine
         # One session serves every datagram: each request is complete in its datagram, so
         # the session is only reset when a datagram left a partial request behind.
         self._session = TextSession(commands, None if allow_all else UDP_SAFE_COMMANDS)
@@ -56,7 +66,11 @@ class UDPServer:
         sock.setblocking(False)
         self._sock = sock
         self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(sock.fileno(), self._drain)
+        if self._engine is None:
+            self._loop.add_reader(sock.fileno(), self._drain)
+        else:
+            self._engine.attach_udp(sock.fileno(), self)
+            self._loop.add_reader(sock.fileno(), self._engine.serve_udp)
         return sock
 
     def close(self) -> None:
@@ -92,13 +106,20 @@ class UDPServer:
         if count != 1:
             counters.udp_dropped_multidatagram += 1
             return
+        self._answer(request_id, b"", data[HEADER_SIZE:], addr)
+
+    def _answer(self, request_id: int, head: bytes, rest: bytes, addr: tuple[str, int]) -> None:
+        """Reply to one datagram: ``head`` is what the compiled path already answered (empty
+        without it), ``rest`` the requests left for the session."""
         session = self._session
-        reply = session.feed(data[HEADER_SIZE:])
+        reply = head + session.feed(rest) if rest else head
         if not session.idle or session.closing or session.refused:
-            counters.udp_refused_commands += session.refused
+            self._counters.udp_refused_commands += session.refused
             session.reset()  # a request cut off at the datagram's end is dropped with it
-        if not reply:
-            return
+        if reply:
+            self._send_reply(request_id, reply, addr)
+
+    def _send_reply(self, request_id: int, reply: bytes, addr: tuple[str, int]) -> None:
         if len(reply) <= MAX_PAYLOAD:
             self._send(HEADER.pack(request_id, 0, 1, 0) + reply, addr)
             return
