@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from cacheserver.storage import Outcome, Store
 from cacheserver.storage.item import item_cost, item_data, item_flags, make_item
+from cacheserver.storage.store import BUMP_INTERVAL
 
 
 class FakeClock:
@@ -38,6 +39,23 @@ def test_capacity_is_never_exceeded_and_lru_goes_first() -> None:
     assert store.get(b"key:0149") is not None
     assert store.stats.evictions >= 50
     assert store.stats.evicted_unfetched >= 49  # key:0000 was fetched, the rest were not
+
+
+def test_a_hit_moves_an_item_at_most_once_per_bump_interval() -> None:
+    # memcached's rule (ITEM_UPDATE_INTERVAL): a hot key is not re-inserted on every read.
+    clock = FakeClock()
+    store = Store(capacity=1 << 20, clock=clock)
+    for key in (b"a", b"b", b"c"):
+        store.set(key, 0, 0, b"v")
+    store.get(b"a")  # first hit: moves
+    assert list(store._items) == [b"b", b"c", b"a"]
+    store.set(b"d", 0, 0, b"v")
+    clock.now += BUMP_INTERVAL - 1
+    store.get(b"a")  # hit again within the interval: stays where it is
+    assert list(store._items) == [b"b", b"c", b"a", b"d"]
+    clock.now += 1
+    store.get(b"a")  # the interval has passed: moves again
+    assert list(store._items) == [b"b", b"c", b"d", b"a"]
 
 
 def test_lazy_expiry_counts_expired_unfetched_and_reclaimed() -> None:

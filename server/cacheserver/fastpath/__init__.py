@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from cacheserver.storage.item import HEADER_SIZE, ITEM_OVERHEAD
+from cacheserver.storage import item as _item
+from cacheserver.storage.store import BUMP_INTERVAL
 
 if TYPE_CHECKING:
     from cacheserver.metrics.counters import Counters
@@ -17,13 +18,27 @@ if TYPE_CHECKING:
     from cacheserver.storage import Store
 
 try:
-    from cacheserver.fastpath._fastpath import Engine
+    from cacheserver.fastpath import _fastpath
 except ImportError:  # not compiled: the Python path serves everything
-    Engine = None
+    _fastpath = None
 
-# _fastpath.c writes and reads items in this layout; a change to storage/item.py must change
-# the C side too.
-assert HEADER_SIZE == 17
+# _fastpath.c reads and writes items in storage/item.py's layout and follows store.py's LRU
+# rule; a change on one side without the other must stop the server, not corrupt items.
+if _fastpath is not None:
+    _ours = (_item.HEADER_SIZE, _item.BUMPED_AT, _item.META_AT, _item.FETCHED, BUMP_INTERVAL)
+    _built = (
+        _fastpath.HEADER_SIZE,
+        _fastpath.BUMPED_AT,
+        _fastpath.META_AT,
+        _fastpath.FETCHED,
+        _fastpath.BUMP_INTERVAL,
+    )
+    if _ours != _built:
+        raise ImportError(
+            f"cacheserver's compiled fast path was built for item layout {_built}, the Python "
+            f"code has {_ours}: rebuild it (pip install -e . or scripts/bootstrap.sh)"
+        )
+Engine = None if _fastpath is None else _fastpath.Engine
 
 AVAILABLE = Engine is not None
 
@@ -31,4 +46,4 @@ AVAILABLE = Engine is not None
 def make_engine(store: Store, counters: Counters, latency: LatencyHistogram) -> Any | None:
     if Engine is None:
         return None
-    return Engine(store, counters, latency, ITEM_OVERHEAD)
+    return Engine(store, counters, latency, _item.ITEM_OVERHEAD)

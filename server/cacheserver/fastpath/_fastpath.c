@@ -19,6 +19,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -28,11 +29,15 @@
 #include <sys/socket.h>
 #include <time.h>
 
-/* The item layout of cacheserver/storage/item.py: <QIIB header, then the reply suffix. */
-#define HEADER_SIZE 17
+/* The item layout of cacheserver/storage/item.py: a <QIIIB header (cas, exptime, flags,
+ * bumped, meta), then the reply suffix. fastpath/__init__.py checks these against it. */
+#define HEADER_SIZE 21
 #define EXPTIME_AT 8
-#define META_AT 16
+#define FLAGS_AT 12
+#define BUMPED_AT 16
+#define META_AT 20
 #define FETCHED 0x80
+#define BUMP_INTERVAL 60      /* storage/store.py: a hit moves an item at most this often */
 #define KEY_MAX_LENGTH 250
 #define MAX_TOKENS 32         /* longer multi-gets go to the Python path */
 #define MEMCACHED_ITEM_OVERHEAD (48 + 8 + 1)
@@ -116,12 +121,16 @@ typedef struct {
     int epfd;
     PyObject *connections; /* fd -> Connection */
     PyObject *tcp;         /* the TCPServer, for the slow paths */
+    /* Where the Connection class keeps its __slots__, to read them without a lookup. */
+    PyTypeObject *conn_type;
+    Py_ssize_t off_pending, off_buffer, off_request, off_closing, off_seen_tick;
     /* UDP */
     int udp_fd;
     PyObject *udp;         /* the UDPServer, for the slow paths */
     /* Shadow of the Python state, valid between sync_in and sync_out. */
     unsigned long long cas;
     long long bytes_used, capacity, max_item_size, total_items_delta;
+    long long now;         /* int(store._clock()) when the wake-up began */
     int flush_pending, shadow_dirty;
     long long deltas[C_COUNT];
     unsigned long reads;
@@ -163,6 +172,16 @@ static int sync_in(Engine *e) {
         || get_ll(e->store, s_max_item_size, &e->max_item_size) < 0
         || get_ll(e->store, s_flush_at, &flush_at) < 0)
         return -1;
+    PyObject *clock = PyObject_GetAttr(e->store, s_clock);
+    PyObject *now = clock ? PyObject_CallNoArgs(clock) : NULL;
+    Py_XDECREF(clock);
+    if (now == NULL)
+        return -1;
+    double seconds = PyFloat_AsDouble(now);
+    Py_DECREF(now);
+    if (seconds == -1.0 && PyErr_Occurred())
+        return -1;
+    e->now = (long long)seconds;
     e->cas = (unsigned long long)cas;
     e->flush_pending = flush_at != 0;
     e->shadow_dirty = 0;
@@ -270,20 +289,21 @@ static int get_one(Engine *e, const char *k, Py_ssize_t klen, OutBuf *out) {
             goto done;
         }
     }
-    /* A hit moves the key to the dict's end (most recently used) and marks the item fetched
-     * the first time, as Store.get does. */
-    if (PyDict_DelItem(e->items, key) < 0)
-        goto done;
-    if (!(raw[META_AT] & FETCHED)) {
-        PyObject *marked = PyBytes_FromStringAndSize((const char *)raw, PyBytes_GET_SIZE(item));
-        if (marked == NULL)
+    /* As Store.get: a hit marks the item fetched and moves it to the dict's end (most
+     * recently used), unless a hit did that less than BUMP_INTERVAL ago. */
+    if (!(raw[META_AT] & FETCHED) || e->now - (long long)le32(raw + BUMPED_AT) >= BUMP_INTERVAL) {
+        PyObject *bumped = PyBytes_FromStringAndSize((const char *)raw, PyBytes_GET_SIZE(item));
+        if (bumped == NULL)
             goto done;
-        PyBytes_AS_STRING(marked)[META_AT] |= (char)FETCHED;
-        Py_SETREF(item, marked);
-        raw = (const unsigned char *)PyBytes_AS_STRING(item);
+        unsigned char *b = (unsigned char *)PyBytes_AS_STRING(bumped);
+        for (int i = 0; i < 4; i++)
+            b[BUMPED_AT + i] = (unsigned char)((unsigned long long)e->now >> (8 * i));
+        b[META_AT] |= FETCHED;
+        Py_SETREF(item, bumped);
+        raw = b;
+        if (PyDict_DelItem(e->items, key) < 0 || PyDict_SetItem(e->items, key, item) < 0)
+            goto done;
     }
-    if (PyDict_SetItem(e->items, key, item) < 0)
-        goto done;
     Py_ssize_t tail = PyBytes_GET_SIZE(item) - HEADER_SIZE;
     if (out_reserve(out, 6 + klen + tail) < 0)
         goto done;
@@ -315,9 +335,10 @@ static int set_one(Engine *e, const char *k, Py_ssize_t klen, unsigned long long
     unsigned char *p = (unsigned char *)PyBytes_AS_STRING(item);
     for (int i = 0; i < 8; i++)
         p[i] = (unsigned char)(cas >> (8 * i));
-    memset(p + 8, 0, 4); /* exptime: the fast path only takes sets that never expire */
+    memset(p + EXPTIME_AT, 0, 4); /* the fast path only takes sets that never expire */
     for (int i = 0; i < 4; i++)
-        p[12 + i] = (unsigned char)(flags >> (8 * i));
+        p[FLAGS_AT + i] = (unsigned char)(flags >> (8 * i));
+    memset(p + BUMPED_AT, 0, 4); /* not yet moved by a hit */
     p[META_AT] = (unsigned char)(HEADER_SIZE + slen);
     memcpy(p + HEADER_SIZE, suffix, slen);
     memcpy(p + HEADER_SIZE + slen, data, nbytes);
@@ -441,33 +462,21 @@ static double monotonic(void) {
 
 /* -- TCP ------------------------------------------------------------------------------------ */
 
+/* A slot of a Connection, read in place (borrowed); the class is checked by the caller. */
+#define SLOT(conn, offset) (*(PyObject **)((char *)(conn) + (offset)))
+
+static int empty_bytes(PyObject *v) {
+    return v != NULL && PyBytes_CheckExact(v) && PyBytes_GET_SIZE(v) == 0;
+}
+
 /* Whether a connection is in the plain state the fast path serves: nothing held back. */
-static int conn_is_plain(PyObject *conn) {
-    PyObject *v;
-    int plain = 1;
-    if ((v = PyObject_GetAttr(conn, s_pending)) == NULL)
+static int conn_is_plain(Engine *e, PyObject *conn) {
+    if (Py_TYPE(conn) != e->conn_type) {
+        PyErr_SetString(PyExc_TypeError, "a connection of another class than attach_tcp's");
         return -1;
-    plain = PyBytes_Check(v) && PyBytes_GET_SIZE(v) == 0;
-    Py_DECREF(v);
-    if (!plain)
-        return 0;
-    if ((v = PyObject_GetAttr(conn, s_buffer)) == NULL)
-        return -1;
-    plain = PyBytes_Check(v) && PyBytes_GET_SIZE(v) == 0;
-    Py_DECREF(v);
-    if (!plain)
-        return 0;
-    if ((v = PyObject_GetAttr(conn, s_request)) == NULL)
-        return -1;
-    plain = v == Py_None;
-    Py_DECREF(v);
-    if (!plain)
-        return 0;
-    if ((v = PyObject_GetAttr(conn, s_closing)) == NULL)
-        return -1;
-    plain = v == Py_False;
-    Py_DECREF(v);
-    return plain;
+    }
+    return empty_bytes(SLOT(conn, e->off_pending)) && empty_bytes(SLOT(conn, e->off_buffer))
+        && SLOT(conn, e->off_request) == Py_None && SLOT(conn, e->off_closing) == Py_False;
 }
 
 /* Call one of the Python server's methods with the engine's state handed over first. */
@@ -499,8 +508,10 @@ static int serve_conn(Engine *e, PyObject *fd_obj, int fd, PyObject *conn, PyObj
         return 0;
     if (n <= 0) /* closed or reset by the client */
         return call_python(e, e->tcp, s_close, fd_obj, conn, NULL, NULL);
-    if (PyObject_SetAttr(conn, s_seen_tick, tick) < 0)
-        return -1;
+    PyObject *seen = SLOT(conn, e->off_seen_tick); /* conn.seen_tick = tick, for idle checks */
+    Py_INCREF(tick);
+    SLOT(conn, e->off_seen_tick) = tick;
+    Py_XDECREF(seen);
     e->deltas[C_BYTES_READ] += n;
     int timed = (++e->reads & SAMPLE_MASK) == 0;
     double started = timed ? monotonic() : 0.0;
@@ -575,7 +586,7 @@ static PyObject *Engine_serve_tcp(Engine *e, PyObject *Py_UNUSED(ignored)) {
         }
         Py_INCREF(conn); /* a Python path may drop it from the dict */
         uint32_t ev = events[i].events;
-        int plain = (ev & (EPOLLOUT | EPOLLHUP | EPOLLERR)) ? 0 : conn_is_plain(conn);
+        int plain = (ev & (EPOLLOUT | EPOLLHUP | EPOLLERR)) ? 0 : conn_is_plain(e, conn);
         if (plain < 0) {
             rc = -1;
         } else if (plain) {
@@ -599,11 +610,39 @@ static PyObject *Engine_serve_tcp(Engine *e, PyObject *Py_UNUSED(ignored)) {
     Py_RETURN_NONE;
 }
 
+/* The offset of a __slots__ member holding an object, or -1 with an error set. */
+static Py_ssize_t slot_offset(PyTypeObject *type, PyObject *name) {
+    PyObject *descr = PyObject_GetAttr((PyObject *)type, name);
+    if (descr == NULL)
+        return -1;
+    Py_ssize_t offset = -1;
+    if (Py_IS_TYPE(descr, &PyMemberDescr_Type)) {
+        PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
+        if (member->type == T_OBJECT_EX || member->type == T_OBJECT)
+            offset = member->offset;
+    }
+    Py_DECREF(descr);
+    if (offset < 0)
+        PyErr_Format(PyExc_TypeError, "%U is not a __slots__ member of the connection class",
+                     name);
+    return offset;
+}
+
 static PyObject *Engine_attach_tcp(Engine *e, PyObject *args) {
     int epfd;
     PyObject *connections, *tcp;
-    if (!PyArg_ParseTuple(args, "iO!O", &epfd, &PyDict_Type, &connections, &tcp))
+    PyTypeObject *conn_type;
+    if (!PyArg_ParseTuple(args, "iO!OO!", &epfd, &PyDict_Type, &connections, &tcp,
+                          &PyType_Type, &conn_type))
         return NULL;
+    if ((e->off_pending = slot_offset(conn_type, s_pending)) < 0
+        || (e->off_buffer = slot_offset(conn_type, s_buffer)) < 0
+        || (e->off_request = slot_offset(conn_type, s_request)) < 0
+        || (e->off_closing = slot_offset(conn_type, s_closing)) < 0
+        || (e->off_seen_tick = slot_offset(conn_type, s_seen_tick)) < 0)
+        return NULL;
+    Py_INCREF(conn_type);
+    Py_XSETREF(e->conn_type, conn_type);
     e->epfd = epfd;
     Py_INCREF(connections);
     Py_XSETREF(e->connections, connections);
@@ -845,6 +884,7 @@ static int Engine_traverse(Engine *e, visitproc visit, void *arg) {
     Py_VISIT(e->connections);
     Py_VISIT(e->tcp);
     Py_VISIT(e->udp);
+    Py_VISIT(e->conn_type);
     return 0;
 }
 
@@ -856,6 +896,7 @@ static int Engine_clear(Engine *e) {
     Py_CLEAR(e->connections);
     Py_CLEAR(e->tcp);
     Py_CLEAR(e->udp);
+    Py_CLEAR(e->conn_type);
     return 0;
 }
 
@@ -871,7 +912,8 @@ static void Engine_dealloc(Engine *e) {
 
 static PyMethodDef Engine_methods[] = {
     {"attach_tcp", (PyCFunction)Engine_attach_tcp, METH_VARARGS,
-     "attach_tcp(epoll_fd, connections, tcp_server): the TCP server the engine serves."},
+     "attach_tcp(epoll_fd, connections, tcp_server, connection_class): the TCP server the "
+     "engine serves."},
     {"serve_tcp", (PyCFunction)Engine_serve_tcp, METH_NOARGS,
      "Serve every ready client of the epoll set (the event loop's reader callback)."},
     {"attach_udp", (PyCFunction)Engine_attach_udp, METH_VARARGS,
@@ -939,6 +981,14 @@ PyMODINIT_FUNC PyInit__fastpath(void) {
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
+    if (PyModule_AddIntConstant(m, "HEADER_SIZE", HEADER_SIZE) < 0
+        || PyModule_AddIntConstant(m, "BUMPED_AT", BUMPED_AT) < 0
+        || PyModule_AddIntConstant(m, "META_AT", META_AT) < 0
+        || PyModule_AddIntConstant(m, "FETCHED", FETCHED) < 0
+        || PyModule_AddIntConstant(m, "BUMP_INTERVAL", BUMP_INTERVAL) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     Py_INCREF(&EngineType);
     if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0) {
         Py_DECREF(&EngineType);

@@ -71,7 +71,7 @@ class TCPServer:
         # back into the methods below for everything else.
         self._engine = engine
         if engine is not None:
-            engine.attach_tcp(self._epoll.fileno(), self.connections, self)
+            engine.attach_tcp(self._epoll.fileno(), self.connections, self, Connection)
 
     @property
     def compiled(self) -> bool:

@@ -4,9 +4,11 @@ An item is one immutable ``bytes`` object, so a stored key costs exactly two Pyt
 (the key and the item) plus its dict slot. That keeps memory per item close to memcached's
 (see docs/benchmarks.md). Layout::
 
-    cas:u64 | exptime:u32 | flags:u32 | meta:u8 | b" <flags> <nbytes>\\r\\n" | data | b"\\r\\n"
+    cas:u64 | exptime:u32 | flags:u32 | bumped:u32 | meta:u8
+    | b" <flags> <nbytes>\\r\\n" | data | b"\\r\\n"
 
-``meta`` holds the offset of ``data`` in its low 7 bits and the "fetched" bit on top (for the
+``bumped`` is when a hit last moved the item to the LRU's recent end (0: never). ``meta``
+holds the offset of ``data`` in its low 7 bits and the "fetched" bit on top (for the
 evicted_unfetched / expired_unfetched counters). The pre-formatted suffix lets a get hit be
 answered with one slice: ``b"VALUE " + key + item[HEADER_SIZE:]``.
 """
@@ -15,8 +17,10 @@ from __future__ import annotations
 
 import struct
 
-_HEADER = struct.Struct("<QIIB")
-HEADER_SIZE = _HEADER.size  # 17
+_HEADER = struct.Struct("<QIIIB")
+HEADER_SIZE = _HEADER.size  # 21
+BUMPED_AT = 16
+META_AT = HEADER_SIZE - 1
 FETCHED = 0x80
 _OFFSET_MASK = 0x7F
 NEVER = 0  # exptime meaning "does not expire"
@@ -38,7 +42,7 @@ def make_item(
     if suffix is None:
         suffix = b" %d %d\r\n" % (flags, len(data))
     meta = (HEADER_SIZE + len(suffix)) | (FETCHED if fetched else 0)
-    return b"".join((_HEADER.pack(cas, exptime, flags, meta), suffix, data, b"\r\n"))
+    return b"".join((_HEADER.pack(cas, exptime, flags, 0, meta), suffix, data, b"\r\n"))
 
 
 def item_cas(item: bytes) -> int:
@@ -55,28 +59,45 @@ def item_flags(item: bytes) -> int:
 
 def item_data(item: bytes) -> bytes:
     """The value without its trailing CRLF."""
-    return item[item[HEADER_SIZE - 1] & _OFFSET_MASK : -2]
+    return item[item[META_AT] & _OFFSET_MASK : -2]
 
 
 def item_nbytes(item: bytes) -> int:
-    return len(item) - (item[HEADER_SIZE - 1] & _OFFSET_MASK) - 2
+    return len(item) - (item[META_AT] & _OFFSET_MASK) - 2
 
 
 def item_fetched(item: bytes) -> bool:
-    return bool(item[HEADER_SIZE - 1] & FETCHED)
+    return bool(item[META_AT] & FETCHED)
+
+
+_BUMPED = struct.Struct("<I")
+
+
+def item_bumped(item: bytes) -> int:
+    return _BUMPED.unpack_from(item, BUMPED_AT)[0]
 
 
 def with_fetched(item: bytes) -> bytes:
-    """A copy with the fetched bit set (done once per item, on its first hit)."""
+    """A copy with the fetched bit set."""
+    return b"".join((item[:META_AT], bytes((item[META_AT] | FETCHED,)), item[HEADER_SIZE:]))
+
+
+def as_bumped(item: bytes, now: int) -> bytes:
+    """A copy marked fetched and moved to the LRU's recent end at ``now``."""
     return b"".join(
-        (item[: HEADER_SIZE - 1], bytes((item[HEADER_SIZE - 1] | FETCHED,)), item[HEADER_SIZE:])
+        (
+            item[:BUMPED_AT],
+            _BUMPED.pack(now),
+            bytes((item[META_AT] | FETCHED,)),
+            item[HEADER_SIZE:],
+        )
     )
 
 
 def with_header(item: bytes, cas: int, exptime: int) -> bytes:
     """A copy with a new CAS and exptime, the value and flags unchanged."""
-    _, _, flags, meta = _HEADER.unpack_from(item)
-    return _HEADER.pack(cas, exptime, flags, meta) + item[HEADER_SIZE:]
+    _, _, flags, bumped, meta = _HEADER.unpack_from(item)
+    return _HEADER.pack(cas, exptime, flags, bumped, meta) + item[HEADER_SIZE:]
 
 
 def value_response(key: bytes, item: bytes) -> bytes:
@@ -87,7 +108,7 @@ def value_response(key: bytes, item: bytes) -> bytes:
 def value_response_with_cas(key: bytes, item: bytes) -> bytes:
     """The ``VALUE`` block of a gets: the CAS goes at the end of the header line."""
     cas = _HEADER.unpack_from(item)[0]
-    off = item[HEADER_SIZE - 1] & _OFFSET_MASK
+    off = item[META_AT] & _OFFSET_MASK
     return b"".join((b"VALUE ", key, item[HEADER_SIZE : off - 2], b" %d\r\n" % cas, item[off:]))
 
 

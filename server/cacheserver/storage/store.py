@@ -2,8 +2,11 @@
 
 One ``Store`` belongs to one worker (shard-per-core), so nothing here takes a lock. LRU order
 is the dict's insertion order: a hit re-inserts the key at the end, eviction takes keys from
-the front. Evicting in small batches (to a low watermark just under capacity) keeps the scan
-past the deleted slots at the dict's front amortised to a few steps per item.
+the front. As in memcached (ITEM_UPDATE_INTERVAL), a hit moves an item at most once per
+``BUMP_INTERVAL``: a hot key is not re-inserted on every read, which would cost a dict
+delete, an insert and, every so often, a resize of the whole dict. Evicting in small batches
+(to a low watermark just under capacity) keeps the scan past the deleted slots at the dict's
+front amortised to a few steps per item.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ from dataclasses import dataclass
 from enum import Enum, auto
 
 from cacheserver.storage.item import (
+    BUMPED_AT,
     FETCHED,
-    HEADER_SIZE,
     ITEM_OVERHEAD,
+    META_AT,
     NEVER,
+    as_bumped,
     item_cost,
     item_data,
     item_fetched,
@@ -29,6 +34,7 @@ from cacheserver.storage.item import (
 )
 
 MAX_U64 = (1 << 64) - 1
+BUMP_INTERVAL = 60  # seconds; memcached's ITEM_UPDATE_INTERVAL
 # memcached's item header (48) + CAS (8) + the key's NUL: used to apply -I the way it does.
 _MEMCACHED_ITEM_OVERHEAD = 48 + 8 + 1
 
@@ -89,7 +95,11 @@ class Store:
         return self._live(key, self.now()) is not None
 
     def get(self, key: bytes) -> bytes | None:
-        """The live item for ``key`` (bumped to most recently used), or None."""
+        """The live item for ``key``, or None. A hit marks the item fetched and moves it to
+        the LRU's recent end, unless a hit did that less than ``BUMP_INTERVAL`` ago.
+
+        cacheserver/fastpath/_fastpath.c does the same for its gets: change both together.
+        """
         # The hot path: written out rather than built from _live() to save calls per hit.
         if self._flush_at:
             self._apply_pending_flush(self.now())
@@ -97,14 +107,17 @@ class Store:
         item = items.get(key)
         if item is None:
             return None
-        exptime = _EXPTIME_AT(item, 8)[0]
-        if exptime and exptime <= self._clock():
+        now = self._clock()
+        exptime = _U32_AT(item, 8)[0]
+        if exptime and exptime <= now:
             self._drop_expired(key, item)
             self.stats.get_expired += 1
             return None
+        now = int(now)
+        if item[META_AT] & FETCHED and now - _U32_AT(item, BUMPED_AT)[0] < BUMP_INTERVAL:
+            return item
         del items[key]
-        if not item[HEADER_SIZE - 1] & FETCHED:
-            item = with_fetched(item)
+        item = as_bumped(item, now)
         items[key] = item
         return item
 
@@ -173,7 +186,7 @@ class Store:
         old = self._live(key, self.now())
         if old is None:
             return Outcome.NOT_STORED
-        _, exptime, flags, _ = unpack_header(old)
+        _, exptime, flags, _, _ = unpack_header(old)
         old_data = item_data(old)
         new_data = old_data + data if at_end else data + old_data
         if self.too_large(key, flags, len(new_data)):
@@ -207,7 +220,7 @@ class Store:
         # memcached rewrites a shorter number in place, padding with spaces to the old length.
         if len(digits) < len(data):
             digits = digits.ljust(len(data))
-        _, exptime, flags, _ = unpack_header(old)
+        _, exptime, flags, _, _ = unpack_header(old)
         self._store(key, make_item(self._next_cas(), exptime, flags, digits, item_fetched(old)))
         return value
 
@@ -347,11 +360,11 @@ class Store:
         return released
 
 
-_EXPTIME_AT = struct.Struct("<I").unpack_from
+_U32_AT = struct.Struct("<I").unpack_from
 
 
 def _expired(item: bytes, now: int) -> bool:
-    exptime = _EXPTIME_AT(item, 8)[0]
+    exptime = _U32_AT(item, 8)[0]
     return exptime != NEVER and exptime <= now
 
 
