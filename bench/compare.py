@@ -169,6 +169,8 @@ def loadgen(
         cmd = [*taskset, str(LOADGEN), HOST, str(port), str(conns), str(seconds), "16", "100"]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60).stdout
         values = dict(item.split("=") for item in out.split())
+        if int(values.get("errors", "0")):
+            raise RuntimeError(f"loadgen saw {values['errors']} unexpected replies: {out}")
         return (
             float(values["ops_per_sec"]),
             float(values["median_us"]),

@@ -47,6 +47,7 @@
 #define READ_SIZE 65536
 #define TCP_BATCH 512
 #define SAMPLE_MASK 63        /* metrics/latency.py: one read in 64 is timed */
+#define MAX_SAMPLES 16        /* TCP_BATCH / 64 reads, at most, are timed per wake-up */
 
 #define UDP_HEADER 8
 #define UDP_MAX_PAYLOAD 1400  /* network/udp.py: MAX_PAYLOAD */
@@ -134,6 +135,8 @@ typedef struct {
     int flush_pending, shadow_dirty;
     long long deltas[C_COUNT];
     unsigned long reads;
+    double samples[MAX_SAMPLES];
+    int nsamples;
     OutBuf out;
     char *rbuf;
     struct RecvBatch *recv_batch;
@@ -491,13 +494,24 @@ static int call_python(Engine *e, PyObject *obj, PyObject *name, PyObject *a, Py
     return sync_in(e);
 }
 
-static int observe(Engine *e, double seconds) {
-    PyObject *v = PyFloat_FromDouble(seconds);
-    PyObject *r = v ? PyObject_CallMethodObjArgs(e->latency, s_observe, v, NULL) : NULL;
-    Py_XDECREF(v);
-    if (r == NULL)
-        return -1;
-    Py_DECREF(r);
+/* A timed read's duration, kept until the wake-up ends: LatencyHistogram.observe is Python
+ * code, which only runs once the engine's state is handed back. */
+static void observe(Engine *e, double seconds) {
+    if (e->nsamples < MAX_SAMPLES)
+        e->samples[e->nsamples++] = seconds;
+}
+
+static int flush_samples(Engine *e) {
+    int n = e->nsamples;
+    e->nsamples = 0;
+    for (int i = 0; i < n; i++) {
+        PyObject *v = PyFloat_FromDouble(e->samples[i]);
+        PyObject *r = v ? PyObject_CallMethodObjArgs(e->latency, s_observe, v, NULL) : NULL;
+        Py_XDECREF(v);
+        if (r == NULL)
+            return -1;
+        Py_DECREF(r);
+    }
     return 0;
 }
 
@@ -528,11 +542,11 @@ static int serve_conn(Engine *e, PyObject *fd_obj, int fd, PyObject *conn, PyObj
         Py_XDECREF(head);
         Py_XDECREF(rest);
         if (rc == 0 && timed)
-            rc = observe(e, monotonic() - started);
+            observe(e, monotonic() - started);
         return rc;
     }
-    if (timed && observe(e, monotonic() - started) < 0)
-        return -1;
+    if (timed)
+        observe(e, monotonic() - started);
     if (out->len == 0)
         return 0;
     e->deltas[C_BYTES_WRITTEN] += out->len;
@@ -600,7 +614,11 @@ static PyObject *Engine_serve_tcp(Engine *e, PyObject *Py_UNUSED(ignored)) {
         Py_DECREF(fd_obj);
     }
     Py_DECREF(tick);
-    if (sync_out(e) < 0 || rc < 0)
+    if (sync_out(e) < 0 || rc < 0) {
+        e->nsamples = 0;
+        return NULL;
+    }
+    if (flush_samples(e) < 0)
         return NULL;
     if (e->out.cap > 4 * READ_SIZE) { /* do not keep a huge reply's buffer around */
         PyMem_Free(e->out.data);
