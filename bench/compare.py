@@ -75,8 +75,10 @@ class Server:
         memory_mb: int,
         conns: int,
         source: Path | None = None,
+        extra: tuple[str, ...] = (),
     ) -> None:
-        """memcached, or cacheserver (from ``source``, a checkout's server/ dir, if given)."""
+        """memcached, or cacheserver (from ``source``, a checkout's server/ dir, if given,
+        with ``extra`` flags)."""
         self.name = name
         self.port = free_port()
         taskset = ["taskset", "-c", str(server_cpu)] if server_cpu is not None else []
@@ -87,7 +89,7 @@ class Server:
             if os.geteuid() == 0:
                 cmd += ["-u", "root"]
         else:
-            cmd = [sys.executable, "-m", "cacheserver", *common, "-m", str(memory_mb)]
+            cmd = [sys.executable, "-m", "cacheserver", *common, "-m", str(memory_mb), *extra]
             if source is not None:
                 env["PYTHONPATH"] = str(source)
         self.proc = subprocess.Popen(
@@ -218,6 +220,11 @@ def main() -> None:
         type=Path,
         help="another checkout's server/ dir: also run its cacheserver (before/after rows)",
     )
+    parser.add_argument(
+        "--python-path",
+        action="store_true",
+        help="also run cacheserver --python-only (the server without its compiled fast path)",
+    )
     args = parser.parse_args()
     for tool in ("memcached", "memcaslap", "cc", "taskset"):
         if shutil.which(tool) is None:
@@ -241,6 +248,10 @@ def main() -> None:
         started = {
             name: Server(name, server_cpu, 1024, conns) for name in ("memcached", "cacheserver")
         }
+        if args.python_path:
+            started["python-only"] = Server(
+                "python-only", server_cpu, 1024, conns, extra=("--python-only",)
+            )
         if args.baseline:
             started["baseline"] = Server("baseline", server_cpu, 1024, conns, args.baseline)
         return started

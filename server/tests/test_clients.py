@@ -154,3 +154,24 @@ def test_memcaslap_over_udp_finishes_without_errors(cacheserver: RunningServer) 
     assert totals.get("cmd_get", 0) > 1000 and totals.get("cmd_set", 0) > 100, output
     for error in ("packet_drop", "packet_disorder", "udp_timeout"):
         assert totals.get(error) == 0, output
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["--division=16"], ["--exp_verify=0.1"]],
+    ids=["get", "multi-get-16", "with-expiring-items"],
+)
+def test_memcaslap_verifies_every_value_it_reads_back(
+    cacheserver: RunningServer, extra: list[str]
+) -> None:
+    """32 connections for two seconds (the compiled fast path and the Python path mixed, as
+    sets with an exptime take the Python one); memcaslap checks each value it gets back."""
+    server = f"127.0.0.1:{cacheserver.port}"
+    cmd = [_require("memcaslap"), "-s", server, "-c", "32", "-T", "1", "-t", "2s"]
+    cmd += ["--verify=1.0", *extra]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    totals = memcaslap_totals(output)
+    assert totals.get("cmd_get", 0) > 1000 and totals.get("cmd_set", 0) > 100, output
+    assert totals.get("verify_failed") == 0 and totals.get("verify_misses") == 0, output
