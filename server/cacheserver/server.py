@@ -80,6 +80,9 @@ class Worker:
         st = self.settings
         self.tcp.listen(st.listen, st.port)
         log.info("listening on %s:%d (TCP)", st.listen, st.port)
+        if self.engine is None:
+            why = "--python-only" if st.python_only else "the C extension was not built"
+            log.info("plain get/set served by the Python path (%s)", why)
         if st.udp_port:
             self.udp.listen(st.listen, st.udp_port)
             log.info(

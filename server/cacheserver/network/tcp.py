@@ -73,10 +73,6 @@ class TCPServer:
         if engine is not None:
             engine.attach_tcp(self._epoll.fileno(), self.connections, self, Connection)
 
-    @property
-    def compiled(self) -> bool:
-        return self._engine is not None
-
     def listen(self, host: str, port: int, backlog: int = 1024) -> socket.socket:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         listener = socket.create_server((host, port), family=family, backlog=backlog)
