@@ -92,7 +92,9 @@ def request_line(draw: st.DrawFn) -> bytes:
         value = draw(st.binary(max_size=300))
         size = len(value) if draw(st.integers(0, 9)) else len(value) + draw(st.integers(-2, 2))
         flags = draw(st.sampled_from([b"0", b"0", b"5", b"007", b"4294967295", b"4294967296"]))
-        exptime = draw(st.sampled_from([b"0", b"0", b"0", b"2", b"-1", b"00"]))
+        exptime = draw(
+            st.sampled_from([b"0", b"0", b"0", b"2", b"-1", b"00", b"2592001", b"9" * 10])
+        )
         tail = b" noreply" if kind == "noreply" else b""
         line = b"set" + sep + key + sep + flags + b" " + exptime + b" %d" % max(size, 0)
         return line + tail + eol + value + b"\r\n"

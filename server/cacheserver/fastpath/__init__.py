@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from cacheserver.protocol.commands import MAX_RELATIVE_EXPTIME
 from cacheserver.storage import item as _item
 from cacheserver.storage.store import BUMP_INTERVAL
 
@@ -23,15 +24,24 @@ except ImportError:  # not compiled: the Python path serves everything
     _fastpath = None
 
 # _fastpath.c reads and writes items in storage/item.py's layout and follows store.py's LRU
-# rule; a change on one side without the other must stop the server, not corrupt items.
+# rule and the protocol's exptime rule; a change on one side without the other must stop
+# the server, not corrupt items.
 if _fastpath is not None:
-    _ours = (_item.HEADER_SIZE, _item.BUMPED_AT, _item.META_AT, _item.FETCHED, BUMP_INTERVAL)
+    _ours = (
+        _item.HEADER_SIZE,
+        _item.BUMPED_AT,
+        _item.META_AT,
+        _item.FETCHED,
+        BUMP_INTERVAL,
+        MAX_RELATIVE_EXPTIME,
+    )
     _built = (
         _fastpath.HEADER_SIZE,
         _fastpath.BUMPED_AT,
         _fastpath.META_AT,
         _fastpath.FETCHED,
         _fastpath.BUMP_INTERVAL,
+        _fastpath.MAX_RELATIVE_EXPTIME,
     )
     if _ours != _built:
         raise ImportError(

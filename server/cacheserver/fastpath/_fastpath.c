@@ -1,6 +1,6 @@
 /* The compiled fast path: the socket loop for the two request shapes that make up nearly
- * all cache traffic (get of one or more keys, and a plain set whose data block is already
- * here), over the Python objects the rest of the server uses.
+ * all cache traffic (get of one or more keys, and a set whose data block is already here),
+ * over the Python objects the rest of the server uses.
  *
  * Why it exists: a Python request path costs 3-5 us of interpreter time per request on top
  * of the same syscalls memcached makes (docs/benchmarks.md), which caps a Python server at
@@ -11,8 +11,8 @@
  *   - the store is the Python Store's own dict (dict order is the LRU order) and its items
  *     are the bytes objects cacheserver.storage.item describes;
  *   - any request it does not know, and any unusual state (a pending flush_all, an item
- *     that does not fit, exptime != 0 on a set, a partial request, a connection with
- *     unsent replies), goes to the Python session from that request on, so the Python code
+ *     that does not fit, a number it would have to refuse, a partial request, a connection
+ *     with unsent replies), goes to the Python session from that request on, so the Python code
  *     stays the single definition of the protocol and this is only a shortcut through it;
  *   - the counters it bumps are kept in C during one wake-up and added to the Python objects
  *     before any Python code runs and when the wake-up ends.
@@ -38,6 +38,7 @@
 #define META_AT 20
 #define FETCHED 0x80
 #define BUMP_INTERVAL 60      /* storage/store.py: a hit moves an item at most this often */
+#define MAX_RELATIVE_EXPTIME (60 * 60 * 24 * 30) /* protocol/commands.py */
 #define KEY_MAX_LENGTH 250
 #define MAX_TOKENS 32         /* longer multi-gets go to the Python path */
 #define MEMCACHED_ITEM_OVERHEAD (48 + 8 + 1)
@@ -321,10 +322,10 @@ done:
     return rc;
 }
 
-/* Store.set_fitting + Store._store for a value that fits; 0 done, -1 error. Eviction, when
+/* Store.set + Store._store for a value that fits; 0 done, -1 error. Eviction, when
  * the store runs over capacity, is the Python Store's own _evict_to. */
 static int set_one(Engine *e, const char *k, Py_ssize_t klen, unsigned long long flags,
-                   const char *data, Py_ssize_t nbytes) {
+                   unsigned int exptime, const char *data, Py_ssize_t nbytes) {
     char suffix[32];
     int slen = snprintf(suffix, sizeof suffix, " %llu %zd\r\n", flags, nbytes);
     Py_ssize_t size = HEADER_SIZE + slen + nbytes + 2;
@@ -338,9 +339,10 @@ static int set_one(Engine *e, const char *k, Py_ssize_t klen, unsigned long long
     unsigned char *p = (unsigned char *)PyBytes_AS_STRING(item);
     for (int i = 0; i < 8; i++)
         p[i] = (unsigned char)(cas >> (8 * i));
-    memset(p + EXPTIME_AT, 0, 4); /* the fast path only takes sets that never expire */
-    for (int i = 0; i < 4; i++)
+    for (int i = 0; i < 4; i++) {
+        p[EXPTIME_AT + i] = (unsigned char)(exptime >> (8 * i));
         p[FLAGS_AT + i] = (unsigned char)(flags >> (8 * i));
+    }
     memset(p + BUMPED_AT, 0, 4); /* not yet moved by a hit */
     p[META_AT] = (unsigned char)(HEADER_SIZE + slen);
     memcpy(p + HEADER_SIZE, suffix, slen);
@@ -430,13 +432,15 @@ static Py_ssize_t run_requests(Engine *e, const char *buf, Py_ssize_t len, OutBu
             pos = next;
             continue;
         }
-        if (ntok == 5 && tlen[0] == 3 && memcmp(tok[0], "set", 3) == 0) {
+        int noreply = ntok == 6 && tlen[5] == 7 && memcmp(tok[5], "noreply", 7) == 0;
+        if ((ntok == 5 || noreply) && tlen[0] == 3 && memcmp(tok[0], "set", 3) == 0) {
             long long flags = parse_small(tok[2], tlen[2]);
             long long exptime = parse_small(tok[3], tlen[3]);
             long long nbytes = parse_small(tok[4], tlen[4]);
             Py_ssize_t klen = tlen[1];
             Py_ssize_t data_end = next + nbytes;
-            if (flags < 0 || (unsigned long long)flags > U32_MAX || exptime != 0 || nbytes < 0
+            if (flags < 0 || (unsigned long long)flags > U32_MAX || exptime < 0
+                || (unsigned long long)exptime > I32_MAX || nbytes < 0
                 || (unsigned long long)nbytes > I32_MAX || klen > KEY_MAX_LENGTH
                 || data_end + 2 > len || buf[data_end] != '\r' || buf[data_end + 1] != '\n')
                 return pos;
@@ -444,10 +448,14 @@ static Py_ssize_t run_requests(Engine *e, const char *buf, Py_ssize_t len, OutBu
             if (MEMCACHED_ITEM_OVERHEAD + klen + (flags ? 4 : 0) + nbytes + 2 > e->max_item_size
                 || klen + HEADER_SIZE + 32 + nbytes + e->item_overhead > e->capacity)
                 return pos;
+            /* Commands.absolute_exptime: 0 never; up to 30 days relative; else a Unix time. */
+            if (exptime && exptime <= MAX_RELATIVE_EXPTIME)
+                exptime += e->now;
             e->deltas[C_CMD_SET]++;
-            if (set_one(e, tok[1], klen, (unsigned long long)flags, buf + next, nbytes) < 0)
+            if (set_one(e, tok[1], klen, (unsigned long long)flags, (unsigned int)exptime,
+                        buf + next, nbytes) < 0)
                 return -1;
-            if (out_put(out, STORED, 8) < 0)
+            if (!noreply && out_put(out, STORED, 8) < 0)
                 return -1;
             pos = data_end + 2;
             continue;
@@ -1003,7 +1011,8 @@ PyMODINIT_FUNC PyInit__fastpath(void) {
         || PyModule_AddIntConstant(m, "BUMPED_AT", BUMPED_AT) < 0
         || PyModule_AddIntConstant(m, "META_AT", META_AT) < 0
         || PyModule_AddIntConstant(m, "FETCHED", FETCHED) < 0
-        || PyModule_AddIntConstant(m, "BUMP_INTERVAL", BUMP_INTERVAL) < 0) {
+        || PyModule_AddIntConstant(m, "BUMP_INTERVAL", BUMP_INTERVAL) < 0
+        || PyModule_AddIntConstant(m, "MAX_RELATIVE_EXPTIME", MAX_RELATIVE_EXPTIME) < 0) {
         Py_DECREF(m);
         return NULL;
     }
