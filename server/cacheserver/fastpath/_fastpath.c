@@ -490,7 +490,8 @@ static int conn_is_plain(Engine *e, PyObject *conn) {
         && SLOT(conn, e->off_request) == Py_None && SLOT(conn, e->off_closing) == Py_False;
 }
 
-/* Call one of the Python server's methods with the engine's state handed over first. */
+/* Call one of the Python server's methods with the engine's state handed over first. The
+ * arguments end at the first NULL (methods here take two to four). */
 static int call_python(Engine *e, PyObject *obj, PyObject *name, PyObject *a, PyObject *b,
                        PyObject *c, PyObject *d) {
     if (sync_out(e) < 0)
