@@ -11,10 +11,10 @@ deps:
 run: deps
 	$(BIN)/cacheserver -l 127.0.0.1 -p $(PORT) --metrics-port 9150 -v
 
+# ruff for the Python; the server's one C file must compile without a warning.
 lint: deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	# The server's one C file: no compiler warning passes.
 	cc -fsyntax-only -Wall -Wextra -Wno-unused-parameter -Werror \
 		-I"$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
 		server/cacheserver/fastpath/_fastpath.c
