@@ -69,7 +69,9 @@ class Side:
         )
 
 
-KEYS = [b"a", b"b", b"key:0001", b"k" * 250, b"k" * 251]
+# The last key is one byte too long; the others are valid (VALID_KEYS of them).
+KEYS = [b"a", b"b", b"c", b"d", b"e", b"key:0001", b"k" * 250, b"k" * 251]
+VALID_KEYS = len(KEYS) - 1
 NUMBERS = [b"0", b"1", b"5", b"007", b"100", b"-1", b"4294967295", b"4294967296", b"x"]
 
 
@@ -90,7 +92,10 @@ def request_line(draw: st.DrawFn) -> bytes:
         keys = draw(st.lists(st.sampled_from(KEYS), min_size=1, max_size=40))
         return b"get " + b" ".join(keys) + eol
     if kind in ("set", "noreply"):
-        value = draw(st.binary(max_size=300))
+        # Mostly small values; large ones fill the small stores so that sets evict.
+        value = draw(
+            st.one_of(st.binary(max_size=20), st.sampled_from([b"x" * 300, b"\r\n" * 200]))
+        )
         size = len(value) if draw(st.integers(0, 9)) else len(value) + draw(st.integers(-2, 2))
         flags = draw(st.sampled_from([b"0", b"0", b"5", b"007", b"4294967295", b"4294967296"]))
         exptime = draw(
@@ -118,11 +123,21 @@ def request_line(draw: st.DrawFn) -> bytes:
 @st.composite
 def request_stream(draw: st.DrawFn) -> tuple[list[bytes], list[int]]:
     """Requests cut into the reads a server would see, and clock steps between reads. The
-    stream starts by storing the valid keys, so that gets find items to answer with."""
+    stream starts by storing the valid keys, so that gets find items to answer with. Reads
+    end at many request boundaries (the compiled path starts afresh with each read and hands
+    the rest of a read over at the first request it does not take) and at a few random
+    points (partial requests)."""
     flags = draw(st.sampled_from([b"0", b"3", b"4294967295"]))
-    warm = b"".join(b"set %s %s 0 2\r\nv%d\r\n" % (k, flags, i) for i, k in enumerate(KEYS[:4]))
-    data = warm + b"".join(draw(st.lists(request_line(), min_size=1, max_size=40)))
-    cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=6)))
+    warm = b"".join(
+        b"set %s %s 0 2\r\nv%d\r\n" % (k, flags, i) for i, k in enumerate(KEYS[:VALID_KEYS])
+    )
+    lines = [warm, *draw(st.lists(request_line(), min_size=1, max_size=40))]
+    data = b"".join(lines)
+    ends = [sum(len(line) for line in lines[: i + 1]) for i in range(len(lines) - 1)]
+    keep = draw(st.lists(st.booleans(), min_size=len(ends), max_size=len(ends)))
+    cuts = {end for end, kept in zip(ends, keep, strict=True) if kept}
+    cuts |= set(draw(st.lists(st.integers(0, len(data)), max_size=4)))
+    cuts = sorted(cuts)
     pieces = [data[i:j] for i, j in zip([0, *cuts], [*cuts, len(data)], strict=True)]
     n = len(pieces)
     steps = draw(st.lists(st.sampled_from([0, 0, 1, 3, 61]), min_size=n, max_size=n))
