@@ -5,6 +5,8 @@ from __future__ import annotations
 import socket
 import time
 
+import pytest
+
 from servers import recv_until, request, start_cacheserver
 
 
@@ -83,5 +85,48 @@ def test_a_client_that_does_not_read_its_replies_gets_them_all_later() -> None:
                 chunks.append(chunk)
                 total += len(chunk)
             assert b"".join(chunks) == expected * 300
+    finally:
+        server.stop()
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):  # noqa: SIM115 - a short read of procfs
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.parametrize("path", ["compiled", "python"])
+def test_a_burst_of_large_gets_is_answered_in_full_without_building_it_all(path: str) -> None:
+    """400 pipelined gets of a 1 MB value ask for 400 MB of replies in one 4 kB write. The
+    server builds them a few MB at a time, as the client takes them, not all at once (which
+    would make it a candidate for its cgroup's OOM killer)."""
+    server = start_cacheserver(*(["--python-only"] if path == "python" else []))
+    value = bytes(range(256)) * 3900  # 998,400 bytes
+    count = 400
+    try:
+        assert request(server, b"set big 0 0 %d\r\n%s\r\n" % (len(value), value)) == b"STORED\r\n"
+        start_rss = _rss_bytes(server.proc.pid)
+        peak_rss = start_rss
+        expected = b"VALUE big 0 %d\r\n%s\r\nEND\r\n" % (len(value), value)
+        with socket.create_connection(server.address, timeout=10) as sock:
+            sock.sendall(b"get big\r\n" * count)
+            received = bytearray()
+            reads = 0
+            while count:
+                chunk = sock.recv(1 << 20)
+                assert chunk, "server closed the connection"
+                received += chunk
+                reads += 1
+                if reads % 16 == 0:
+                    peak_rss = max(peak_rss, _rss_bytes(server.proc.pid))
+                # Check and drop the replies complete so far: the client keeps little too.
+                whole = min(len(received) // len(expected), count)
+                if whole:
+                    assert received[: whole * len(expected)] == expected * whole
+                    del received[: whole * len(expected)]
+                    count -= whole
+        assert received == b""
+        assert peak_rss - start_rss < 64 * 1024 * 1024, (start_rss, peak_rss)
     finally:
         server.stop()

@@ -70,3 +70,18 @@ def test_quit_stops_processing_and_http_is_dropped() -> None:
     http = new_session()
     assert http.feed(b"GET / HTTP/1.1\r\n") == b""
     assert http.closing
+
+
+def test_a_reply_limit_holds_requests_back_until_asked_to_go_on() -> None:
+    commands = Commands(Store(capacity=64 << 20), Counters(), "test")
+    limited = TextSession(commands, reply_limit=1000)
+    assert limited.feed(b"set v 0 0 600\r\n" + b"x" * 600 + b"\r\n") == b"STORED\r\n"
+    burst = b"get v\r\n" * 5 + b"incr n 1\r\nget v"  # ends with a partial line
+    one = b"VALUE v 0 600\r\n" + b"x" * 600 + b"\r\nEND\r\n"
+    replies = [limited.feed(burst)]
+    assert replies[0] == one * 2 and limited.held  # two replies pass 1,000 bytes
+    while limited.held:
+        replies.append(limited.feed(b""))
+    assert b"".join(replies) == one * 5 + b"NOT_FOUND\r\n"
+    assert not limited.idle  # the partial "get v" is still waiting for its end of line
+    assert limited.feed(b"\r\n") == one

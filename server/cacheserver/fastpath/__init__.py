@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from cacheserver.protocol.commands import MAX_RELATIVE_EXPTIME
+from cacheserver.protocol.session import TCP_REPLY_LIMIT
 from cacheserver.storage import item as _item
 from cacheserver.storage.store import BUMP_INTERVAL
 
@@ -24,8 +25,8 @@ except ImportError:  # not compiled: the Python path serves everything
     _fastpath = None
 
 # _fastpath.c reads and writes items in storage/item.py's layout and follows store.py's LRU
-# rule and the protocol's exptime rule; a change on one side without the other must stop
-# the server, not corrupt items.
+# rule, the protocol's exptime rule and the session's reply limit; a change on one side
+# without the other must stop the server, not corrupt items.
 if _fastpath is not None:
     _ours = (
         _item.HEADER_SIZE,
@@ -34,6 +35,7 @@ if _fastpath is not None:
         _item.FETCHED,
         BUMP_INTERVAL,
         MAX_RELATIVE_EXPTIME,
+        TCP_REPLY_LIMIT,
     )
     _built = (
         _fastpath.HEADER_SIZE,
@@ -42,6 +44,7 @@ if _fastpath is not None:
         _fastpath.FETCHED,
         _fastpath.BUMP_INTERVAL,
         _fastpath.MAX_RELATIVE_EXPTIME,
+        _fastpath.REPLY_LIMIT,
     )
     if _ours != _built:
         raise ImportError(

@@ -40,6 +40,7 @@
 #define FETCHED 0x80
 #define BUMP_INTERVAL 60      /* storage/store.py: a hit moves an item at most this often */
 #define MAX_RELATIVE_EXPTIME (60 * 60 * 24 * 30) /* protocol/commands.py */
+#define REPLY_LIMIT (4 * 1024 * 1024) /* protocol/session.py: TCP_REPLY_LIMIT */
 #define KEY_MAX_LENGTH 250
 #define MAX_TOKENS 32         /* longer multi-gets go to the Python path */
 #define MEMCACHED_ITEM_OVERHEAD (48 + 8 + 1)
@@ -446,6 +447,8 @@ static Py_ssize_t run_requests(Engine *e, const char *buf, Py_ssize_t len, OutBu
             if (out_put(out, END, 5) < 0)
                 return -1;
             pos = next;
+            if (out->len > REPLY_LIMIT)
+                return pos; /* the Python session holds back what is left (its reply_limit) */
             continue;
         }
         int noreply = ntok == 6 && tlen[5] == 7 && memcmp(tok[5], "noreply", 7) == 0;
@@ -1029,7 +1032,8 @@ PyMODINIT_FUNC PyInit__fastpath(void) {
         || PyModule_AddIntConstant(m, "META_AT", META_AT) < 0
         || PyModule_AddIntConstant(m, "FETCHED", FETCHED) < 0
         || PyModule_AddIntConstant(m, "BUMP_INTERVAL", BUMP_INTERVAL) < 0
-        || PyModule_AddIntConstant(m, "MAX_RELATIVE_EXPTIME", MAX_RELATIVE_EXPTIME) < 0) {
+        || PyModule_AddIntConstant(m, "MAX_RELATIVE_EXPTIME", MAX_RELATIVE_EXPTIME) < 0
+        || PyModule_AddIntConstant(m, "REPLY_LIMIT", REPLY_LIMIT) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -21,7 +21,7 @@ from typing import Any
 from cacheserver.metrics.counters import Counters
 from cacheserver.metrics.latency import SAMPLE_MASK, LatencyHistogram
 from cacheserver.protocol.commands import Commands
-from cacheserver.protocol.session import TextSession
+from cacheserver.protocol.session import TCP_REPLY_LIMIT, TextSession
 
 TOO_MANY_CONNECTIONS = b"ERROR Too many open connections\r\n"
 READ_SIZE = 65536
@@ -37,7 +37,7 @@ class Connection(TextSession):
     __slots__ = ("pending", "seen_tick", "sock")
 
     def __init__(self, commands: Commands, sock: socket.socket, tick: int) -> None:
-        super().__init__(commands)
+        super().__init__(commands, reply_limit=TCP_REPLY_LIMIT)
         self.sock = sock
         self.seen_tick = tick
         self.pending = b""  # reply bytes the kernel has not taken yet
@@ -156,11 +156,18 @@ class TCPServer:
         self._reply(fd, conn, head + conn.feed(rest))
 
     def _reply(self, fd: int, conn: Connection, out: bytes) -> None:
-        if out:
-            self.counters.bytes_written += len(out)
-            self._send(fd, conn, out)
-        if conn.closing and not conn.pending:
-            self._close(fd, conn)
+        while True:
+            if out:
+                self.counters.bytes_written += len(out)
+                self._send(fd, conn, out)
+            if conn.closing and not conn.pending:
+                self._close(fd, conn)
+                return
+            # Requests held back by the session's reply limit go on once the kernel has
+            # taken the replies so far; while it has not, _flush resumes them.
+            if conn.pending or not conn.held or fd not in self.connections:
+                return
+            out = conn.feed(b"")
 
     def _write(self, fd: int, conn: Connection, out: bytes) -> bool:
         """Send what the kernel takes; keep the rest in ``pending``. True when all went."""
@@ -185,8 +192,10 @@ class TCPServer:
             return
         if conn.closing:
             self._close(fd, conn)
-        else:
-            self._epoll.modify(fd, _IN)
+            return
+        self._epoll.modify(fd, _IN)
+        if conn.held:
+            self._reply(fd, conn, conn.feed(b""))
 
     def _close(self, fd: int, conn: Connection) -> None:
         if self.connections.pop(fd, None) is None:

@@ -26,6 +26,8 @@ MAX_LINE = 2048
 # server buffer without bound.
 MAX_MULTIGET_LINE = 2 * 1024 * 1024
 UDP_REFUSED = b"SERVER_ERROR command not allowed over UDP\r\n"
+# A TCP client's replies built in one go, at most (about): see TextSession's reply_limit.
+TCP_REPLY_LIMIT = 4 * 1024 * 1024
 
 # Commands whose reply is about the size of the request or of data the client stored: safe to
 # answer over UDP without letting a forged source address amplify traffic.
@@ -43,14 +45,26 @@ class TextSession:
         "_commands",
         "_have",
         "_need",
+        "_reply_limit",
         "_request",
         "closing",
+        "held",
         "refused",
     )
 
-    def __init__(self, commands: Commands, allowed: frozenset[bytes] | None = None) -> None:
+    def __init__(
+        self,
+        commands: Commands,
+        allowed: frozenset[bytes] | None = None,
+        reply_limit: int | None = None,
+    ) -> None:
         self._commands = commands
         self._allowed = allowed  # None: every command; else only these (UDP's guard)
+        # Past this many reply bytes in one feed, the requests left are held back until the
+        # caller has sent the replies (feed(b"") then goes on): a burst of pipelined gets of
+        # large values must not make the server build gigabytes of replies at once.
+        self._reply_limit = reply_limit
+        self.held = False  # requests are held back: call feed(b"") once the replies are sent
         self._buffer = b""
         self._request: StorageRequest | None = None
         self._chunks: list[bytes] = []
@@ -66,6 +80,7 @@ class TextSession:
         self._chunks = []
         self._have = self._need = 0
         self.closing = False
+        self.held = False
         self.refused = 0
 
     @property
@@ -76,6 +91,7 @@ class TextSession:
     def feed(self, data: bytes) -> bytes:
         if self.closing:
             return b""
+        self.held = False
         out: list[bytes] = []
         if self._request is not None:
             data = self._continue_block(data, out)
@@ -118,7 +134,13 @@ class TextSession:
         counters = commands.counters
         pos = 0
         n = len(data)
+        limit = self._reply_limit
+        size = 0  # bytes of retrieval replies so far (the only ones that can be large)
         while pos < n:
+            if limit is not None and size > limit:
+                self._buffer = data[pos:]
+                self.held = True
+                return
             eol = data.find(b"\n", pos)
             if eol < 0:
                 self._keep_partial_line(data[pos:])
@@ -149,7 +171,9 @@ class TextSession:
                     out.append(END)
                 else:
                     counters.get_hits += 1
-                    out.append(b"VALUE " + key + item[HEADER_SIZE:] + END)
+                    reply = b"VALUE " + key + item[HEADER_SIZE:] + END
+                    out.append(reply)
+                    size += len(reply)
                 continue
             if command == b"set" and ntokens == 5:
                 key, flags_token, exptime_token, nbytes_token = tokens[1:]
@@ -195,7 +219,9 @@ class TextSession:
                 continue
             handler = commands.handler(command)
             if handler is not None:
-                out.append(handler(tokens))
+                reply = handler(tokens)
+                out.append(reply)
+                size += len(reply)
             elif command == b"quit":
                 self.closing = True
                 return
