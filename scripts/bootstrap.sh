@@ -16,6 +16,12 @@ command -v openssl >/dev/null || need_pkgs+=(openssl)
 # promtool checks every alert and dashboard expression (the e2e suite's Prometheus server is
 # built by make e2e-bins: Debian's has no Kubernetes discovery).
 command -v promtool >/dev/null || need_pkgs+=(prometheus)
+# Both install into /usr/sbin, which a normal user's PATH may leave out.
+sbin_has() { PATH="$PATH:/usr/sbin:/sbin" command -v "$1" >/dev/null; }
+# The e2e nodes' OCI runtime: containerd (built by make e2e-bins) starts containers with it.
+sbin_has runc || need_pkgs+=(runc)
+# kube-proxy's Service rules and the CNI bridge/portmap plugins' NAT (the e2e pod network).
+sbin_has iptables || need_pkgs+=(iptables)
 "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null || need_pkgs+=(python3-venv)
 # The server's compiled fast path (setup.py) needs a C compiler and Python's headers.
 command -v cc >/dev/null || need_pkgs+=(gcc)
