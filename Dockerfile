@@ -17,8 +17,7 @@ WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 # The dependencies first, in a layer of their own: a change to the code alone reuses it.
 RUN python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"], sep="\n")' \
-        >/tmp/requirements.txt \
-    && pip install --no-cache-dir -r /tmp/requirements.txt && rm /tmp/requirements.txt
+    | pip install --no-cache-dir -r /dev/stdin
 COPY server/ server/
 COPY operator/ operator/
 RUN pip install --no-cache-dir .
