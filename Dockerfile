@@ -3,6 +3,9 @@
 # `cacheserver`; the operator's Deployment runs `cacheoperator`.
 #
 #   docker build -t cache-appliance:0.1.0 .
+#
+# `make image` (scripts/image.sh) builds the same, where no Docker engine runs or no registry
+# can be reached too, and exports it for containerd (docs/e2e.md, "The image").
 
 FROM python:3.11-slim AS build
 # A C compiler for the server's compiled fast path (setup.py); the runtime image needs none.
@@ -12,9 +15,17 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
+# The dependencies first, in a layer of their own: a change to the code alone reuses it.
+RUN python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"], sep="\n")' \
+    | pip install --no-cache-dir -r /dev/stdin
 COPY server/ server/
 COPY operator/ operator/
 RUN pip install --no-cache-dir .
+# setup.py lets the install succeed without the compiled fast path (no compiler or no Python
+# headers); an image must not ship without it.
+RUN cd / && python -c 'import cacheserver.fastpath._fastpath' || { \
+      echo "ERROR: the compiled fast path (cacheserver.fastpath._fastpath) did not build:" \
+           "the build stage needs a C compiler and Python's headers (Python.h)." >&2; exit 1; }
 
 FROM python:3.11-slim
 # The uid/gid the pod templates run as (runAsUser 10001, runAsNonRoot).

@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 11211
 
-.PHONY: deps run test unit lint fmt crds clean bench e2e-bins e2e up down dashboard-picture
+.PHONY: deps run test unit lint fmt crds clean bench e2e-bins e2e up down dashboard-picture image
 
 deps:
 	@scripts/bootstrap.sh
@@ -32,6 +32,12 @@ test: lint unit e2e
 crds: deps
 	$(BIN)/python -m cacheoperator.crdgen crds/
 	$(BIN)/python -m cacheoperator.crdgen charts/cache-operator/crds/
+
+# The project's image (cache-appliance:<version>, the chart's default) and the pod sandbox
+# image, exported as archives for containerd into the e2e cache; cached by content, with a
+# private Docker daemon and a locally made base image where none is at hand (docs/e2e.md).
+image:
+	@scripts/image.sh
 
 # End-to-end: a real control plane built from Go modules (cached outside the repo) and the
 # node agent playing the kubelet; see docs/e2e.md. E2E_KUBECONFIG=... runs e2e against
