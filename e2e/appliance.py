@@ -252,11 +252,11 @@ def udp_request(address: str, port: int, command: bytes, timeout: float = 2.0) -
 
 
 def pid_of(pod) -> int:
-    """The node agent reports a container's process id as its id (nodeagent://<pid>)."""
-    container_id = pod.status.container_statuses[0].container_id or ""
-    if not container_id.startswith("nodeagent://"):
-        raise ClusterError(f"{pod.metadata.name}: no process id in {container_id!r}")
-    return int(container_id.removeprefix("nodeagent://"))
+    """The host pid of the pod's (first) container's main process, found through the
+    container's cgroup on its node."""
+    from e2e.nodes import container_main_pid
+
+    return container_main_pid(pod)
 
 
 def process_env(pid: int) -> dict[str, str]:
@@ -283,8 +283,9 @@ def describe_endpoints(name: str, status: Mapping[str, Any]) -> str:
     )
     lines += [
         "\nTalk to it:",
-        f"    printf 'set hello 0 0 5\\r\\nworld\\r\\nget hello\\r\\n' | nc -q1 "
-        f"{first.address} {first.port}",
+        # bash alone (no nc on a fresh machine): quit makes the server close, so cat ends.
+        f"    bash -c 'exec 3<>/dev/tcp/{first.address}/{first.port}; printf "
+        '"set hello 0 0 5\\r\\nworld\\r\\nget hello\\r\\nquit\\r\\n" >&3; cat <&3\'',
         f"    .venv/bin/python -c {shlex.quote(script)}",
         f"    memcaslap --servers={servers} --time=5s",
     ]

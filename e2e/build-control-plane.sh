@@ -212,13 +212,14 @@ BUILD_TAGS=no_btrfs,no_devmapper,no_zfs build containerd "$containerd_pkg" "$CON
     ctr=$containerd_pkg/cmd/ctr
 
 # The pod network of ordinary (not hostNetwork) pods: containerd's CRI runs loopback for every
-# sandbox and the plugins its CNI config names (bridge with host-local IPAM, portmap).
+# sandbox and the plugins its CNI config names (e2e/nodes.py: ptp, routed veth pairs with
+# host-local IPAM, and portmap).
 cni_pkg=github.com/containernetworking/plugins
 INTO_DIR=cni build cni-plugins "$cni_pkg" "$CNI_PLUGINS_VERSION" \
     "-X $cni_pkg/pkg/utils/buildversion.BuildVersion=$CNI_PLUGINS_VERSION" \
-    bridge=$cni_pkg/plugins/main/bridge \
     host-local=$cni_pkg/plugins/ipam/host-local \
     loopback=$cni_pkg/plugins/main/loopback \
+    ptp=$cni_pkg/plugins/main/ptp \
     portmap=$cni_pkg/plugins/meta/portmap
 
 log "all binaries ready in $BIN ($(($(date +%s) - total_start))s)"

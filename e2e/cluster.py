@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from e2e import procs
+from e2e.nodes import Network
 from e2e.pki import KUBERNETES_SERVICE_IP, SERVICE_CIDR, Pki
 
 E2E_DIR = Path(__file__).resolve().parent
@@ -69,6 +70,11 @@ _VERSION_KEY = {
     "kubectl": "KUBERNETES_VERSION",
     "helm": "HELM_VERSION",
     "prometheus": "PROMETHEUS_VERSION",
+    "kubelet": "KUBERNETES_VERSION",
+    "kube-proxy": "KUBERNETES_VERSION",
+    "containerd": "CONTAINERD_VERSION",
+    "containerd-shim-runc-v2": "CONTAINERD_VERSION",
+    "ctr": "CONTAINERD_VERSION",
 }
 
 
@@ -82,6 +88,14 @@ def binary(name: str) -> Path:
     return path
 
 
+def cni_dir() -> Path:
+    """The directory of the cached CNI plugins (ptp, host-local, portmap, loopback)."""
+    path = cache_dir() / "bin" / f"cni-{versions()['CNI_PLUGINS_VERSION']}"
+    if not os.access(path / "ptp", os.X_OK):
+        raise ClusterError(f"{path.name} is not built yet: run `make e2e-bins`")
+    return path
+
+
 def missing_binaries() -> list[str]:
     missing = []
     for name in _VERSION_KEY:
@@ -89,6 +103,10 @@ def missing_binaries() -> list[str]:
             binary(name)
         except ClusterError:
             missing.append(name)
+    try:
+        cni_dir()
+    except ClusterError:
+        missing.append("cni-plugins")
     return missing
 
 
@@ -139,24 +157,34 @@ class LocalCluster:
         self.kubeconfig = self.workdir / "kubeconfig"
         self.state_file = self.workdir / "state.json"
         self.ports: dict[str, int] = {}
+        self.network: Network | None = None
         self.records: list[procs.ProcessRecord] = []
         self._popens: dict[int, object] = {}
 
     @property
+    def address(self) -> str:
+        """Where the API server listens: the host's address on the nodes' bridge."""
+        assert self.network is not None
+        return self.network.host_ip
+
+    @property
     def server(self) -> str:
-        return f"https://127.0.0.1:{self.ports['apiserver']}"
+        return f"https://{self.address}:{self.ports['apiserver']}"
 
     # ---- lifecycle -----------------------------------------------------------------------
 
     def start(self, timeout: float = 120.0) -> LocalCluster:
-        bins = {name: binary(name) for name in _VERSION_KEY if name.startswith(("kube-", "etcd"))}
+        control_plane = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
+        bins = {name: binary(name) for name in control_plane}
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(exist_ok=True)
         self.ports = {
             k: free_port() for k in ("etcd", "etcd-peer", "apiserver", "kcm", "scheduler")
         }
-        self._make_credentials()
+        self.network = Network.pick()
         self.save_state()
+        self.network.create()
+        self._make_credentials()
         try:
             self._start_etcd(bins["etcd"], timeout)
             self._start_apiserver(bins["kube-apiserver"], timeout)
@@ -188,6 +216,8 @@ class LocalCluster:
             except RuntimeError as e:
                 errors.append(str(e))
         self.records = []
+        if self.network is not None:
+            self.network.destroy()
         self.save_state()
         if errors:
             raise ClusterError("; ".join(errors))
@@ -210,6 +240,7 @@ class LocalCluster:
         state = {
             "name": self.name,
             "ports": self.ports,
+            "subnet": self.network.subnet if self.network else None,
             "kubeconfig": str(self.kubeconfig),
             "processes": [r.to_dict() for r in self.records],
         }
@@ -223,6 +254,8 @@ class LocalCluster:
         state = json.loads(cluster.state_file.read_text())
         cluster.name = state["name"]
         cluster.ports = state["ports"]
+        if state.get("subnet") is not None:
+            cluster.network = Network(state["subnet"])
         cluster.records = [procs.ProcessRecord.from_dict(p) for p in state["processes"]]
         return cluster
 
@@ -234,6 +267,7 @@ class LocalCluster:
             "apiserver",
             "kube-apiserver",
             server_names=(
+                self.address,
                 "127.0.0.1",
                 "localhost",
                 KUBERNETES_SERVICE_IP,
@@ -251,6 +285,12 @@ class LocalCluster:
         self.issue_kubeconfig("admin", ("system:masters",), self.kubeconfig)
         self.issue_kubeconfig("system:kube-controller-manager", (), self._kc("kcm"))
         self.issue_kubeconfig("system:kube-scheduler", (), self._kc("scheduler"))
+        # The API server's client certificate towards kubelets (logs, exec, port-forward).
+        self.pki.issue(
+            "apiserver-kubelet-client",
+            "kube-apiserver-kubelet-client",
+            organizations=("system:masters",),
+        )
 
     def _kc(self, name: str) -> Path:
         return self.workdir / f"{name}.kubeconfig"
@@ -260,6 +300,13 @@ class LocalCluster:
         safe = user.replace(":", "-")
         cert, key = self.pki.issue(f"client-{safe}", user, organizations=groups)
         return self.pki.kubeconfig(path, self.server, user, cert, key, self.name)
+
+    def kube_proxy_kubeconfig(self) -> Path:
+        """kube-proxy's credentials: user system:kube-proxy (bound to system:node-proxier)."""
+        path = self._kc("kube-proxy")
+        if not path.exists():
+            self.issue_kubeconfig("system:kube-proxy", (), path)
+        return path
 
     def node_kubeconfig(self, node: str) -> Path:
         """Credentials a kubelet for ``node`` would have: user system:node:<node>."""
@@ -316,8 +363,8 @@ class LocalCluster:
             [
                 str(apiserver),
                 f"--etcd-servers=http://127.0.0.1:{self.ports['etcd']}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                f"--bind-address={self.address}",
+                f"--advertise-address={self.address}",
                 f"--secure-port={self.ports['apiserver']}",
                 f"--cert-dir={self.workdir / 'apiserver-certs'}",
                 f"--tls-cert-file={pki / 'apiserver.crt'}",
@@ -341,8 +388,9 @@ class LocalCluster:
                 # to its own Node and the pods bound to it, as in a real cluster.
                 "--enable-admission-plugins=NodeRestriction",
                 "--allow-privileged=true",
-                # The `kubernetes` Endpoints would name 127.0.0.1, which validation refuses.
-                "--endpoint-reconciler-type=none",
+                f"--kubelet-client-certificate={pki / 'apiserver-kubelet-client.crt'}",
+                f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}",
+                "--kubelet-preferred-address-types=InternalIP,Hostname",
                 "--profiling=false",
             ],
         )
@@ -449,7 +497,7 @@ class ExternalCluster:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from e2e import nodeagent, product
+    from e2e import images, nodes, product
 
     state_dir: Path = args.state_dir.resolve()
     if (state_dir / "cluster" / "state.json").exists():
@@ -461,26 +509,20 @@ def _cmd_up(args: argparse.Namespace) -> int:
         _stop_all(state_dir)
     missing = missing_binaries()
     if missing:
-        print(f"missing control-plane binaries ({', '.join(missing)}): run `make e2e-bins`")
+        print(f"missing binaries ({', '.join(missing)}): run `make e2e-bins`")
         return 1
     started = time.monotonic()
+    print("building the image (cached by content) ...", flush=True)
+    built = images.for_nodes()
     cluster = LocalCluster(state_dir / "cluster", detached=True)
     print(f"starting the control plane in {cluster.workdir} ...", flush=True)
     cluster.start(timeout=args.timeout)
     try:
-        nodes = nodeagent.default_nodes(args.nodes, args.zones)
-        config = nodeagent.AgentConfig(
-            cluster_id=cluster.name,
-            work_dir=str(state_dir / "nodeagent"),
-            nodes=nodes,
-            kubeconfigs={n.name: str(cluster.node_kubeconfig(n.name)) for n in nodes},
-            kubelet_version=versions()["KUBERNETES_VERSION"],
-        )
-        print(f"starting the node agent for {len(nodes)} nodes ...", flush=True)
-        nodeagent.start_detached(config, state_dir / "nodeagent.json")
-        nodeagent.wait_nodes_ready(cluster.api_client(), [n.name for n in nodes], args.timeout)
+        specs = nodes.default_nodes(args.nodes, args.zones)
+        print(f"starting {len(specs)} nodes (kubelet, containerd, kube-proxy) ...", flush=True)
+        nodes.Nodes(cluster, specs, state_dir / "nodes").start(built.archives, args.timeout)
         _link_tools(state_dir, cluster)
-        product.install(cluster, state_dir, args.timeout)
+        product.install(cluster, state_dir, built.ref, args.timeout)
     except BaseException:
         print(cluster.failure_report())
         _stop_all(state_dir)
@@ -513,16 +555,15 @@ def _print_usage(state_dir: Path) -> None:
         f"\nUse it with:\n    source {shown}/env\n    kubectl get nodes -L "
         "topology.kubernetes.io/zone,topology.cache.appliance.io/rack\n"
         "    kubectl get cc -o wide; kubectl describe cc cache\n"
-        f"Logs: {shown}/cluster/logs/, {shown}/nodeagent/ and {shown}/operator.log; "
-        "stop it all with `make down`."
+        f"Logs: {shown}/cluster/logs/ and {shown}/nodes/<node>/logs/; the operator's: "
+        "kubectl logs -n cache-system deploy/cache-operator; stop it all with `make down`."
     )
 
 
 def _stop_all(state_dir: Path) -> None:
-    from e2e import nodeagent, product
+    from e2e import nodes
 
-    product.stop(state_dir)
-    nodeagent.stop_detached(state_dir / "nodeagent.json")
+    nodes.stop_from_state(state_dir / "nodes" / "nodes.json")
     if (state_dir / "cluster" / "state.json").exists():
         LocalCluster.load(state_dir / "cluster").stop()
 
@@ -550,16 +591,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
     cluster = LocalCluster.load(cluster_state)
     for rec in cluster.records:
         print(f"{rec.name:26} pid {rec.pid:7} {'running' if rec.alive() else 'EXITED'}")
-    from e2e import nodeagent, product
-
-    agent = nodeagent.detached_record(state_dir / "nodeagent.json")
-    if agent:
-        print(f"{'node agent':26} pid {agent.pid:7} {'running' if agent.alive() else 'EXITED'}")
-    operator = product.operator_record(state_dir)
-    if operator:
-        state = "running" if operator.alive() else "EXITED"
-        print(f"{'cacheoperator':26} pid {operator.pid:7} {state}")
-    return 0 if cluster.alive() and agent and agent.alive() else 1
+    node_state = state_dir / "nodes" / "nodes.json"
+    if node_state.exists():
+        for node in json.loads(node_state.read_text())["nodes"]:
+            for raw in node["processes"]:
+                rec = procs.ProcessRecord.from_dict(raw)
+                name = f"{node['spec']['name']} {rec.name}"
+                print(f"{name:26} pid {rec.pid:7} {'running' if rec.alive() else 'EXITED'}")
+    return 0 if cluster.alive() else 1
 
 
 def main(argv: list[str] | None = None) -> int:

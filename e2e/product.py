@@ -1,35 +1,23 @@
-"""The product on the e2e cluster: the chart installed with the pinned helm, and the operator
-running beside the cluster as the chart's ServiceAccount.
+"""The product on the e2e cluster, installed as a user installs it: the project's image
+imported into every node's containerd (there is no registry here), the chart installed with
+the pinned helm, and the chart's Deployment running the operator on a node with its mounted
+ServiceAccount token, so everything it does is checked against the chart's RBAC.
 
-Why beside and not as the chart's Deployment: the node agent runs containers' commands as
-local processes, without images, volumes or service-account token mounts, so the operator's
-pod would have no credentials (and no image to run). The chart is installed as a user would
-install it, with one value changed: a nodeSelector that no node has, so the Deployment's pod
-stays Pending instead of running without credentials. The operator process then gets a token
-for the chart's ServiceAccount from the TokenRequest API, as the kubelet would for the pod,
-so everything it does is checked against the chart's RBAC and nothing more.
-
-Used by the e2e fixtures (e2e/tests/conftest.py) and by `make up` (`install`, `stop`).
+Used by the e2e fixtures (e2e/tests/conftest.py) and by `make up` (`install`).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from e2e import procs
-from e2e.cluster import REPO_ROOT, ClusterError, free_port, wait_for
+from e2e.cluster import REPO_ROOT, ClusterError, wait_for
 
 CHART = REPO_ROOT / "charts" / "cache-operator"
 EXAMPLES = REPO_ROOT / "examples"
@@ -39,10 +27,8 @@ NAMESPACE = "cache-system"
 # The chart names its ServiceAccount and peering object after the release.
 SERVICE_ACCOUNT = RELEASE
 PEERING = RELEASE
-# The label no node carries: the chart's Deployment pod stays Pending (see the docstring).
-NO_NODE_SELECTOR = {"e2e.cache.appliance.io/runs-operator-pods": "never"}
-APPLIANCE_IMAGE = "cache-appliance:e2e"  # the node agent runs `command`, never the image
-POD_ID = "cache-operator-beside-the-cluster"
+# The chart's default metrics port (values.yaml metrics.port).
+OPERATOR_METRICS_PORT = 9160
 
 
 def helm_env(kubeconfig: Path, bin_dir: Path) -> dict[str, str]:
@@ -75,17 +61,16 @@ def run_tool(
 def install_chart(
     kubeconfig: Path,
     bin_dir: Path,
-    liveness_url: str,
-    timeout: float = 120,
+    image: str,
+    timeout: float = 180,
     release: str = RELEASE,
     namespace: str = NAMESPACE,
     values: Sequence[str] = (),
 ) -> subprocess.CompletedProcess[str]:
-    """`helm upgrade --install` the chart (by default as release cache-operator in
-    cache-system), plus ``values`` (helm flags such as --set).
-
-    No --wait: the Deployment's pod cannot become ready here (see the module docstring).
-    `helm test` asks ``liveness_url``, the operator beside the cluster."""
+    """`helm upgrade --install --wait` the chart (by default as release cache-operator in
+    cache-system) with the project's ``image`` (repository:tag), plus ``values`` (helm flags
+    such as --set): done when the operator's pod is Ready."""
+    repository, _, tag = image.rpartition(":")
     return run_tool(
         [
             str(bin_dir / "helm"),
@@ -96,11 +81,12 @@ def install_chart(
             "--namespace",
             namespace,
             "--create-namespace",
-            "--set-json",
-            f"nodeSelector={json.dumps(NO_NODE_SELECTOR)}",
             "--set",
-            f"tests.url={liveness_url}",
+            f"image.repository={repository}",
+            "--set",
+            f"image.tag={tag}",
             *values,
+            "--wait",
             f"--timeout={timeout:.0f}s",
         ],
         helm_env(kubeconfig, bin_dir),
@@ -155,152 +141,114 @@ def service_account_kubeconfig(
     return path
 
 
-@dataclass
-class OperatorPorts:
-    liveness: int
-    metrics: int
+class OperatorPod:
+    """The chart's operator: the Deployment's one pod, running the project's image on a node,
+    with the ServiceAccount token the kubelet mounted. The tests look at it as a user would
+    (its pod, its logs, its metrics) and reach its process on this machine only to freeze or
+    kill it as a fault."""
 
-    @classmethod
-    def pick(cls) -> OperatorPorts:
-        return cls(free_port(), free_port())
+    def __init__(self, api_client, release: str = RELEASE, namespace: str = NAMESPACE) -> None:
+        from kubernetes import client
 
-    @property
-    def liveness_url(self) -> str:
-        return f"http://127.0.0.1:{self.liveness}/healthz"
+        self.core = client.CoreV1Api(api_client)
+        self.apps = client.AppsV1Api(api_client)
+        self.release = release
+        self.namespace = namespace
+        self.selector = f"app.kubernetes.io/instance={release},app.kubernetes.io/component=operator"
+
+    def pod(self):
+        """The operator's pod that is not being deleted; ClusterError if there is none."""
+        pods = [
+            p
+            for p in self.core.list_namespaced_pod(
+                self.namespace, label_selector=self.selector
+            ).items
+            if p.metadata.deletion_timestamp is None
+        ]
+        if len(pods) != 1:
+            raise ClusterError(f"expected one operator pod, found {len(pods)}")
+        return pods[0]
+
+    def ready(self) -> bool:
+        pod = self.pod()
+        statuses = pod.status.container_statuses or []
+        return bool(statuses) and all(s.ready for s in statuses)
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        wait_for(f"the operator pod of release {self.release} to be Ready", self.ready, timeout)
+
+    def restart_count(self) -> int:
+        return sum(s.restart_count for s in self.pod().status.container_statuses or [])
+
+    def pid(self) -> int:
+        """The operator's process on this machine (its container's first process)."""
+        from e2e.nodes import container_main_pid
+
+        return container_main_pid(self.pod())
 
     @property
     def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.metrics}/metrics"
+        return f"http://{self.pod().status.pod_ip}:{OPERATOR_METRICS_PORT}/metrics"
 
-
-def operator_command() -> list[str]:
-    """The `cacheoperator` console script of this environment (the virtualenv's)."""
-    beside = Path(sys.executable).parent / "cacheoperator"
-    found = str(beside) if beside.exists() else shutil.which("cacheoperator")
-    if not found:
-        raise ClusterError("cacheoperator is not installed: run scripts/bootstrap.sh")
-    return [found]
-
-
-class OperatorProcess:
-    """`cacheoperator` as the Deployment runs it (all namespaces, peering, liveness,
-    metrics), on loopback ports, with the ServiceAccount's kubeconfig."""
-
-    def __init__(
-        self,
-        kubeconfig: Path,
-        log: Path,
-        ports: OperatorPorts,
-        detached: bool,
-        namespaces: Sequence[str] = (),
-        pod_id: str = POD_ID,
-    ) -> None:
-        """``namespaces``: watch these (as the chart's operator.watchNamespaces), else all."""
-        self.kubeconfig = kubeconfig
-        self.log = log
-        self.ports = ports
-        self.detached = detached
-        self.namespaces = list(namespaces)
-        self.pod_id = pod_id
-        self.record: procs.ProcessRecord | None = None
-        self._popen: subprocess.Popen | None = None
-
-    def argv(self) -> list[str]:
-        argv = [
-            *operator_command(),
-            *([f"--namespace={ns}" for ns in self.namespaces] or ["--all-namespaces"]),
-            f"--peering={PEERING}",
-            f"--liveness={self.ports.liveness_url}",
-            f"--metrics-port={self.ports.metrics}",
-            "--metrics-address=127.0.0.1",
-            f"--default-image={APPLIANCE_IMAGE}",
-        ]
-        if not self.detached and shutil.which("setpriv"):
-            # Killed with the test run, however it ends (as the control plane is).
-            argv = ["setpriv", "--pdeathsig", "TERM", "--", *argv]
-        return argv
-
-    def start(self, timeout: float = 60) -> OperatorProcess:
-        env = {
-            "KUBECONFIG": str(self.kubeconfig),
-            "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
-            "HOME": str(self.kubeconfig.parent),
-            "PYTHONUNBUFFERED": "1",
-            # kopf's peering identity, stable across restarts as the chart's pod name is
-            # (see the Deployment): a restarted operator does not wait for its own old
-            # keep-alive to expire.
-            "POD_ID": self.pod_id,
-        }
-        self.record, self._popen = procs.start("cacheoperator", self.argv(), self.log, env=env)
-        self.wait_live(timeout)
-        return self
-
-    def alive(self) -> bool:
-        return self.record is not None and self.record.alive()
-
-    def live(self) -> bool:
-        """kopf answers its liveness endpoint once it has logged in and is watching."""
-        with urllib.request.urlopen(self.ports.liveness_url, timeout=2) as reply:
-            return reply.status == 200
-
-    def wait_live(self, timeout: float) -> None:
-        def check_alive() -> None:
-            if not self.alive():
-                raise ClusterError(
-                    f"cacheoperator exited during start-up; its log:\n{procs.tail(self.log)}"
-                )
-
-        wait_for(
-            f"the operator's liveness endpoint {self.ports.liveness_url}",
-            self.live,
-            timeout,
-            on_poll=check_alive,
+    def scale(self, replicas: int, timeout: float = 120) -> None:
+        """Scale the Deployment; with 0, wait until its pod is gone, else until Ready."""
+        name = self.release
+        self.apps.patch_namespaced_deployment_scale(
+            name, self.namespace, {"spec": {"replicas": replicas}}
         )
-
-    def stop(self, grace: float = 10) -> None:
-        if self.record is not None:
-            self.record.stop(grace, self._popen)
+        if replicas == 0:
+            wait_for(
+                f"the operator pods of {name} to be gone",
+                lambda: (
+                    not self.core.list_namespaced_pod(
+                        self.namespace, label_selector=self.selector
+                    ).items
+                ),
+                timeout,
+            )
+        else:
+            self.wait_ready(timeout)
 
     def pause(self) -> None:
         """SIGSTOP: frozen where it is, in the middle of whatever it was doing."""
-        assert self.record is not None
-        os.killpg(self.record.pid, signal.SIGSTOP)
+        os.kill(self.pid(), signal.SIGSTOP)
 
     def kill(self) -> None:
-        """SIGKILL: the operator gets no chance to finish what it was doing."""
-        assert self.record is not None
-        os.killpg(self.record.pid, signal.SIGKILL)
-        wait_for("the killed operator to be gone", lambda: not self.alive(), 10)
-        if self._popen is not None:
-            self._popen.wait(timeout=5)
+        """SIGKILL (the pod stays; the kubelet starts the container again)."""
+        pid = self.pid()
+        os.kill(pid, signal.SIGCONT)
+        os.kill(pid, signal.SIGKILL)
 
     def tail(self, lines: int = 40) -> str:
-        return procs.tail(self.log, lines)
+        try:
+            pod = self.pod()
+            return self.core.read_namespaced_pod_log(
+                pod.metadata.name, self.namespace, tail_lines=lines
+            )
+        except Exception as e:
+            return f"(no operator log: {e})"
 
 
 # ---- `make up` / `make down` -----------------------------------------------------------
 
 
-def install(cluster, state_dir: Path, timeout: float = 180) -> None:
-    """After the nodes are Ready: install the chart, run the operator in the background
-    (its record in <state_dir>/operator.json for `make down`), apply the example and wait
-    for it to be Ready; then print its endpoints."""
+def install(cluster, state_dir: Path, image: str, timeout: float = 180) -> None:
+    """After the nodes are Ready (the image imported): install the chart, wait for the
+    operator's pod, apply the example and wait for it to be Ready; print its endpoints."""
     from e2e.appliance import describe_endpoints, load_manifest, wait_phase
 
     bin_dir = state_dir / "bin"
-    ports = OperatorPorts.pick()
     print(f"installing {CHART.relative_to(REPO_ROOT)} as release {RELEASE} ...", flush=True)
-    install_chart(cluster.kubeconfig, bin_dir, ports.liveness_url, timeout)
+    started = time.monotonic()
+    install_chart(cluster.kubeconfig, bin_dir, image, timeout)
     api = cluster.api_client()
-    kubeconfig = service_account_kubeconfig(
-        api, cluster.kubeconfig, state_dir / "operator.kubeconfig", hours=24 * 7
+    operator = OperatorPod(api)
+    pod = operator.pod()
+    print(
+        f"operator pod {pod.metadata.name} Ready on {pod.spec.node_name} "
+        f"in {time.monotonic() - started:.1f}s",
+        flush=True,
     )
-    print("starting the operator as the chart's ServiceAccount ...", flush=True)
-    operator = OperatorProcess(kubeconfig, state_dir / "operator.log", ports, detached=True)
-    operator.start(timeout)
-    assert operator.record is not None
-    (state_dir / "operator.json").write_text(json.dumps(operator.record.to_dict()))
-
     print(f"applying {EXAMPLE.relative_to(REPO_ROOT)} ...", flush=True)
     run_tool(
         [str(bin_dir / "kubectl"), "apply", "-f", str(EXAMPLE)],
@@ -315,18 +263,3 @@ def install(cluster, state_dir: Path, timeout: float = 180) -> None:
         raise ClusterError(f"{e}\noperator log:\n{operator.tail()}") from None
     print(f"CacheCluster {name} Ready in {time.monotonic() - started:.1f}s")
     print(describe_endpoints(name, status))
-
-
-def operator_record(state_dir: Path) -> procs.ProcessRecord | None:
-    record_file = state_dir / "operator.json"
-    if not record_file.exists():
-        return None
-    return procs.ProcessRecord.from_dict(json.loads(record_file.read_text()))
-
-
-def stop(state_dir: Path) -> None:
-    """Stop the operator `install` started, if it runs (SIGTERM: kopf leaves its peering)."""
-    record = operator_record(state_dir)
-    if record is not None:
-        record.stop(grace=10)
-        (state_dir / "operator.json").unlink()

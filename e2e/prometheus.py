@@ -18,7 +18,7 @@ import shutil
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -135,21 +135,61 @@ def podmonitor_scrape_configs(
     return jobs
 
 
-def static_scrape_config(
-    job_name: str,
-    address: str,
-    interval: str,
-    relabelings: Sequence[Mapping[str, Any]] = (),
-    labels: Mapping[str, str] | None = None,
-) -> dict[str, Any]:
-    """A fixed target, with a monitor's relabelings (e.g. the ServiceMonitor's job)."""
-    return {
-        "job_name": job_name,
-        "scrape_interval": interval,
-        "scrape_timeout": interval,
-        "static_configs": [{"targets": [address], "labels": dict(labels or {})}],
-        "relabel_configs": [_relabel(r) for r in relabelings],
-    }
+def servicemonitor_scrape_configs(
+    servicemonitor: Mapping[str, Any], kubernetes_sd: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """The scrape jobs the Prometheus Operator makes of ``servicemonitor``: endpoints
+    discovery of the Services its selector picks, one job per endpoint port."""
+    meta, spec = servicemonitor["metadata"], servicemonitor["spec"]
+    namespace, name = meta["namespace"], meta["name"]
+    selector = spec.get("namespaceSelector") or {}
+    sd: dict[str, Any] = {"role": "endpoints", **kubernetes_sd}
+    if not selector.get("any"):
+        sd["namespaces"] = {"names": list(selector.get("matchNames") or [namespace])}
+    if spec["selector"].get("matchExpressions"):
+        raise PrometheusError("matchExpressions in a ServiceMonitor selector are not translated")
+    jobs = []
+    for i, endpoint in enumerate(spec["endpoints"]):
+        relabel: list[dict[str, Any]] = []
+        for key, value in sorted(spec["selector"].get("matchLabels", {}).items()):
+            relabel.append(
+                {
+                    "source_labels": [
+                        f"__meta_kubernetes_service_label_{_sanitize(key)}",
+                        f"__meta_kubernetes_service_labelpresent_{_sanitize(key)}",
+                    ],
+                    "action": "keep",
+                    "regex": f"({value});true",
+                }
+            )
+        relabel.append(
+            {
+                "source_labels": ["__meta_kubernetes_endpoint_port_name"],
+                "action": "keep",
+                "regex": endpoint["port"],
+            }
+        )
+        for source, target in (
+            ("__meta_kubernetes_namespace", "namespace"),
+            ("__meta_kubernetes_service_name", "service"),
+            ("__meta_kubernetes_pod_name", "pod"),
+        ):
+            relabel.append({"source_labels": [source], "target_label": target})
+        relabel.append({"target_label": "job", "replacement": f"{namespace}/{name}"})
+        relabel.append({"target_label": "endpoint", "replacement": endpoint["port"]})
+        relabel += [_relabel(r) for r in endpoint.get("relabelings", [])]
+        job: dict[str, Any] = {
+            "job_name": f"serviceMonitor/{namespace}/{name}/{i}",
+            "metrics_path": endpoint.get("path", "/metrics"),
+            "kubernetes_sd_configs": [sd],
+            "relabel_configs": relabel,
+        }
+        if endpoint.get("interval"):
+            job["scrape_interval"] = endpoint["interval"]
+        if endpoint.get("scrapeTimeout"):
+            job["scrape_timeout"] = endpoint["scrapeTimeout"]
+        jobs.append(job)
+    return jobs
 
 
 def scale_for_durations(groups: list[dict[str, Any]], duration: str) -> list[dict[str, Any]]:

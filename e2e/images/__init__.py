@@ -60,3 +60,16 @@ def appliance() -> Image:
 def pause() -> Image:
     """The pod sandbox image: e2e/images/pause.c, static, alone in one layer."""
     return _built("--print-pause-archive")
+
+
+@dataclass(frozen=True)
+class NodeImages:
+    """What every e2e node imports, and the reference pods (and the chart) use."""
+
+    ref: str
+    archives: tuple[Path, ...]
+
+
+def for_nodes() -> NodeImages:
+    project, sandbox = appliance(), pause()
+    return NodeImages(project.ref, (project.archive, sandbox.archive))

@@ -1,7 +1,7 @@
 """Fixtures of the e2e suite: a real control plane (or the cluster named by E2E_KUBECONFIG),
-the node agent with eight nodes in two zones and four racks, the chart installed with the
-pinned helm, the operator running beside the cluster as the chart's ServiceAccount, and a
-namespace per test."""
+eight real nodes (kubelet, containerd, kube-proxy) in two zones and four racks, the
+project's image on every node, the chart installed with the pinned helm, its operator
+running as a pod, and a namespace per test."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e import nodeagent, product
+from e2e import images, nodes, product
 from e2e.appliance import GROUP, LABEL_CLUSTER, PLURAL, VERSION, CacheClusters
 from e2e.cluster import (
     ClusterError,
@@ -21,7 +21,6 @@ from e2e.cluster import (
     LocalCluster,
     binary,
     missing_binaries,
-    versions,
     wait_for,
 )
 
@@ -58,22 +57,22 @@ def api(cluster):
 
 
 @pytest.fixture(scope="session")
-def agent(cluster, api) -> Iterator[nodeagent.NodeAgent]:
-    """The node agent's nodes. Tests that look at the pods' processes on this machine use it;
-    against an existing cluster (E2E_KUBECONFIG) they are skipped."""
+def built_image() -> images.NodeImages:
+    """The project's image, built from the Dockerfile (cached by content), and the pause
+    image: what every node imports."""
+    return images.for_nodes()
+
+
+@pytest.fixture(scope="session")
+def agent(cluster, api, built_image) -> Iterator[nodes.Nodes]:
+    """The cluster's real nodes. Tests that look at the pods' processes on this machine use
+    it; against an existing cluster (E2E_KUBECONFIG) they are skipped."""
     if isinstance(cluster, ExternalCluster):
-        pytest.skip("E2E_KUBECONFIG: the cluster's own nodes run the pods, not the node agent")
-    nodes = nodeagent.default_nodes(NODES, ZONES)
-    config = nodeagent.AgentConfig(
-        cluster_id=cluster.name,
-        work_dir=str(cluster.workdir / "nodeagent"),
-        nodes=nodes,
-        kubeconfigs={n.name: str(cluster.node_kubeconfig(n.name)) for n in nodes},
-        kubelet_version=versions()["KUBERNETES_VERSION"],
-    )
-    running = nodeagent.NodeAgent(config).start()
+        pytest.skip("E2E_KUBECONFIG: the cluster's own nodes run the pods, not this machine")
+    specs = nodes.default_nodes(NODES, ZONES)
+    running = nodes.Nodes(cluster, specs, cluster.workdir / "nodes")
+    running.start(built_image.archives, START_TIMEOUT)
     try:
-        nodeagent.wait_nodes_ready(api, [n.name for n in nodes], START_TIMEOUT)
         yield running
     finally:
         running.stop()
@@ -93,34 +92,24 @@ def tools(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @dataclass
 class ChartInstall:
-    ports: product.OperatorPorts  # where the operator beside the cluster will serve
     output: str  # what `helm upgrade --install` printed, NOTES included
+    image: str  # the image the chart runs
 
 
 @pytest.fixture(scope="session")
-def chart(cluster, agent, tools) -> ChartInstall:
+def chart(cluster, agent, tools, built_image) -> ChartInstall:
     """The chart installed as a user would (release cache-operator in cache-system), with
-    the Deployment's pod kept off the agent's nodes (see e2e/product.py). `helm test` asks
-    the liveness URL of the operator that will run beside the cluster."""
-    ports = product.OperatorPorts.pick()
-    result = product.install_chart(cluster.kubeconfig, tools, ports.liveness_url)
-    return ChartInstall(ports, result.stdout)
+    the project's image: done when the operator's pod is Ready."""
+    result = product.install_chart(cluster.kubeconfig, tools, built_image.ref)
+    return ChartInstall(result.stdout, built_image.ref)
 
 
 @pytest.fixture(scope="session")
-def operator(cluster, api, chart, tmp_path_factory) -> Iterator[product.OperatorProcess]:
-    """`cacheoperator` beside the cluster, authenticated as the chart's ServiceAccount with a
-    token from the TokenRequest API: everything it does is checked against the chart's RBAC."""
-    work = tmp_path_factory.mktemp("operator")
-    kubeconfig = product.service_account_kubeconfig(api, cluster.kubeconfig, work / "kubeconfig")
-    running = product.OperatorProcess(
-        kubeconfig, work / "operator.log", chart.ports, detached=False
-    )
-    running.start()
-    try:
-        yield running
-    finally:
-        running.stop()
+def operator(cluster, api, chart) -> product.OperatorPod:
+    """The chart's operator pod, authenticated by its mounted ServiceAccount token."""
+    running = product.OperatorPod(api)
+    running.wait_ready()
+    return running
 
 
 @pytest.fixture
@@ -183,8 +172,11 @@ def pytest_runtest_makereport(item, call):
         local = item.funcargs.get("cluster")
         if isinstance(local, LocalCluster):
             report.sections.append(("control-plane logs", local.failure_report(15)))
+        running_nodes = item.funcargs.get("agent")
+        if isinstance(running_nodes, nodes.Nodes) and not running_nodes.alive():
+            report.sections.append(("node logs", running_nodes.failure_report(15)))
         running = item.funcargs.get("operator")
-        if isinstance(running, product.OperatorProcess):
+        if isinstance(running, product.OperatorPod):
             report.sections.append(("operator log", running.tail(40)))
     return report
 

@@ -12,6 +12,7 @@ import yaml
 from kubernetes import client
 
 from e2e import product
+from e2e.appliance import process_env
 from e2e.cluster import versions
 
 CHART = str(product.CHART)
@@ -162,22 +163,23 @@ def test_install_notes_tell_the_next_step(chart):
     assert ".status.endpoints" in notes
 
 
-def test_deployment_pod_is_held_off_the_agent_nodes(api, chart, eventually):
-    """Here the operator runs beside the cluster (e2e/product.py): the Deployment's pod is
-    admitted (its ServiceAccount exists) but no node matches its nodeSelector."""
-    core = client.CoreV1Api(api)
-    selector = "app.kubernetes.io/name=cache-operator,app.kubernetes.io/component=operator"
-
-    def unschedulable():
-        pods = core.list_namespaced_pod(product.NAMESPACE, label_selector=selector).items
-        for pod in pods:
-            for c in pod.status.conditions or []:
-                if c.type == "PodScheduled" and c.reason == "Unschedulable":
-                    return c.message
-        return None
-
-    message = eventually("the operator's Deployment pod to be found unschedulable", unschedulable)
-    assert "node affinity/selector" in message
+def test_operator_runs_as_a_pod_from_the_image_with_its_mounted_token(api, chart, operator):
+    """The Deployment's pod runs on a node, from the image the chart names, as the chart's
+    ServiceAccount with the token the kubelet mounted; it is Ready from its liveness port."""
+    pod = operator.pod()
+    assert pod.status.phase == "Running"
+    assert pod.spec.node_name, "the operator's pod is not on a node"
+    (container,) = pod.spec.containers
+    assert container.image == chart.image
+    (status,) = pod.status.container_statuses
+    assert status.ready and status.image_id, status
+    assert pod.spec.service_account_name == product.SERVICE_ACCOUNT
+    mounts = {m.mount_path for m in container.volume_mounts or []}
+    assert "/var/run/secrets/kubernetes.io/serviceaccount" in mounts
+    # Not beside the cluster any more: the process runs in the pod's cgroup on its node.
+    env = process_env(operator.pid())
+    assert env.get("KUBERNETES_SERVICE_HOST"), "in-cluster config comes from the pod's env"
+    assert env.get("POD_ID") == pod.metadata.name
 
 
 # Verbs and resources the operator must have (docs/operator.md), as `kubectl auth can-i`
@@ -222,9 +224,14 @@ DENIED = [
 ]
 
 
-def test_service_account_may_do_what_the_operator_needs_and_no_more(tools, operator):
-    """Asked of the API server with the operator's own token (SelfSubjectAccessReview)."""
-    kubeconfig = operator.kubeconfig
+def test_service_account_may_do_what_the_operator_needs_and_no_more(
+    tools, api, cluster, operator, tmp_path
+):
+    """Asked of the API server with a token of the operator's ServiceAccount
+    (SelfSubjectAccessReview)."""
+    kubeconfig = product.service_account_kubeconfig(
+        api, cluster.kubeconfig, tmp_path / "operator.kubeconfig"
+    )
 
     def can(verb: str, resource: str, *extra: str) -> bool:
         result = kubectl(tools, kubeconfig, "auth", "can-i", verb, resource, "-A", *extra)
@@ -239,8 +246,19 @@ def test_service_account_may_do_what_the_operator_needs_and_no_more(tools, opera
     assert "system:serviceaccount:cache-system:cache-operator" in whoami.stdout
 
 
-def test_helm_test_finds_the_operator_live(tools, cluster, operator):
-    """`helm test` runs the chart's hook pod, which asks the operator's liveness endpoint."""
+def test_helm_test_finds_the_operator_live(tools, api, cluster, operator):
+    """`helm test` runs the chart's hook pod, which asks the operator's liveness endpoint
+    through its Service: a ClusterIP, through kube-proxy on the test pod's node. This
+    cluster runs no DNS server, so the test URL names the Service's address instead of
+    its DNS name (the chart's value tests.url, kept with --reuse-values otherwise)."""
+    service = client.CoreV1Api(api).read_namespaced_service(product.RELEASE, product.NAMESPACE)
+    port = next(p.port for p in service.spec.ports if p.name == "healthz")
+    url = f"http://{service.spec.cluster_ip}:{port}/healthz"
+    env_kubeconfig = {"kubeconfig": cluster.kubeconfig}
+    helm(
+        tools, "upgrade", product.RELEASE, CHART, "--namespace", product.NAMESPACE,
+        "--reuse-values", "--set", f"tests.url={url}", "--wait", **env_kubeconfig,
+    )  # fmt: skip
     result = helm(
         tools,
         "test",

@@ -6,8 +6,8 @@ operator builds. test_observability.py then runs them against a real Prometheus.
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -21,7 +21,6 @@ from cacheoperator.models import parse_spec
 from cacheoperator.naming import ClusterRef
 from e2e import monitoring
 from e2e.cluster import REPO_ROOT, ClusterError, binary, free_port
-from e2e.container import default_path
 
 OVERVIEW = monitoring.CHART / "dashboards" / "cache-cluster-overview.json"
 OPERATOR = monitoring.CHART / "dashboards" / "cache-operator.json"
@@ -148,7 +147,8 @@ def exposed_names(text: str) -> set[str]:
 
 def scrape_cacheserver(*args: str) -> str:
     """The /metrics of a real cacheserver started with ``args``, on loopback."""
-    server = shutil.which("cacheserver", path=default_path())
+    # The virtual environment's console script, beside the Python running the tests.
+    server = str(Path(sys.executable).parent / "cacheserver")
     port, metrics = free_port(), free_port()
     argv = [server, "-l", "127.0.0.1", "-p", str(port), "--metrics-port", str(metrics), *args]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

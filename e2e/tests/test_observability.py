@@ -1,13 +1,14 @@
 """The chart's monitoring, proven against a real Prometheus (upstream, built by make e2e-bins).
 
 Three cacheserver pods (two StatefulSets, as a two-partition CacheCluster has, labelled the
-way the operator labels its pods) run on the node agent's nodes. Prometheus runs on loopback
-with the scrape job the Prometheus Operator would make of the chart's rendered PodMonitor:
-it discovers the pods through the API server (pod role, attach_metadata node, with a client
-certificate bound to a read-only ClusterRole) and relabels them with node, zone, rack and
-partition. The operator runs beside the cluster on an example CacheCluster and is scraped
-as a static target with the ServiceMonitor's relabelings. The chart's alert rules are loaded
-with every `for:` cut to a few seconds.
+way the operator labels its pods, running the project's image) run on the cluster's nodes.
+Prometheus runs on this machine with the scrape jobs the Prometheus Operator would make of
+the chart's rendered PodMonitor and ServiceMonitor: it discovers the appliance pods through
+the API server (pod role, attach_metadata node, with a client certificate bound to a
+read-only ClusterRole) and relabels them with node, zone, rack and partition; it finds the
+chart's operator pod through its Service's Endpoints (endpoints role), while the operator
+runs an example CacheCluster. The chart's alert rules are loaded with every `for:` cut to
+a few seconds.
 
 Traffic comes from pymemcache's HashClient in two phases: a working set that fits, then
 new keys faster than the caches hold them. Then: every dashboard expression has data, every
@@ -25,7 +26,6 @@ import math
 import os
 import random
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -39,15 +39,15 @@ import pytest
 from kubernetes import client
 
 from cacheoperator.naming import LABEL_PARTITION, LABEL_STATEFULSET, common_labels
-from e2e import monitoring, procs
-from e2e.cluster import REPO_ROOT, ClusterError, binary, free_port, wait_for
-from e2e.container import default_path
-from e2e.nodeagent import RACK_LABEL, ZONE_LABEL
+from e2e import monitoring
+from e2e.appliance import pid_of
+from e2e.cluster import REPO_ROOT, ClusterError, binary, wait_for
+from e2e.nodes import RACK_LABEL, ZONE_LABEL
 from e2e.prometheus import (
     Prometheus,
     podmonitor_scrape_configs,
     scale_for_durations,
-    static_scrape_config,
+    servicemonitor_scrape_configs,
 )
 
 INTERVAL = "1s"  # scrape and rule evaluation
@@ -147,7 +147,7 @@ class CacheLoad:
                             udp.sendto(b"bad", address)  # shorter than the 8-byte frame header
 
 
-def appliance_statefulset(partition: int, replicas: int, port: int) -> dict:
+def appliance_statefulset(partition: int, replicas: int, port: int, image: str) -> dict:
     """A StatefulSet of one partition, labelled as the operator labels its pods, with the
     server configured through the same env the operator sets."""
     name = f"{CACHECLUSTER}-p{partition}"
@@ -158,7 +158,7 @@ def appliance_statefulset(partition: int, replicas: int, port: int) -> dict:
     field_ref = lambda path: {"fieldRef": {"fieldPath": path}}  # noqa: E731
     container = {
         "name": "cacheserver",
-        "image": "cache-appliance:dev",
+        "image": image,
         "command": ["cacheserver"],
         "env": [
             {"name": "CACHESERVER_LISTEN", "valueFrom": field_ref("status.hostIP")},
@@ -207,10 +207,6 @@ def is_ready(pod: client.V1Pod) -> bool:
     return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
 
 
-def pid_of(pod: client.V1Pod) -> int:
-    return int(pod.status.container_statuses[0].container_id.removeprefix("nodeagent://"))
-
-
 def grant_prometheus(cluster, rbac: client.RbacAuthorizationV1Api) -> tuple[dict, str]:
     """A client certificate for Prometheus and a ClusterRole that only reads pods and nodes
     (attach_metadata watches nodes); returns the kubernetes_sd_configs connection part and
@@ -219,7 +215,8 @@ def grant_prometheus(cluster, rbac: client.RbacAuthorizationV1Api) -> tuple[dict
     rbac.create_cluster_role(
         {
             "metadata": {"name": name},
-            "rules": [{"apiGroups": [""], "resources": ["pods", "nodes"],
+            "rules": [{"apiGroups": [""],
+                       "resources": ["pods", "nodes", "services", "endpoints"],
                        "verbs": ["get", "list", "watch"]}],
         }
     )  # fmt: skip
@@ -248,27 +245,6 @@ def kubectl(cluster, *args: str) -> None:
     subprocess.run(argv, check=True, timeout=60, stdout=subprocess.DEVNULL)
 
 
-def start_operator(cluster, namespace: str, workdir: Path) -> tuple[procs.ProcessRecord, int]:
-    """`cacheoperator --standalone` beside the cluster, watching ``namespace``, once the CRD
-    is there."""
-    crd = REPO_ROOT / "crds" / "cache.appliance.io_cacheclusters.yaml"
-    # --force-conflicts: the CRD may already be there from a chart install, same content.
-    kubectl(cluster, "apply", "--server-side", "--force-conflicts", "-f", str(crd))
-    kubectl(
-        cluster, "wait", "--for=condition=Established", "--timeout=30s",
-        "crd/cacheclusters.cache.appliance.io",
-    )  # fmt: skip
-    port = free_port()
-    operator = shutil.which("cacheoperator", path=default_path())
-    argv = [operator, "--standalone", "-n", namespace, "--metrics-port", str(port),
-            "--metrics-address", "127.0.0.1"]  # fmt: skip
-    if shutil.which("setpriv"):
-        argv = ["setpriv", "--pdeathsig", "TERM", "--", *argv]
-    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
-    record, _ = procs.start("cacheoperator", argv, workdir / "cacheoperator.log", env=env)
-    return record, port
-
-
 def wait(what: str, check, timeout: float = 60.0):
     try:
         return wait_for(what, check, timeout, interval=0.5)
@@ -294,9 +270,7 @@ def wait_firing(prometheus: Prometheus, name: str, timeout: float = 60.0) -> lis
 
 
 @pytest.fixture(scope="module")
-def run(cluster, api, agent, tmp_path_factory) -> Iterator[Run]:
-    if not shutil.which("cacheserver", path=default_path()):
-        pytest.skip("cacheserver is not installed in this environment")
+def run(cluster, api, agent, chart, operator, tmp_path_factory) -> Iterator[Run]:
     workdir = tmp_path_factory.mktemp("observability")
     core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
     rbac = client.RbacAuthorizationV1Api(api)
@@ -305,7 +279,7 @@ def run(cluster, api, agent, tmp_path_factory) -> Iterator[Run]:
     for ns in (namespace, operator_ns):
         core.create_namespace({"metadata": {"name": ns}})
     started = time.time()
-    prometheus = operator = None
+    prometheus = None
     role = None
     try:
         wait(
@@ -315,10 +289,9 @@ def run(cluster, api, agent, tmp_path_factory) -> Iterator[Run]:
         port = random.randint(20000, 29000)
         for partition, replicas in PARTITIONS:
             apps.create_namespaced_stateful_set(
-                namespace, appliance_statefulset(partition, replicas, port)
+                namespace, appliance_statefulset(partition, replicas, port, chart.image)
             )
         sd, role = grant_prometheus(cluster, rbac)
-        operator, operator_port = start_operator(cluster, operator_ns, workdir)
 
         # The monitors as the chart renders them, at this run's pace.
         values = {
@@ -338,15 +311,7 @@ def run(cluster, api, agent, tmp_path_factory) -> Iterator[Run]:
         (servicemonitor,) = monitoring.of_kind(objects, "ServiceMonitor")
         (rule,) = monitoring.of_kind(objects, "PrometheusRule")
         scrape = podmonitor_scrape_configs(podmonitor, sd)
-        scrape.append(
-            static_scrape_config(
-                "cache-operator-static",
-                f"127.0.0.1:{operator_port}",
-                INTERVAL,
-                servicemonitor["spec"]["endpoints"][0]["relabelings"],
-                {"namespace": operator_ns},
-            )
-        )
+        scrape += servicemonitor_scrape_configs(servicemonitor, sd)
         groups = scale_for_durations(rule["spec"]["groups"], ALERT_FOR)
         prometheus = Prometheus(workdir / "prometheus", scrape, groups, INTERVAL).start()
 
@@ -382,8 +347,6 @@ def run(cluster, api, agent, tmp_path_factory) -> Iterator[Run]:
     finally:
         if prometheus is not None:
             prometheus.stop()
-        if operator is not None:
-            operator.stop(grace=10)
         for ns in (namespace, operator_ns):
             with contextlib.suppress(client.ApiException):
                 core.delete_namespace(ns)

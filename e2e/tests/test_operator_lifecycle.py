@@ -1,17 +1,18 @@
 """A CacheCluster over its life, as its user sees it: `kubectl scale` up and down, more
 replicas than the nodes can take, a spec change rolled pod by pod, a killed server, the
 operator killed in the middle of its work, deletion, and the memory limit reaching the
-server. The operator is the one beside the cluster, with the chart's RBAC."""
+server, and what the kubelet really gave each appliance. The operator is the chart's pod,
+with the chart's RBAC."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import time
 from pathlib import Path
 
-import pytest
 from kubernetes import watch
 
 from e2e import product
@@ -25,6 +26,8 @@ from e2e.appliance import (
     pid_of,
     stats,
 )
+from e2e.cluster import wait_for
+from e2e.nodes import container_cgroup
 
 DEFAULT = product.EXAMPLES / "cachecluster.yaml"  # 3 appliances, every default
 TIMEOUT = 120
@@ -158,12 +161,14 @@ def test_killed_server_is_restarted_degraded_then_ready(caches, agent):
 
 def test_operator_killed_mid_reconcile_converges_and_deletion_removes_everything(caches, operator):
     """The operator is frozen the moment its first StatefulSet appears (so mid-pass:
-    the status is not written yet), then SIGKILLed and started again."""
+    the status is not written yet), then SIGKILLed; the kubelet starts it again."""
     manifest = load_manifest(product.EXAMPLES / "cachecluster-partition.yaml")
     name = manifest["metadata"]["name"]
     apps = caches.apps
     since = apps.list_namespaced_stateful_set(caches.namespace).metadata.resource_version
     caches.create(manifest)
+    restarts = operator.restart_count()
+    frozen_at = None
     stream = watch.Watch()
     for event in stream.stream(
         apps.list_namespaced_stateful_set,
@@ -173,8 +178,9 @@ def test_operator_killed_mid_reconcile_converges_and_deletion_removes_everything
     ):
         if event["type"] == "ADDED":
             operator.pause()
+            frozen_at = time.monotonic()
             stream.stop()
-    assert operator.alive(), "no StatefulSet appeared within 60 s"
+    assert frozen_at is not None, "no StatefulSet appeared within 60 s"
     try:
         frozen = caches.get(name)
         assert "observedGeneration" not in (frozen.get("status") or {}), (
@@ -186,7 +192,11 @@ def test_operator_killed_mid_reconcile_converges_and_deletion_removes_everything
     assert any(c.startswith("StatefulSet/") for c in partial), partial
 
     started = time.monotonic()
-    operator.start()
+    wait_for(
+        "the kubelet to restart the killed operator",
+        lambda: operator.restart_count() > restarts and operator.ready(),
+        TIMEOUT,
+    )
     status = caches.wait_phase(name, "Ready", TIMEOUT, replicas=6)
     converged = time.monotonic() - started
     expected = sorted(
@@ -225,10 +235,8 @@ def test_operator_killed_mid_reconcile_converges_and_deletion_removes_everything
 
 
 def test_memory_limit_reaches_the_server(caches, agent):
-    """The pod's memory limit becomes its cgroup's limit (node agent), which the server
-    reads (-m auto) and sizes its cache below, leaving headroom."""
-    if agent.cgroups is None:
-        pytest.skip(f"the node agent runs pods without cgroups here: {agent.cgroups_error}")
+    """The pod's memory limit becomes its container's cgroup limit (the kubelet's), which the
+    server reads (-m auto) and sizes its cache below, leaving headroom."""
     manifest = load_manifest(DEFAULT)
     name = manifest["metadata"]["name"]
     limit = 256 * 1024 * 1024
@@ -238,13 +246,50 @@ def test_memory_limit_reaches_the_server(caches, agent):
     settings = stats(ep, "settings")
     assert settings["memory_sizing"] == "auto"
     assert int(settings["memory_limit"]) == limit, settings
-    # Read from the cgroup the node agent made for this pod's container.
-    kind, _, where = settings["memory_limit_source"].partition(":")
+    # Read from the container's own cgroup, the one the kubelet made for it.
+    kind = settings["memory_limit_source"].partition(":")[0]
     assert kind in ("cgroup1", "cgroup2"), settings["memory_limit_source"]
     (pod,) = caches.live_pods(name)
-    assert pod.metadata.uid in where, where
-    path = Path(where.split(":")[0])
-    if path.name in ("memory.limit_in_bytes", "memory.max"):
-        assert int(path.read_text()) == limit
+    cgroup = container_cgroup(pod)
+    name_on_host = "memory.max" if kind == "cgroup2" else "memory.limit_in_bytes"
+    assert int((cgroup / name_on_host).read_text()) == limit
     assert 0 < int(settings["maxbytes"]) < limit
     assert int(settings["maxbytes"]) == int(settings["memory_capacity"])
+
+
+def test_appliance_pod_is_guaranteed_pinned_read_only_and_unprivileged(
+    caches, agent, tools, cluster
+):
+    """What the operator asks of the kubelet, checked on the kubelet's own work: Guaranteed
+    QoS, the process bound to the one CPU the static CPU manager gave it exclusively (the
+    kubelet's checkpoint says so), a read-only root file system, uid 10001, and the server
+    sized from the container's own cgroup."""
+    manifest = load_manifest(DEFAULT)
+    name = manifest["metadata"]["name"]
+    caches.create(manifest, replicas=1)
+    status = caches.wait_phase(name, "Ready", TIMEOUT, replicas=1)
+    (ep,) = endpoints(status)
+    (pod,) = caches.live_pods(name)
+    assert pod.status.qos_class == "Guaranteed"
+    pid = pid_of(pod)
+    proc_status = dict(
+        line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    assert proc_status["Cpus_allowed_list"].strip() == "1", proc_status["Cpus_allowed_list"]
+    assert proc_status["Uid"].split()[:2] == ["10001", "10001"], proc_status["Uid"]
+    checkpoint = json.loads(
+        (agent.node(pod.spec.node_name).paths.kubelet_root / "cpu_manager_state").read_text()
+    )
+    container = pod.spec.containers[0].name
+    assert checkpoint["entries"][pod.metadata.uid][container] == "1", checkpoint
+    assert checkpoint["defaultCpuSet"] == "0", "CPU 1 is no longer in the shared pool"
+    write = subprocess.run(
+        [str(tools / "kubectl"), "--kubeconfig", str(cluster.kubeconfig), "exec", "-n",
+         caches.namespace, pod.metadata.name, "--", "touch", "/written"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert write.returncode != 0 and "Read-only file system" in write.stderr, write
+    settings = stats(ep, "settings")
+    cgroup = container_cgroup(pod)
+    own = next(f for f in (cgroup / "memory.limit_in_bytes", cgroup / "memory.max") if f.exists())
+    assert int(settings["memory_limit"]) == int(own.read_text()) == 1024**3, settings

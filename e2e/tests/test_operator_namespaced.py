@@ -16,14 +16,20 @@ RELEASE = "cache-operator-ns"  # the chart names its objects and ServiceAccount 
 def test_namespaced_operator_runs_its_namespace_only(
     api, cluster, tools, chart, operator, namespace, tmp_path
 ):
-    install = product.install_chart(
-        cluster.kubeconfig,
-        tools,
-        "http://127.0.0.1:1/unused",
-        release=RELEASE,
-        namespace=namespace,
-        values=["--set", f"operator.watchNamespaces={{{namespace}}}"],
-    )
+    # The cluster-wide operator would act on this namespace too: it steps aside meanwhile.
+    operator.scale(0)
+    try:
+        install = product.install_chart(
+            cluster.kubeconfig,
+            tools,
+            chart.image,
+            release=RELEASE,
+            namespace=namespace,
+            values=["--set", f"operator.watchNamespaces={{{namespace}}}"],
+        )
+    except BaseException:
+        operator.scale(1)
+        raise
     assert f"watching namespace(s) {namespace}" in install.stdout
     kubeconfig = product.service_account_kubeconfig(
         api, cluster.kubeconfig, tmp_path / "kubeconfig", account=RELEASE, namespace=namespace
@@ -49,19 +55,10 @@ def test_namespaced_operator_runs_its_namespace_only(
     assert not can("patch", "cacheclusters.cache.appliance.io", "default")
     assert not can("patch", "clusterkopfpeerings.kopf.dev", "*")
 
-    # The cluster-wide operator would act on this namespace too: it steps aside meanwhile.
-    operator.stop()
-    scoped = product.OperatorProcess(
-        kubeconfig,
-        tmp_path / "operator.log",
-        product.OperatorPorts.pick(),
-        detached=False,
-        namespaces=[namespace],
-        pod_id="cache-operator-namespaced",
-    )
+    scoped = product.OperatorPod(api, release=RELEASE, namespace=namespace)
     caches = CacheClusters(api, namespace)
     try:
-        scoped.start()
+        scoped.wait_ready()
         manifest = load_manifest(product.EXAMPLE)
         name = manifest["metadata"]["name"]
         caches.create(manifest, replicas=1)
@@ -75,12 +72,11 @@ def test_namespaced_operator_runs_its_namespace_only(
         caches.delete(name)
         wait_for("the namespaced cluster's pods to be gone", lambda: not caches.pods(name), 60)
     finally:
-        scoped.stop()
-        operator.start()
         subprocess.run(
-            [str(tools / "helm"), "uninstall", RELEASE, "-n", namespace],
+            [str(tools / "helm"), "uninstall", RELEASE, "-n", namespace, "--wait"],
             env=product.helm_env(cluster.kubeconfig, tools),
             capture_output=True,
-            timeout=60,
+            timeout=120,
             check=False,
         )
+        operator.scale(1)

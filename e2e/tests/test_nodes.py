@@ -1,17 +1,19 @@
-"""Smoke tests of the e2e infrastructure: the control plane validates and schedules, the
-node agent's nodes run pods as real processes that answer on their node's address, turn
-Ready only from their own probe, live in a memory cgroup with their limit, are restarted
-when killed and stopped when deleted."""
+"""The e2e cluster's nodes are real: kubelets with containerd and runc, each node in a
+network namespace of its own with its own address, zone and rack labels and the static CPU
+manager; pods run the project's image, get their downward-API env and cgroup limits from the
+kubelet, turn Ready from their own probes, are restarted when killed, stopped when deleted,
+and reach Services through kube-proxy."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import secrets
-import shutil
 import signal
 import socket
+import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,17 +21,23 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from e2e.container import default_path
-from e2e.nodeagent import RACK_LABEL, ZONE_LABEL
+from e2e.appliance import pid_of, process_env
+from e2e.cluster import binary
+from e2e.nodes import NETWORK_PREFIX, RACK_LABEL, ZONE_LABEL, container_cgroup
 
 HOST_IP_ENV = {"name": "HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}}
 
 
-def web_container(port: int, probe: dict | None = None, memory: str = "64Mi") -> dict:
+@pytest.fixture
+def image(built_image) -> str:
+    return built_image.ref
+
+
+def web_container(image: str, port: int, probe: dict | None = None, memory: str = "64Mi") -> dict:
     """python3's http.server bound to the node's address, the way a hostNetwork pod binds."""
     container = {
         "name": "web",
-        "image": "python:3",
+        "image": image,
         "command": ["python3", "-m", "http.server", "--bind", "$(HOST_IP)", str(port)],
         "env": [HOST_IP_ENV],
         "ports": [{"name": "http", "containerPort": port}],
@@ -62,33 +70,40 @@ def accepts(address: str, port: int) -> bool:
     return False
 
 
-def pid_of(pod: client.V1Pod) -> int:
-    """The node agent reports the process id as the container id (nodeagent://<pid>)."""
-    container_id = pod.status.container_statuses[0].container_id
-    assert container_id and container_id.startswith("nodeagent://"), container_id
-    return int(container_id.removeprefix("nodeagent://"))
-
-
 def is_ready(pod: client.V1Pod) -> bool:
     return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
 
 
-def test_nodes_register_with_topology_and_heartbeats(api, agent):
+def kubectl(cluster, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    argv = [str(binary("kubectl")), "--kubeconfig", str(cluster.kubeconfig), *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=check)
+
+
+def test_nodes_are_kubelets_on_containerd_with_topology_and_heartbeats(api, agent):
+    """What `kubectl get nodes -o wide` shows: kubelet v1.36, containerd 2, an address of
+    each node's own (not loopback), zone and rack labels; and fresh Leases."""
     core = client.CoreV1Api(api)
     nodes = {n.metadata.name: n for n in core.list_node().items}
-    assert sorted(nodes) == sorted(n.name for n in agent.config.nodes)
+    assert sorted(nodes) == sorted(s.name for s in agent.specs)
     assert {n.metadata.labels[ZONE_LABEL] for n in nodes.values()} == {"zone-a", "zone-b"}
-    assert all(n.metadata.labels.get(RACK_LABEL) for n in nodes.values())
+    assert len({n.metadata.labels[RACK_LABEL] for n in nodes.values()}) == 4
+    addresses = set()
     for name, node in nodes.items():
+        info = node.status.node_info
+        assert info.kubelet_version.startswith("v1.36."), info.kubelet_version
+        assert info.container_runtime_version.startswith("containerd://2."), info
         assert node.metadata.labels["kubernetes.io/hostname"] == name
-        addresses = {a.type: a.address for a in node.status.addresses}
-        assert addresses["InternalIP"].startswith("127.")
+        internal = {a.type: a.address for a in node.status.addresses}["InternalIP"]
+        assert internal.startswith(NETWORK_PREFIX + "."), internal
+        addresses.add(internal)
         assert {c.type: c.status for c in node.status.conditions}["Ready"] == "True"
-        assert node.status.allocatable["cpu"] and node.status.allocatable["memory"]
+        # The static CPU manager keeps CPU 0 for the system: one CPU to hand out here.
+        assert node.status.allocatable["cpu"] == str(int(node.status.capacity["cpu"]) - 1)
         lease = client.CoordinationV1Api(api).read_namespaced_lease(name, "kube-node-lease")
         assert lease.spec.holder_identity == name
         age = datetime.now(UTC) - lease.spec.renew_time
         assert age.total_seconds() < 40, f"lease of {name} is {age} old"
+    assert len(addresses) == len(nodes)
 
 
 def test_api_server_rejects_invalid_objects(api, namespace):
@@ -102,7 +117,7 @@ def test_api_server_rejects_invalid_objects(api, namespace):
                 "spec": {
                     "replicas": -1,
                     "selector": {"matchLabels": {"app": "bad"}},
-                    "template": pod_template("bad", web_container(free_port())),
+                    "template": pod_template("bad", web_container("unused", free_port())),
                 },
             },
         )
@@ -180,13 +195,12 @@ def test_api_server_rejects_invalid_objects(api, namespace):
 
 
 def test_deployment_is_scheduled_runs_and_is_ready_only_from_its_probe(
-    api, agent, namespace, eventually, tmp_path: Path
+    api, cluster, agent, namespace, eventually, image
 ):
     core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
     port = free_port()
-    marker = tmp_path / "ready"
     probe = {
-        "exec": {"command": ["test", "-f", str(marker)]},
+        "exec": {"command": ["test", "-f", "/tmp/ready"]},
         "periodSeconds": 1,
         "failureThreshold": 1,
     }
@@ -197,7 +211,7 @@ def test_deployment_is_scheduled_runs_and_is_ready_only_from_its_probe(
             "spec": {
                 "replicas": 2,
                 "selector": {"matchLabels": {"app": "web"}},
-                "template": pod_template("web", web_container(port, probe)),
+                "template": pod_template("web", web_container(image, port, probe)),
             },
         },
     )
@@ -211,7 +225,7 @@ def test_deployment_is_scheduled_runs_and_is_ready_only_from_its_probe(
             p.status.pod_ip and accepts(p.status.pod_ip, port) for p in current
         )
 
-    eventually("both web pods to serve on their node's address", serving)
+    eventually("both web pods to serve on their node's address", serving, timeout=90)
     running = pods()
     # The same hostNetwork port cannot be used twice on a node: the scheduler spreads them.
     assert len({p.spec.node_name for p in running}) == 2
@@ -224,14 +238,20 @@ def test_deployment_is_scheduled_runs_and_is_ready_only_from_its_probe(
     # Serving, but the probe says no: not Ready.
     assert not any(is_ready(p) for p in pods())
 
-    marker.touch()
+    # kubectl exec, through the API server and the kubelet, makes the probe pass.
+    for pod in running:
+        kubectl(cluster, "exec", "-n", namespace, pod.metadata.name, "--", "touch", "/tmp/ready")
     eventually("both pods Ready from their probe", lambda: all(is_ready(p) for p in pods()))
     eventually(
         "the deployment to count 2 ready replicas",
         lambda: apps.read_namespaced_deployment("web", namespace).status.ready_replicas == 2,
     )
-    marker.unlink()
+    for pod in running:
+        kubectl(cluster, "exec", "-n", namespace, pod.metadata.name, "--", "rm", "/tmp/ready")
     eventually("both pods NotReady again", lambda: not any(is_ready(p) for p in pods()))
+    # kubectl logs, through the kubelet: http.server logged its requests.
+    logs = kubectl(cluster, "logs", "-n", namespace, running[0].metadata.name).stdout
+    assert "GET / " in logs or "Serving HTTP" in logs, logs
 
     apps.delete_namespaced_deployment("web", namespace)
     eventually("the pods to be deleted", lambda: not pods())
@@ -239,9 +259,7 @@ def test_deployment_is_scheduled_runs_and_is_ready_only_from_its_probe(
         assert not accepts(pod.status.pod_ip, port), "the process outlived its pod"
 
 
-def test_pod_runs_in_a_memory_cgroup_with_downward_api_env(api, agent, namespace, eventually):
-    if agent.cgroups is None:
-        pytest.skip(f"no cgroups on this machine: {agent.cgroups_error}")
+def test_pod_gets_its_cgroup_limit_and_downward_api_env(api, agent, namespace, eventually, image):
     core = client.CoreV1Api(api)
     limit = 96 * 1024 * 1024
     pod = {
@@ -251,7 +269,7 @@ def test_pod_runs_in_a_memory_cgroup_with_downward_api_env(api, agent, namespace
             "containers": [
                 {
                     "name": "main",
-                    "image": "python:3",
+                    "image": image,
                     "command": ["python3", "-c", "import time; time.sleep(600)"],
                     "args": ["$(POD_NAME)", "$(MEMORY_LIMIT)", "$$(POD_NAME)", "$(UNKNOWN)"],
                     "env": [
@@ -291,13 +309,9 @@ def test_pod_runs_in_a_memory_cgroup_with_downward_api_env(api, agent, namespace
         statuses = p.status.container_statuses or []
         return p if statuses and statuses[0].state.running else None
 
-    running = eventually("the pod's process to run", started)
+    running = eventually("the pod's process to run", started, timeout=90)
     pid = pid_of(running)
-    environ = dict(
-        item.split("=", 1)
-        for item in Path(f"/proc/{pid}/environ").read_text().split("\0")
-        if "=" in item
-    )
+    environ = process_env(pid)
     assert environ["POD_NAME"] == "sized"
     assert environ["TIER"] == "cache"
     assert environ["NODE_NAME"] == running.spec.node_name
@@ -307,28 +321,17 @@ def test_pod_runs_in_a_memory_cgroup_with_downward_api_env(api, agent, namespace
     argv = Path(f"/proc/{pid}/cmdline").read_text().split("\0")[:-1]
     assert argv[-4:] == ["sized", str(limit), "$(POD_NAME)", "$(UNKNOWN)"]
 
-    limit_file = memory_limit_file(pid)
+    cgroup = container_cgroup(running)
+    limit_file = next(
+        f for f in (cgroup / "memory.limit_in_bytes", cgroup / "memory.max") if f.exists()
+    )
     assert int(limit_file.read_text()) == limit, f"{limit_file} is not the pod's limit"
 
     core.delete_namespaced_pod("sized", namespace, grace_period_seconds=1)
     eventually("the pod's process to stop", lambda: not Path(f"/proc/{pid}").exists())
 
 
-def memory_limit_file(pid: int) -> Path:
-    """The memory limit file of the cgroup ``pid`` lives in (v1 or v2)."""
-    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if "memory" in controllers.split(","):
-            return Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.limit_in_bytes"
-    unified = next(
-        line.split(":", 2)[2]
-        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()
-        if line.startswith("0::")
-    )
-    return Path("/sys/fs/cgroup") / unified.lstrip("/") / "memory.max"
-
-
-def test_killed_process_is_restarted_and_counted(api, agent, namespace, eventually):
+def test_killed_process_is_restarted_and_counted(api, agent, namespace, eventually, image):
     core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
     port = free_port()
     probe = {"tcpSocket": {"port": "http"}, "periodSeconds": 1}
@@ -340,7 +343,7 @@ def test_killed_process_is_restarted_and_counted(api, agent, namespace, eventual
                 "replicas": 1,
                 "serviceName": "cache",
                 "selector": {"matchLabels": {"app": "cache"}},
-                "template": pod_template("cache", web_container(port, probe)),
+                "template": pod_template("cache", web_container(image, port, probe)),
             },
         },
     )
@@ -350,7 +353,7 @@ def test_killed_process_is_restarted_and_counted(api, agent, namespace, eventual
             return core.read_namespaced_pod("cache-0", namespace)
         return None
 
-    first = eventually("cache-0 to be Ready", lambda: (p := pod()) and is_ready(p) and p)
+    first = eventually("cache-0 to be Ready", lambda: (p := pod()) and is_ready(p) and p, 90)
     first_pid = pid_of(first)
     os.kill(first_pid, signal.SIGKILL)
 
@@ -366,7 +369,11 @@ def test_killed_process_is_restarted_and_counted(api, agent, namespace, eventual
     assert accepts(again.status.pod_ip, port)
 
 
-def test_guaranteed_pod_gets_cpus_of_its_own(api, agent, namespace, eventually):
+def test_guaranteed_pod_gets_the_cpu_the_kubelet_reserved_for_it(
+    api, agent, namespace, eventually, image
+):
+    """The static CPU manager gives a Guaranteed integer-CPU container a CPU of its own: its
+    process may run there only, and the kubelet's checkpoint names that CPU for it."""
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("one CPU: nothing to pin exclusively")
     core = client.CoreV1Api(api)
@@ -380,7 +387,7 @@ def test_guaranteed_pod_gets_cpus_of_its_own(api, agent, namespace, eventually):
                 "containers": [
                     {
                         "name": "main",
-                        "image": "python:3",
+                        "image": image,
                         "command": ["python3", "-c", "import time; time.sleep(600)"],
                         "resources": {"limits": resources, "requests": resources},
                     }
@@ -394,92 +401,105 @@ def test_guaranteed_pod_gets_cpus_of_its_own(api, agent, namespace, eventually):
         statuses = p.status.container_statuses or []
         return p if statuses and statuses[0].state.running else None
 
-    pid = pid_of(eventually("the pinned pod to run", started))
-    assert started().status.qos_class == "Guaranteed"
-    assert len(os.sched_getaffinity(pid)) == 1
+    pod = eventually("the pinned pod to run", started, timeout=90)
+    assert pod.status.qos_class == "Guaranteed"
+    cpus = os.sched_getaffinity(pid_of(pod))
+    assert cpus == {1}, f"CPU 0 is reserved; the one CPU to give is 1, got {cpus}"
+    checkpoint = agent.node(pod.spec.node_name).paths.kubelet_root / "cpu_manager_state"
+    state = json.loads(checkpoint.read_text())
+    assert state["policyName"] == "static"
+    assert state["entries"][pod.metadata.uid]["main"] == "1", state
 
 
-def test_cacheserver_statefulset_serves_memcached_sized_from_its_cgroup(
-    api, agent, namespace, eventually
-):
-    """The product's server as the operator will run it: hostNetwork, configured through
-    env, `-m auto` from the cgroup limit, Ready from `cacheserver-probe`."""
-    if not shutil.which("cacheserver", path=default_path()):
-        pytest.skip("cacheserver is not installed in this environment")
-    from pymemcache.client.base import Client
-
+def test_pods_reach_services_through_kube_proxy(api, agent, namespace, eventually, image):
+    """A pod on the pod network (not hostNetwork) reaches a ClusterIP Service whose
+    endpoint is a hostNetwork pod on another node, and the API server's `kubernetes`
+    Service; and this machine reaches the pod's own address."""
     core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
     port = free_port()
-    limit = 128 * 1024 * 1024
-    container = {
-        "name": "cacheserver",
-        "image": "cache-appliance:dev",
-        "command": ["cacheserver"],
-        "args": ["-m", "auto"],
-        "env": [
-            {"name": "CACHESERVER_LISTEN",
-             "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}},
-            {"name": "CACHESERVER_PORT", "value": str(port)},
-            {"name": "CACHESERVER_CONTAINER_MEMORY_LIMIT",
-             "valueFrom": {"resourceFieldRef": {"resource": "limits.memory"}}},
-            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-            {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
-        ],
-        "ports": [{"name": "memcache", "containerPort": port}],
-        "resources": {"limits": {"memory": str(limit)}},
-        "readinessProbe": {"exec": {"command": ["cacheserver-probe"]}, "periodSeconds": 1},
-    }  # fmt: skip
-    apps.create_namespaced_stateful_set(
+    apps.create_namespaced_deployment(
         namespace,
         {
-            "metadata": {"name": "cache"},
+            "metadata": {"name": "web"},
             "spec": {
-                "replicas": 2,
-                "serviceName": "cache",
-                "podManagementPolicy": "Parallel",
-                "selector": {"matchLabels": {"app": "cache"}},
-                "template": pod_template("cache", container),
+                "replicas": 1,
+                "selector": {"matchLabels": {"app": "web"}},
+                "template": pod_template("web", web_container(image, port)),
+            },
+        },
+    )
+    core.create_namespaced_service(
+        namespace,
+        {
+            "metadata": {"name": "web"},
+            "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": port}]},
+        },
+    )
+    script = (
+        "import socket, sys, urllib.request\n"
+        "print(urllib.request.urlopen(sys.argv[1], timeout=5).status)\n"
+        "s = socket.create_connection((sys.argv[2], 443), timeout=5); print('api ok')\n"
+    )
+    service_ip = core.read_namespaced_service("web", namespace).spec.cluster_ip
+    api_ip = core.read_namespaced_service("kubernetes", "default").spec.cluster_ip
+
+    def endpoints_ready():
+        slices = (
+            client.DiscoveryV1Api(api)
+            .list_namespaced_endpoint_slice(
+                namespace, label_selector="kubernetes.io/service-name=web"
+            )
+            .items
+        )
+        return any(e.conditions.ready for s in slices for e in s.endpoints or [])
+
+    eventually("the Service's EndpointSlice to list the web pod", endpoints_ready, timeout=90)
+    core.create_namespaced_pod(
+        namespace,
+        {
+            "metadata": {"name": "client"},
+            "spec": {
+                "restartPolicy": "Never",
+                "containers": [
+                    {
+                        "name": "main",
+                        "image": image,
+                        "command": ["python3", "-c", script, f"http://{service_ip}/", api_ip],
+                    }
+                ],
             },
         },
     )
 
-    def pods():
-        return core.list_namespaced_pod(namespace, label_selector="app=cache").items
+    def phase() -> str:
+        return core.read_namespaced_pod("client", namespace).status.phase
 
-    eventually(
-        "both cacheserver pods Ready",
-        lambda: len(p := pods()) == 2 and all(is_ready(x) for x in p),
-        timeout=90,
-    )
-    for pod in pods():
-        mc = Client((pod.status.pod_ip, port), connect_timeout=2, timeout=2)
-        try:
-            mc.set("where", pod.metadata.name.encode())
-            assert mc.get("where") == pod.metadata.name.encode()
-            maxbytes = int(mc.stats()[b"limit_maxbytes"])
-        finally:
-            mc.close()
-        assert 0 < maxbytes < limit, f"-m auto gave {maxbytes} bytes under a {limit} limit"
+    eventually("the client pod to finish", lambda: phase() in ("Succeeded", "Failed"), 90)
+    logs = core.read_namespaced_pod_log("client", namespace)
+    assert phase() == "Succeeded", logs
+    assert logs.split() == ["200", "api", "ok"], logs
+    pod_ip = core.read_namespaced_pod("client", namespace).status.pod_ip
+    assert pod_ip and not pod_ip.startswith(NETWORK_PREFIX + "."), "not on the pod network"
 
 
-def sleeper(name: str, script: str, **spec) -> dict:
+def sleeper(image: str, name: str, script: str, **spec) -> dict:
     return {
         "metadata": {"name": name},
         "spec": {
             "hostNetwork": True,
-            "containers": [
-                {"name": "main", "image": "python:3", "command": ["python3", "-c", script]}
-            ],
+            "containers": [{"name": "main", "image": image, "command": ["python3", "-c", script]}],
             **spec,
         },
     }
 
 
-def test_deletion_escalates_to_sigkill_after_the_grace_period(api, agent, namespace, eventually):
+def test_deletion_escalates_to_sigkill_after_the_grace_period(
+    api, agent, namespace, eventually, image
+):
     core = client.CoreV1Api(api)
     stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
     core.create_namespaced_pod(
-        namespace, sleeper("stubborn", stubborn, terminationGracePeriodSeconds=2)
+        namespace, sleeper(image, "stubborn", stubborn, terminationGracePeriodSeconds=2)
     )
 
     def running():
@@ -487,7 +507,7 @@ def test_deletion_escalates_to_sigkill_after_the_grace_period(api, agent, namesp
         statuses = p.status.container_statuses or []
         return p if statuses and statuses[0].state.running else None
 
-    pid = pid_of(eventually("the stubborn pod to run", running))
+    pid = pid_of(eventually("the stubborn pod to run", running, timeout=90))
     core.delete_namespaced_pod("stubborn", namespace)
 
     def gone() -> bool:
@@ -497,17 +517,17 @@ def test_deletion_escalates_to_sigkill_after_the_grace_period(api, agent, namesp
     assert not Path(f"/proc/{pid}").exists(), "SIGTERM was ignored and nothing followed"
 
 
-def test_restart_policy_never_reports_the_outcome(api, agent, namespace, eventually):
+def test_restart_policy_never_reports_the_outcome(api, agent, namespace, eventually, image):
     core = client.CoreV1Api(api)
-    core.create_namespaced_pod(namespace, sleeper("ok", "pass", restartPolicy="Never"))
+    core.create_namespaced_pod(namespace, sleeper(image, "ok", "pass", restartPolicy="Never"))
     core.create_namespaced_pod(
-        namespace, sleeper("fails", "raise SystemExit(3)", restartPolicy="Never")
+        namespace, sleeper(image, "fails", "raise SystemExit(3)", restartPolicy="Never")
     )
 
     def phase(name: str) -> str:
         return core.read_namespaced_pod(name, namespace).status.phase
 
-    eventually("pod ok to succeed", lambda: phase("ok") == "Succeeded")
+    eventually("pod ok to succeed", lambda: phase("ok") == "Succeeded", 90)
     eventually("pod fails to fail", lambda: phase("fails") == "Failed")
     status = core.read_namespaced_pod("fails", namespace).status.container_statuses[0]
     assert status.state.terminated.exit_code == 3
