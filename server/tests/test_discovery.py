@@ -323,7 +323,7 @@ def test_a_server_answers_over_tcp_and_follows_the_file(discovering, volume):
 
 
 def test_udp_answers_as_memcached_to_an_unknown_command(volume):
-    """No discovery over UDP: a 21-byte request must not bring back a list of every server
+    """No discovery over UDP: a 20-byte request must not bring back a list of every server
     to a forged source address."""
     from test_udp import reassemble, udp_exchange
 
