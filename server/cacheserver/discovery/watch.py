@@ -50,7 +50,7 @@ class ClusterConfig:
         self._value_reply = _MISS  # as a get of a key that does not exist
         self._signature: tuple[int, int, int, int] | None = None
         self._raw: bytes | None = None
-        self._missing_logged = False
+        self._unreadable = False
 
     # -- the request path: bytes built when the membership changed ----------------------------
 
@@ -68,25 +68,21 @@ class ClusterConfig:
         """Reload the file if it changed; True when a new membership is now served."""
         try:
             st = os.stat(self.path)
-        except OSError as err:
-            self._signature = None
-            if not self._missing_logged:
-                self._missing_logged = True
-                self.load_errors += 1
-                log.warning("cluster configuration %s: %s; %s", self.path, err, self._serving())
-            return False
-        self._missing_logged = False
-        signature = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        if signature == self._signature:
-            return False
-        self._signature = signature
-        try:
+            signature = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            if signature == self._signature:
+                return False
             with open(self.path, "rb") as f:
                 data = f.read(MAX_FILE_BYTES + 1)
         except OSError as err:
-            self.load_errors += 1
-            log.warning("cluster configuration %s: %s; %s", self.path, err, self._serving())
+            # Missing or unreadable: try again next second, but count and log it once.
+            self._signature = None
+            if not self._unreadable:
+                self._unreadable = True
+                self.load_errors += 1
+                log.warning("cluster configuration %s: %s; %s", self.path, err, self._serving())
             return False
+        self._unreadable = False
+        self._signature = signature
         if data == self._raw:
             return False  # the kubelet rewrote the volume, this key is as it was
         self._raw = data
