@@ -231,6 +231,28 @@ def stats(endpoint: Endpoint, *args: str) -> dict[str, str]:
     }
 
 
+def cluster_config(address: str, port: int, timeout: float = 3.0) -> tuple[int, list[str]]:
+    """ElastiCache's `config get cluster` on one appliance: the version and the nodes
+    (host|ip|port) it serves, in its order. The byte count is checked as a client would."""
+    with socket.create_connection((address, port), timeout=timeout) as sock:
+        sock.sendall(b"config get cluster\r\n")
+        data = b""
+        while not data.endswith(b"\r\nEND\r\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ClusterError(f"{address}:{port} closed the connection: {data!r}")
+            data += chunk
+    header, _, rest = data.partition(b"\r\n")
+    words = header.split(b" ")
+    if words[:3] != [b"CONFIG", b"cluster", b"0"] or len(words) != 4:
+        raise ClusterError(f"{address}:{port}: not a config reply: {data!r}")
+    size = int(words[3])
+    if rest[size:] != b"\r\nEND\r\n":
+        raise ClusterError(f"{address}:{port}: the byte count {size} is wrong: {data!r}")
+    version, nodes = rest[:size].decode().split("\n")[:2]
+    return int(version), nodes.split(" ") if nodes else []
+
+
 def udp_request(address: str, port: int, command: bytes, timeout: float = 2.0) -> bytes:
     """One request in memcached's UDP framing (request id, sequence 0 of 1), one reply
     datagram back; retried a few times, as UDP clients do."""

@@ -204,6 +204,7 @@ def test_operator_killed_mid_reconcile_converges_and_deletion_removes_everything
             f"ConfigMap/{name}-config",
             f"PodDisruptionBudget/{name}",
             f"Service/{name}",
+            f"Service/{name}-discovery",
             f"Service/{name}-headless",
             *(f"StatefulSet/{name}-p{p}" for p in (1, 2, 3)),
             *(f"Pod/{name}-p{p}-{i}" for p in (1, 2, 3) for i in (0, 1)),

@@ -10,7 +10,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from cacheoperator.models import CacheClusterSpec, Endpoint
+from cacheoperator.discovery import MEMBERSHIP_KEY, membership_file
+from cacheoperator.models import CacheClusterSpec, DiscoveryStatus, Endpoint
 from cacheoperator.naming import (
     LABEL_PARTITION,
     LABEL_STATEFULSET,
@@ -18,6 +19,7 @@ from cacheoperator.naming import (
     client_service_name,
     common_labels,
     configmap_name,
+    discovery_service_name,
     headless_service_name,
     pdb_name,
     selector_labels,
@@ -120,10 +122,30 @@ def client_service(ref: ClusterRef, spec: CacheClusterSpec) -> dict[str, Any]:
     }
 
 
+def discovery_service(ref: ClusterRef, spec: CacheClusterSpec) -> dict[str, Any]:
+    """The one address an auto-discovery client is configured with: any appliance behind it
+    answers `config get cluster` with the whole membership (worker 0's port is enough)."""
+    port = spec.port
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(ref, discovery_service_name(ref.name)),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(ref.name),
+            "ports": [{"name": "memcached", "port": port, "targetPort": port, "protocol": "TCP"}],
+        },
+    }
+
+
 def configmap(
-    ref: ClusterRef, spec: CacheClusterSpec, endpoints: Sequence[Endpoint]
+    ref: ClusterRef,
+    spec: CacheClusterSpec,
+    endpoints: Sequence[Endpoint],
+    discovery: DiscoveryStatus | None = None,
 ) -> dict[str, Any]:
-    """The server settings and the current endpoint list, for people and for clients."""
+    """The server settings, the current endpoint list (for people and for clients), and the
+    membership the appliances serve to `config get cluster` (they mount this key)."""
     env = "".join(f"{k}={v}\n" for k, v in server_env(spec).items())
     listed = [e.model_dump(by_alias=True, exclude_none=True) for e in endpoints]
     return {
@@ -135,6 +157,7 @@ def configmap(
             "endpoints.json": json.dumps(listed, indent=2, sort_keys=True) + "\n",
             # memcached's usual server-list form: one host:port per line.
             "servers": "".join(f"{e.address}:{e.port}\n" for e in endpoints),
+            MEMBERSHIP_KEY: membership_file(discovery),
         },
     }
 
@@ -159,12 +182,14 @@ def desired_objects(
     spec: CacheClusterSpec,
     default_image: str,
     endpoints: Sequence[Endpoint] = (),
+    discovery: DiscoveryStatus | None = None,
 ) -> list[dict[str, Any]]:
     """Everything a CacheCluster owns, in the order it is applied."""
     return [
-        configmap(ref, spec, endpoints),
+        configmap(ref, spec, endpoints, discovery),
         headless_service(ref, spec),
         client_service(ref, spec),
+        discovery_service(ref, spec),
         *statefulsets(ref, spec, default_image),
         pod_disruption_budget(ref),
     ]

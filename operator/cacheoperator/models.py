@@ -327,6 +327,36 @@ class Endpoint(_StatusModel):
     rack: str | None = None
 
 
+class DiscoveryNode(_StatusModel):
+    """One endpoint as `config get cluster` lists it (host|ip|port)."""
+
+    pod: str
+    worker: int
+    host: str = Field(description="Stable DNS name: <pod>.<name>-headless.<namespace>.svc.")
+    address: str = Field(description="The pod's address (the node's, with hostNetwork).")
+    port: int
+
+
+class DiscoveryStatus(_StatusModel):
+    """ElastiCache-style auto discovery: what every appliance answers to `config get cluster`."""
+
+    endpoint: str = Field(
+        description="One stable address for clients: the discovery Service, host:port."
+    )
+    version: int = Field(
+        description="Membership version; goes up by one whenever the membership changes."
+    )
+    last_change_time: str | None = Field(
+        None,
+        description="When the membership last changed.",
+        json_schema_extra={"format": "date-time"},
+    )
+    nodes: list[DiscoveryNode] = Field(
+        default_factory=list,
+        description="The membership in its stable order (partition, pod ordinal, worker).",
+    )
+
+
 class CacheClusterStatus(_StatusModel):
     """Observed state of a CacheCluster, written by the operator."""
 
@@ -340,6 +370,7 @@ class CacheClusterStatus(_StatusModel):
         default_factory=list,
         description="Ready endpoints, one per worker: hash keys across all of them.",
     )
+    discovery: DiscoveryStatus | None = None
 
 
 # ---- validation entry points -------------------------------------------------------------

@@ -55,6 +55,15 @@ def configmap_name(cluster: str) -> str:
     return f"{cluster}-config"
 
 
+def discovery_service_name(cluster: str) -> str:
+    return f"{cluster}-discovery"
+
+
+def pod_host(pod: str, cluster: str, namespace: str) -> str:
+    """A pod's stable DNS name: StatefulSet pods get one under their headless Service."""
+    return f"{pod}.{headless_service_name(cluster)}.{namespace}.svc"
+
+
 def pdb_name(cluster: str) -> str:
     return cluster
 

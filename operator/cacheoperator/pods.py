@@ -8,8 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from cacheoperator.discovery import MEMBERSHIP_KEY, MEMBERSHIP_PATH, MOUNT_DIR
 from cacheoperator.models import CacheClusterSpec
-from cacheoperator.naming import CONTAINER, LABEL_PARTITION, LABEL_STATEFULSET, common_labels
+from cacheoperator.naming import (
+    CONTAINER,
+    LABEL_PARTITION,
+    LABEL_STATEFULSET,
+    common_labels,
+    configmap_name,
+)
 from cacheoperator.placement import affinity, topology_spread
 from cacheoperator.quantity import to_mebibytes
 
@@ -31,6 +38,8 @@ def server_env(spec: CacheClusterSpec) -> dict[str, str]:
         ),
         "CACHESERVER_WORKERS": str(spec.workers),
         "CACHESERVER_METRICS_PORT": str(spec.monitoring.port) if spec.monitoring.enabled else "0",
+        # The membership the operator publishes, for `config get cluster` (auto discovery).
+        "CACHESERVER_CLUSTER_CONFIG": MEMBERSHIP_PATH,
     }
     if spec.memory.headroom is not None:
         env["CACHESERVER_MEMORY_HEADROOM"] = str(to_mebibytes(spec.memory.headroom))
@@ -141,7 +150,10 @@ def container(spec: CacheClusterSpec, image: str, partition: int | None) -> dict
             "runAsNonRoot": True,
             "capabilities": {"drop": ["ALL"]},
         },
-        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        "volumeMounts": [
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "discovery", "mountPath": MOUNT_DIR, "readOnly": True},
+        ],
     }
     return out
 
@@ -186,6 +198,19 @@ def pod_template(
     if spread:
         pod["topologySpreadConstraints"] = spread
     pod["containers"] = [container(spec, image, partition)]
-    # The root filesystem is read-only; a small scratch /tmp for anything that insists.
-    pod["volumes"] = [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}]
+    pod["volumes"] = [
+        # The root filesystem is read-only; a small scratch /tmp for anything that insists.
+        {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
+        # The membership for auto discovery, updated in place by the kubelet (never subPath:
+        # that would freeze it). Optional, so a deleted ConfigMap never blocks a pod's start;
+        # the server serves the last membership it read meanwhile.
+        {
+            "name": "discovery",
+            "configMap": {
+                "name": configmap_name(cluster),
+                "items": [{"key": MEMBERSHIP_KEY, "path": MEMBERSHIP_KEY}],
+                "optional": True,
+            },
+        },
+    ]
     return {"metadata": metadata, "spec": pod}

@@ -17,6 +17,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cacheoperator.children import configmap, desired_objects
+from cacheoperator.discovery import (
+    discovery_endpoint,
+    members,
+    next_discovery,
+    previous_discovery,
+)
 from cacheoperator.kube import CACHECLUSTERS, NODES, PODS, STATEFULSETS, Kube, KubeError
 from cacheoperator.metrics import OperatorMetrics
 from cacheoperator.models import CacheClusterSpec, Endpoint, InvalidSpec, parse_spec
@@ -73,6 +79,10 @@ class Coalescer:
             raise
 
 
+def _endpoints(status: Mapping[str, Any]) -> list[Endpoint]:
+    return [Endpoint.model_validate(e) for e in status.get("endpoints") or []]
+
+
 def owned_by(obj: Mapping[str, Any], uid: str) -> bool:
     refs = (obj.get("metadata") or {}).get("ownerReferences") or []
     return any(r.get("uid") == uid and r.get("controller") for r in refs)
@@ -125,6 +135,7 @@ class ClusterController:
         ref = ClusterRef(meta["name"], meta["namespace"], meta["uid"])
         generation = int(meta.get("generation") or 0)
         previous = body.get("status") or {}
+        published = previous_discovery(previous)  # the membership the appliances serve
         now = self.clock()
         try:
             spec = parse_spec(ref.name, body.get("spec"))
@@ -138,9 +149,16 @@ class ClusterController:
                 observed=self.observe(ref),
                 previous=previous,
                 now=now,
+                discovery=published,
             )
             return self._report(ref, "invalid", previous, status)
 
+        endpoint = discovery_endpoint(ref, spec)
+        if published is None:
+            # A new cluster (or one from before auto discovery): its pods mount the
+            # membership, so publish the first one, empty, before they exist.
+            first = next_discovery(None, [], endpoint, now)
+            self.kube.apply(configmap(ref, spec, _endpoints(previous), first))
         apply_error = None
         try:
             self.apply_children(ref, spec)
@@ -149,6 +167,10 @@ class ClusterController:
                 raise
             apply_error = str(exc)  # e.g. a nodeSelector key the API server rejects
         observed = self.observe(ref)
+        discovery = published
+        if apply_error is None:
+            nodes = members(ref, spec, observed.pods, published.nodes if published else ())
+            discovery = next_discovery(published, nodes, endpoint, now)
         status = compute_status(
             cluster=ref.name,
             generation=generation,
@@ -157,11 +179,13 @@ class ClusterController:
             previous=previous,
             now=now,
             apply_error=apply_error,
+            discovery=discovery,
         )
         if apply_error is None:
-            # Last, so that it lists the endpoints this very pass observed.
-            endpoints = [Endpoint.model_validate(e) for e in status.get("endpoints", [])]
-            self.kube.apply(configmap(ref, spec, endpoints))
+            # Last, so that it lists the endpoints this very pass observed. The status (the
+            # operator's memory of the version) is written after it, so a version is never
+            # recorded that the appliances were not given.
+            self.kube.apply(configmap(ref, spec, _endpoints(status), discovery))
         return self._report(ref, "error" if apply_error else "ok", previous, status)
 
     def apply_children(self, ref: ClusterRef, spec: CacheClusterSpec) -> None:

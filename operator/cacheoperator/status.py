@@ -19,6 +19,7 @@ from cacheoperator.models import (
     CacheClusterSpec,
     CacheClusterStatus,
     Condition,
+    DiscoveryStatus,
     Endpoint,
 )
 from cacheoperator.naming import LABEL_PARTITION, selector_string, statefulset_name
@@ -289,10 +290,12 @@ def compute_status(
     previous: Mapping[str, Any] | None,
     now: str,
     apply_error: str | None = None,
+    discovery: DiscoveryStatus | None = None,
 ) -> dict[str, Any]:
     """The status of a valid cluster, as a dict ready for the status subresource.
 
-    `apply_error` is the API server's refusal of a child object, if there was one.
+    `apply_error` is the API server's refusal of a child object, if there was one;
+    `discovery` the membership published for auto discovery (discovery.py).
     """
     pods = _live(observed.pods)
     ready = sum(1 for p in pods if is_ready(p))
@@ -365,6 +368,7 @@ def compute_status(
             _condition("Degraded", *degraded, generation, prev, now),
         ],
         endpoints=endpoints(pods, observed.node_labels, placement.zone_key, placement.rack_key),
+        discovery=discovery,
     )
     return status.model_dump(by_alias=True, exclude_none=True)
 
@@ -377,8 +381,10 @@ def invalid_status(
     observed: Observed,
     previous: Mapping[str, Any] | None,
     now: str,
+    discovery: DiscoveryStatus | None = None,
 ) -> dict[str, Any]:
-    """The status of a cluster whose spec cannot be run: the running pods are left alone."""
+    """The status of a cluster whose spec cannot be run: the running pods are left alone
+    (and so is the membership they serve, `discovery`)."""
     pods = _live(observed.pods)
     ready = sum(1 for p in pods if is_ready(p))
     prev = _previous_conditions(previous)
@@ -403,6 +409,7 @@ def invalid_status(
             _condition("Degraded", True, "InvalidSpec", message, generation, prev, now),
         ],
         endpoints=endpoints(pods, observed.node_labels),
+        discovery=discovery,
     )
     return status.model_dump(by_alias=True, exclude_none=True)
 

@@ -68,10 +68,11 @@ def make_pod(
                 "message": unschedulable,
             }
         )
-    else:
+    elif node:
         conditions.append({"type": "PodScheduled", "status": "True"})
         status["hostIP"] = host_ip
         status["podIP"] = pod_ip or host_ip
+    # node=None and no verdict: just created, the scheduler has not looked at it yet.
     conditions.append({"type": "Ready", "status": "True" if ready else "False"})
     status["conditions"] = conditions
     if waiting:

@@ -42,6 +42,7 @@ def test_one_statefulset_per_partition_and_the_shared_objects(placement, names):
         ("ConfigMap", "demo-config"),
         ("Service", "demo-headless"),
         ("Service", "demo"),
+        ("Service", "demo-discovery"),
         ("PodDisruptionBudget", "demo"),
     ]
 
@@ -370,6 +371,37 @@ def test_the_configmap_lists_settings_and_endpoints():
     assert data["servers"] == "10.0.0.1:11211\n10.0.0.2:11211\n"
     assert "CACHESERVER_MEMORY_LIMIT=auto\n" in data["cacheserver.env"]
     assert '"zone": "b"' in data["endpoints.json"]
+
+
+def test_pods_mount_the_membership_and_the_server_is_told_where():
+    for sts in of_kind(build(placement={"strategy": "partition", "partitions": 2}), "StatefulSet"):
+        pod = pod_spec(sts)
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "discovery"]
+        # The whole key, never a subPath: the kubelet swaps it in place when it changes.
+        assert volume["configMap"] == {
+            "name": "demo-config",
+            "items": [{"key": "cluster.json", "path": "cluster.json"}],
+            "optional": True,
+        }
+        container = server_container(sts)
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == "discovery"]
+        assert mount == {"name": "discovery", "mountPath": "/etc/cacheserver/discovery",
+                         "readOnly": True}  # fmt: skip
+        path = env_of(container)["CACHESERVER_CLUSTER_CONFIG"]
+        assert path == mount["mountPath"] + "/cluster.json"
+
+
+def test_the_discovery_service_is_one_address_for_every_appliance():
+    objects = build(port=12000, workers=2, resources={"cpu": 2}, udp={"enabled": True})
+    (service,) = [
+        s for s in of_kind(objects, "Service") if s["metadata"]["name"].endswith("-discovery")
+    ]
+    assert service["spec"]["type"] == "ClusterIP"
+    assert service["spec"]["selector"] == {"cache.appliance.io/cluster": "demo"}
+    # Worker 0's TCP port: any worker answers with the whole list, and never over UDP.
+    assert service["spec"]["ports"] == [
+        {"name": "memcached", "port": 12000, "targetPort": 12000, "protocol": "TCP"}
+    ]
 
 
 def test_building_twice_gives_the_same_objects():

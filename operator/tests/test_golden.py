@@ -15,7 +15,7 @@ import pytest
 
 from cacheoperator import yamlfmt
 from cacheoperator.children import desired_objects
-from cacheoperator.models import CacheClusterManifest, Endpoint
+from cacheoperator.models import CacheClusterManifest, DiscoveryNode, DiscoveryStatus, Endpoint
 from cacheoperator.naming import ClusterRef
 from operator_testkit import UID, load_example
 
@@ -79,12 +79,34 @@ CASES = {
 }  # fmt: skip
 
 
+# case name -> the membership published for auto discovery (the others: none yet, version 0)
+DISCOVERY = {
+    "example-partition": DiscoveryStatus(
+        endpoint="cache-part-discovery.cache.svc:11211",
+        version=4,
+        last_change_time="2030-01-01T00:00:00Z",
+        nodes=[
+            DiscoveryNode(pod=f"cache-part-p{p}-0", worker=0, address=f"10.0.{p}.1", port=11211,
+                          host=f"cache-part-p{p}-0.cache-part-headless.cache.svc")
+            for p in (1, 2)
+        ],
+    ),
+    "options": DiscoveryStatus(
+        endpoint="opts-discovery.cache.svc:11211",
+        version=1,
+        last_change_time="2030-01-01T00:00:00Z",
+        nodes=[DiscoveryNode(pod="opts-0", worker=0, address="10.0.0.7", port=11211,
+                             host="opts-0.opts-headless.cache.svc")],
+    ),
+}  # fmt: skip
+
+
 def _render(case: str) -> str:
     about, source, endpoints = CASES[case]
     raw = load_example(source) if isinstance(source, str) else source
     manifest = CacheClusterManifest.model_validate(raw)
     ref = ClusterRef(name=manifest.metadata.name, namespace="cache", uid=UID)
-    objects = desired_objects(ref, manifest.spec, IMAGE, endpoints)
+    objects = desired_objects(ref, manifest.spec, IMAGE, endpoints, DISCOVERY.get(case))
     header = (
         f"# Golden file for case {case!r}: {about}.\n"
         "# Regenerate: UPDATE_GOLDEN=1 .venv/bin/pytest operator/tests/test_golden.py\n"

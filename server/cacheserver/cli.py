@@ -138,6 +138,14 @@ _OPTIONS: list[tuple[tuple[str, ...], str, Callable[[str], Any], Any, str]] = [
         False,
         "serve every request in Python, without the compiled fast path for get and set",
     ),
+    (
+        ("--cluster-config",),
+        "cluster_config",
+        str,
+        None,
+        "answer ElastiCache's auto discovery (config get cluster, over TCP) with the cluster "
+        "membership in this JSON file, reloaded when it changes (the operator mounts it)",
+    ),
 ]
 
 
@@ -152,6 +160,7 @@ _METAVARS = {
     "metrics_port": "NUM",
     "idle_timeout": "SECONDS",
     "workers": "NUM",
+    "cluster_config": "PATH",
 }
 
 

@@ -36,6 +36,7 @@ class Settings:
     pin: bool = False
     udp_allow_all: bool = False
     python_only: bool = False  # serve without the compiled fast path
+    cluster_config: str | None = None  # membership file for `config get cluster`; None: off
 
     @property
     def memory_limit_bytes(self) -> int:

@@ -1,7 +1,8 @@
 """One worker: an event loop serving one shard (its own store, counters and ports).
 
 Assembles the layers: storage (Store), protocol (Commands), network (TCP, UDP), metrics
-(stats report, Prometheus collector). Background duties run as timers on the same loop.
+(stats report, Prometheus collector), discovery (the cluster membership). Background duties
+run as timers on the same loop.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from cacheserver import __version__
 from cacheserver.config import Settings
+from cacheserver.discovery.watch import ClusterConfig
 from cacheserver.fastpath import make_engine
 from cacheserver.metrics.collector import ServerCollector
 from cacheserver.metrics.counters import Counters
@@ -48,6 +50,8 @@ class Worker:
         self.counters = Counters()
         self.report = StatsReport(settings, self.store, self.counters, VERSION)
         self.commands = Commands(self.store, self.counters, VERSION, self.report)
+        # ElastiCache's auto discovery, when the operator gave a membership file.
+        self.discovery = ClusterConfig(settings.cluster_config) if settings.cluster_config else None
         latency = LatencyHistogram()
         # One compiled fast path per worker, shared by its TCP and UDP servers; None when it
         # was not built or --python-only asks for the Python path alone.
@@ -61,6 +65,7 @@ class Worker:
             settings.idle_timeout,
             latency,
             self.engine,
+            self.discovery,
         )
         self.registry = CollectorRegistry(auto_describe=False)
         self.collector = ServerCollector(self.report, self.tcp.latency)
@@ -69,6 +74,10 @@ class Worker:
             lambda: [("fast_path", "compiled" if self.engine is not None else "python")]
         )
         self.collector.extra.append(PodIdentity.from_env().metrics)
+        if self.discovery is not None:
+            self.report.extra_general.append(self.discovery.stats_fields)
+            self.report.extra_settings.append(self.discovery.settings_fields)
+            self.collector.extra.append(self.discovery.metrics)
         self.registry.register(self.collector)
         self._servers: list[asyncio.Server] = []
         self.udp = UDPServer(self.commands, self.counters, settings.udp_allow_all, self.engine)
@@ -78,6 +87,8 @@ class Worker:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         st = self.settings
+        if self.discovery is not None:
+            self.discovery.poll()  # the first membership before the first client
         self.tcp.listen(st.listen, st.port)
         log.info("listening on %s:%d (TCP)", st.listen, st.port)
         if self.engine is None:
@@ -99,6 +110,8 @@ class Worker:
     def _tick(self) -> None:
         self.store.reclaim_expired(CRAWL_BUDGET)
         self.tcp.sweep(SWEEP_PERIOD)
+        if self.discovery is not None:
+            self.discovery.poll()  # a stat() a second; reads the file only when it changed
         self._ticker = asyncio.get_running_loop().call_later(SWEEP_PERIOD, self._tick)
 
     def stop(self) -> None:

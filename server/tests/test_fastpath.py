@@ -17,6 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cacheserver.discovery.membership import Membership, Node
+from cacheserver.discovery.watch import ClusterConfig
 from cacheserver.fastpath import AVAILABLE, make_engine
 from cacheserver.metrics.counters import Counters
 from cacheserver.metrics.latency import LatencyHistogram
@@ -43,7 +45,10 @@ class Side:
     def __init__(self, clock: Clock, compiled: bool, capacity: int) -> None:
         self.store = Store(capacity, max_item_size=4096, clock=clock)
         self.counters = Counters()
-        self.session = TextSession(Commands(self.store, self.counters, "test"))
+        # As a TCP connection of an appliance: `get AmazonElastiCache:cluster` is discovery.
+        discovery = ClusterConfig("unused", clock=clock)
+        discovery.serve(Membership(3, (Node("a.h.ns.svc", "10.0.0.1", 11211),)))
+        self.session = TextSession(Commands(self.store, self.counters, "test"), discovery=discovery)
         self.engine = None
         if compiled:
             # `make test` builds the extension: a missing one is a broken install, not a skip.
@@ -69,15 +74,17 @@ class Side:
         )
 
 
-# The last key is one byte too long; the others are valid (VALID_KEYS of them).
-KEYS = [b"a", b"b", b"c", b"d", b"e", b"key:0001", b"k" * 250, b"k" * 251]
+# The last key is one byte too long; the others are valid (VALID_KEYS of them). A get of
+# AmazonElastiCache:cluster alone is auto discovery, which the compiled path leaves to Python.
+KEYS = [b"a", b"b", b"c", b"d", b"e", b"key:0001", b"AmazonElastiCache:cluster", b"k" * 250]
+KEYS += [b"k" * 251]
 VALID_KEYS = len(KEYS) - 1
 NUMBERS = [b"0", b"1", b"5", b"007", b"100", b"-1", b"4294967295", b"4294967296", b"x"]
 
 
 # set twice: plain sets are most of real traffic and the fast path's other half.
 KINDS = ["get", "multiget", "set", "set", "noreply", "gets", "incr", "delete", "touch", "flush"]
-KINDS += ["junk", "blank"]
+KINDS += ["junk", "blank", "config"]
 
 
 @st.composite
@@ -115,6 +122,8 @@ def request_line(draw: st.DrawFn) -> bytes:
         return b"touch " + key + b" " + draw(st.sampled_from(NUMBERS)) + eol
     if kind == "flush":
         return b"flush_all" + draw(st.sampled_from([b"", b" 1"])) + eol
+    if kind == "config":
+        return b"config get cluster" + eol
     if kind == "junk":
         return draw(st.binary(max_size=30)) + eol
     return eol

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from cacheserver.discovery.membership import CLUSTER_KEY
 from cacheserver.protocol.commands import MAX_RELATIVE_EXPTIME
 from cacheserver.protocol.session import TCP_REPLY_LIMIT
 from cacheserver.storage import item as _item
@@ -25,8 +26,9 @@ except ImportError:  # not compiled: the Python path serves everything
     _fastpath = None
 
 # _fastpath.c reads and writes items in storage/item.py's layout and follows store.py's LRU
-# rule, the protocol's exptime rule and the session's reply limit; a change on one side
-# without the other must stop the server, not corrupt items.
+# rule, the protocol's exptime rule, the session's reply limit and the key it leaves to the
+# session for auto discovery; a change on one side without the other must stop the server,
+# not corrupt items.
 if _fastpath is not None:
     _ours = (
         _item.HEADER_SIZE,
@@ -36,6 +38,7 @@ if _fastpath is not None:
         BUMP_INTERVAL,
         MAX_RELATIVE_EXPTIME,
         TCP_REPLY_LIMIT,
+        CLUSTER_KEY.decode(),
     )
     _built = (
         _fastpath.HEADER_SIZE,
@@ -45,6 +48,7 @@ if _fastpath is not None:
         _fastpath.BUMP_INTERVAL,
         _fastpath.MAX_RELATIVE_EXPTIME,
         _fastpath.REPLY_LIMIT,
+        _fastpath.CLUSTER_KEY,
     )
     if _ours != _built:
         raise ImportError(

@@ -42,6 +42,10 @@
 #define MAX_RELATIVE_EXPTIME (60 * 60 * 24 * 30) /* protocol/commands.py */
 #define REPLY_LIMIT (4 * 1024 * 1024) /* protocol/session.py: TCP_REPLY_LIMIT */
 #define KEY_MAX_LENGTH 250
+/* discovery/membership.py: CLUSTER_KEY. A get of this key alone is ElastiCache's older
+ * auto-discovery request, which the Python session answers (over TCP, with a membership). */
+#define CLUSTER_KEY "AmazonElastiCache:cluster"
+#define CLUSTER_KEY_LEN (sizeof(CLUSTER_KEY) - 1)
 #define MAX_TOKENS 32         /* longer multi-gets go to the Python path */
 #define MEMCACHED_ITEM_OVERHEAD (48 + 8 + 1)
 #define U32_MAX 4294967295ULL
@@ -433,6 +437,9 @@ static Py_ssize_t run_requests(Engine *e, const char *buf, Py_ssize_t len, OutBu
         int gets = tlen[0] == 4 && memcmp(tok[0], "gets", 4) == 0;
         if (ntok >= 2 && (gets || (tlen[0] == 3 && memcmp(tok[0], "get", 3) == 0))) {
             if (e->flush_pending)
+                return pos;
+            if (ntok == 2 && !gets && tlen[1] == (Py_ssize_t)CLUSTER_KEY_LEN
+                && memcmp(tok[1], CLUSTER_KEY, CLUSTER_KEY_LEN) == 0)
                 return pos;
             for (int i = 1; i < ntok; i++)
                 if (tlen[i] > KEY_MAX_LENGTH)
@@ -1033,7 +1040,8 @@ PyMODINIT_FUNC PyInit__fastpath(void) {
         || PyModule_AddIntConstant(m, "FETCHED", FETCHED) < 0
         || PyModule_AddIntConstant(m, "BUMP_INTERVAL", BUMP_INTERVAL) < 0
         || PyModule_AddIntConstant(m, "MAX_RELATIVE_EXPTIME", MAX_RELATIVE_EXPTIME) < 0
-        || PyModule_AddIntConstant(m, "REPLY_LIMIT", REPLY_LIMIT) < 0) {
+        || PyModule_AddIntConstant(m, "REPLY_LIMIT", REPLY_LIMIT) < 0
+        || PyModule_AddStringConstant(m, "CLUSTER_KEY", CLUSTER_KEY) < 0) {
         Py_DECREF(m);
         return NULL;
     }

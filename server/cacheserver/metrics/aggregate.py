@@ -68,6 +68,43 @@ _SERIES = (
         "counter",
         "memory_bytes_released",
     ),
+    # Auto discovery (cacheserver.discovery), when the server has a membership file.
+    (
+        "cacheappliance_cluster_config_version",
+        "Version of the cluster membership served (0: none yet).",
+        "gauge",
+        "cluster_config_version",
+    ),
+    (
+        "cacheappliance_cluster_config_nodes",
+        "Endpoints in the cluster membership served.",
+        "gauge",
+        "cluster_config_nodes",
+    ),
+    (
+        "cacheappliance_cluster_config_age_seconds",
+        "Seconds since the cluster membership last changed.",
+        "gauge",
+        "cluster_config_age",
+    ),
+    (
+        "cacheappliance_cluster_config_lag_seconds",
+        "Seconds from a membership change to serving it here.",
+        "gauge",
+        "cluster_config_lag",
+    ),
+    (
+        "cacheappliance_cluster_config_load_errors",
+        "Membership files that could not be read or parsed.",
+        "counter",
+        "cluster_config_load_errors",
+    ),
+    (
+        "cacheappliance_cluster_config_requests",
+        "config get cluster and get AmazonElastiCache:cluster requests answered.",
+        "counter",
+        "cluster_config_requests",
+    ),
 )
 # Families with one label besides the worker: (metric, help, label, ((value, field), ...)).
 _LABELLED = (

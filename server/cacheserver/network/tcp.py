@@ -16,12 +16,15 @@ import errno
 import select
 import socket
 from time import perf_counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cacheserver.metrics.counters import Counters
 from cacheserver.metrics.latency import SAMPLE_MASK, LatencyHistogram
 from cacheserver.protocol.commands import Commands
 from cacheserver.protocol.session import TCP_REPLY_LIMIT, TextSession
+
+if TYPE_CHECKING:
+    from cacheserver.discovery.watch import ClusterConfig
 
 TOO_MANY_CONNECTIONS = b"ERROR Too many open connections\r\n"
 READ_SIZE = 65536
@@ -36,8 +39,14 @@ class Connection(TextSession):
 
     __slots__ = ("pending", "seen_tick", "sock")
 
-    def __init__(self, commands: Commands, sock: socket.socket, tick: int) -> None:
-        super().__init__(commands, reply_limit=TCP_REPLY_LIMIT)
+    def __init__(
+        self,
+        commands: Commands,
+        sock: socket.socket,
+        tick: int,
+        discovery: ClusterConfig | None = None,
+    ) -> None:
+        super().__init__(commands, reply_limit=TCP_REPLY_LIMIT, discovery=discovery)
         self.sock = sock
         self.seen_tick = tick
         self.pending = b""  # reply bytes the kernel has not taken yet
@@ -54,8 +63,11 @@ class TCPServer:
         idle_timeout: float,
         latency: LatencyHistogram | None = None,
         engine: Any | None = None,
+        discovery: ClusterConfig | None = None,
     ) -> None:
         self.commands = commands
+        # Auto discovery (`config get cluster`) is answered over TCP only.
+        self.discovery = discovery
         self.counters = counters
         self.limit = limit
         self.idle_timeout = idle_timeout
@@ -105,7 +117,7 @@ class TCPServer:
                 continue
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = Connection(self.commands, sock, self.tick)
+            conn = Connection(self.commands, sock, self.tick, self.discovery)
             fd = sock.fileno()
             self.connections[fd] = conn
             self._epoll.register(fd, _IN)

@@ -7,6 +7,9 @@ kept between calls: a partial command line, or the part of a data block seen so 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from cacheserver.discovery.membership import CLUSTER_KEY
 from cacheserver.protocol.commands import (
     END,
     ERROR,
@@ -20,6 +23,9 @@ from cacheserver.protocol.numbers import I32_MAX, U32_MAX
 from cacheserver.storage import Outcome
 from cacheserver.storage.item import HEADER_SIZE
 
+if TYPE_CHECKING:
+    from cacheserver.discovery.watch import ClusterConfig
+
 # memcached closes a connection that sends this much without a newline, unless it is a get.
 MAX_LINE = 2048
 # A multi-get line may be longer; past this it is refused too, so one client cannot make the
@@ -28,6 +34,8 @@ MAX_MULTIGET_LINE = 2 * 1024 * 1024
 UDP_REFUSED = b"SERVER_ERROR command not allowed over UDP\r\n"
 # A TCP client's replies built in one go, at most (about): see TextSession's reply_limit.
 TCP_REPLY_LIMIT = 4 * 1024 * 1024
+# ElastiCache's auto-discovery request (answered only where the session has a ClusterConfig).
+CONFIG_GET_CLUSTER = [b"get", b"cluster"]
 
 # Commands whose reply is about the size of the request or of data the client stored: safe to
 # answer over UDP without letting a forged source address amplify traffic.
@@ -43,6 +51,7 @@ class TextSession:
         "_buffer",
         "_chunks",
         "_commands",
+        "_discovery",
         "_have",
         "_need",
         "_reply_limit",
@@ -57,9 +66,14 @@ class TextSession:
         commands: Commands,
         allowed: frozenset[bytes] | None = None,
         reply_limit: int | None = None,
+        discovery: ClusterConfig | None = None,
     ) -> None:
         self._commands = commands
         self._allowed = allowed  # None: every command; else only these (UDP's guard)
+        # The cluster membership for `config get cluster` and `get AmazonElastiCache:cluster`;
+        # the TCP server passes it, UDP never does (a small request, a large reply: the
+        # shape of an amplification attack), so over UDP both are what memcached makes of them.
+        self._discovery = discovery
         # Past this many reply bytes in one feed, the requests left are held back until the
         # caller has sent the replies (feed(b"") then goes on): a burst of pipelined gets of
         # large values must not make the server build gigabytes of replies at once.
@@ -135,6 +149,7 @@ class TextSession:
         pos = 0
         n = len(data)
         limit = self._reply_limit
+        discovery = self._discovery
         size = 0  # bytes of retrieval replies so far (the only ones that can be large)
         while pos < n:
             if limit is not None and size > limit:
@@ -164,6 +179,11 @@ class TextSession:
             # the general path below, which gives the same replies.
             if command == b"get" and ntokens == 2 and len(tokens[1]) <= KEY_MAX_LENGTH:
                 key = tokens[1]
+                if discovery is not None and key == CLUSTER_KEY:
+                    reply = discovery.key_get()
+                    out.append(reply)
+                    size += len(reply)
+                    continue
                 counters.cmd_get += 1
                 item = store.get(key)
                 if item is None:
@@ -225,6 +245,10 @@ class TextSession:
             elif command == b"quit":
                 self.closing = True
                 return
+            elif command == b"config" and discovery is not None:
+                reply = discovery.config_get() if tokens[1:] == CONFIG_GET_CLUSTER else ERROR
+                out.append(reply)
+                size += len(reply)
             elif tokens[-1].startswith(b"HTTP/"):
                 # memcached drops connections that speak HTTP at it, without a reply.
                 self.closing = True
