@@ -12,6 +12,8 @@ from typing import Any
 
 from cacheserver import __version__
 from cacheserver.config import DEFAULT_PORT, Settings, parse_size
+from cacheserver.termination import DEFAULT_PATH as TERMINATION_LOG
+from cacheserver.termination import record_fatal
 
 ENV_PREFIX = "CACHESERVER_"
 
@@ -138,6 +140,13 @@ _OPTIONS: list[tuple[tuple[str, ...], str, Callable[[str], Any], Any, str]] = [
         False,
         "serve every request in Python, without the compiled fast path for get and set",
     ),
+    (
+        ("--termination-log",),
+        "termination_log",
+        str,
+        TERMINATION_LOG,
+        "file that gets the reason of a fatal stop, if it exists (Kubernetes' termination message)",
+    ),
 ]
 
 
@@ -152,6 +161,7 @@ _METAVARS = {
     "metrics_port": "NUM",
     "idle_timeout": "SECONDS",
     "workers": "NUM",
+    "termination_log": "PATH",
 }
 
 
@@ -245,4 +255,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     from cacheserver.app import run
 
-    sys.exit(run(settings))
+    try:
+        code = run(settings)
+    except Exception as exc:
+        record_fatal(settings.termination_log, f"crashed: {type(exc).__name__}: {exc}")
+        raise
+    sys.exit(code)

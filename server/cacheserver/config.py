@@ -36,6 +36,8 @@ class Settings:
     pin: bool = False
     udp_allow_all: bool = False
     python_only: bool = False  # serve without the compiled fast path
+    # Where a fatal reason goes for Kubernetes (written only if the file exists).
+    termination_log: str = "/dev/termination-log"
 
     @property
     def memory_limit_bytes(self) -> int:
