@@ -79,14 +79,14 @@ def _service_ports(spec: CacheClusterSpec, with_metrics: bool) -> list[dict[str,
         ports += [
             {
                 "name": f"udp-{i}",
-                "port": spec.udp.port + i,
-                "targetPort": spec.udp.port + i,
+                "port": spec.udp_port + i,
+                "targetPort": spec.udp_port + i,
                 "protocol": "UDP",
             }
             for i in range(spec.workers)
         ]
     if with_metrics and spec.monitoring.enabled:
-        port = spec.monitoring.port
+        port = spec.metrics_port
         ports.append({"name": "metrics", "port": port, "targetPort": port, "protocol": "TCP"})
     return ports
 

@@ -56,7 +56,7 @@ def make_pod(
             {"name": f"udp-{i}", "containerPort": udp_port + i, "protocol": "UDP"}
             for i in range(workers)
         ]
-    ports.append({"name": "metrics", "containerPort": 9150})
+    ports.append({"name": "metrics", "containerPort": port + 10000})
     conditions = []
     status: dict[str, Any] = {"phase": "Running" if node else "Pending"}
     if unschedulable:
