@@ -21,13 +21,27 @@ from cacheoperator.kube import CACHECLUSTERS, NODES, PODS, STATEFULSETS, Kube, K
 from cacheoperator.metrics import OperatorMetrics
 from cacheoperator.models import CacheClusterSpec, Endpoint, InvalidSpec, parse_spec
 from cacheoperator.naming import ClusterRef, selector_string
-from cacheoperator.status import Event, Observed, compute_status, invalid_status, transitions
+from cacheoperator.scheduling import host_ports
+from cacheoperator.status import (
+    Event,
+    Observed,
+    compute_status,
+    invalid_status,
+    needs_host_port_pods,
+    transitions,
+    unschedulable_message,
+)
 
 log = logging.getLogger(__name__)
 
 # Node labels (zone, rack) hardly ever change, while passes run on every pod event: read
 # each node at most once a minute.
 NODE_LABELS_TTL = 60.0
+# Pods that hold host ports, read (in all namespaces) only while a pod of some cluster
+# waits for a port; passes of several stuck clusters within this time share one read.
+HOST_PORT_PODS_TTL = 5.0
+# Pods that are on a node and not finished: the ones whose host ports the scheduler counts.
+ON_A_NODE = "spec.nodeName!=,status.phase!=Succeeded,status.phase!=Failed"
 
 
 def utc_now() -> str:
@@ -73,6 +87,12 @@ class Coalescer:
             raise
 
 
+def _scope_note(scope: str | None) -> str:
+    if scope is None:
+        return ""
+    return f"the operator may list pods in namespace {scope} only"
+
+
 def owned_by(obj: Mapping[str, Any], uid: str) -> bool:
     refs = (obj.get("metadata") or {}).get("ownerReferences") or []
     return any(r.get("uid") == uid and r.get("controller") for r in refs)
@@ -96,6 +116,8 @@ class ClusterController:
         self.clock = clock
         self.coalescer = Coalescer()
         self._nodes: dict[str, tuple[float, dict[str, str]]] = {}
+        self._host_port_pods: dict[str | None, tuple[float, list[dict[str, Any]]]] = {}
+        self._cache_lock = threading.Lock()
 
     def reconcile(self, namespace: str, name: str) -> None:
         self.coalescer.run((namespace, name), lambda: self._pass(namespace, name))
@@ -185,7 +207,40 @@ class ClusterController:
             s for s in self.kube.list(STATEFULSETS, ref.namespace, selector) if owned_by(s, ref.uid)
         ]
         pods = self.kube.list(PODS, ref.namespace, selector)
-        return Observed(statefulsets=statefulsets, pods=pods, node_labels=self._node_labels(pods))
+        holders: list[dict[str, Any]] = []
+        note = ""
+        if needs_host_port_pods(pods):
+            # Only the pods that share a port with a stuck one matter (and their nodes).
+            wanted = frozenset().union(*(host_ports(p) for p in pods if unschedulable_message(p)))
+            listed, note = self.host_port_pods(ref.namespace)
+            holders = [p for p in listed if host_ports(p) & wanted]
+        return Observed(
+            statefulsets=statefulsets,
+            pods=pods,
+            node_labels=self._node_labels([*pods, *holders]),
+            host_port_pods=holders,
+            host_port_note=note,
+        )
+
+    def host_port_pods(self, namespace: str) -> tuple[list[dict[str, Any]], str]:
+        """Pods on nodes that declare host ports: in every namespace if the operator may list
+        them there, else in `namespace`, with a note saying so."""
+        now = time.monotonic()
+        for scope in (None, namespace):
+            with self._cache_lock:
+                cached = self._host_port_pods.get(scope)
+            if cached and cached[0] > now:
+                return cached[1], _scope_note(scope)
+        try:
+            scope, pods = None, self.kube.list(PODS, None, field_selector=ON_A_NODE)
+        except KubeError as exc:
+            if exc.status != 403:
+                raise
+            scope, pods = namespace, self.kube.list(PODS, namespace, field_selector=ON_A_NODE)
+        found = [p for p in pods if host_ports(p)]
+        with self._cache_lock:
+            self._host_port_pods[scope] = (now + HOST_PORT_PODS_TTL, found)
+        return found, _scope_note(scope)
 
     def _node_labels(self, pods: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
         labels: dict[str, dict[str, str]] = {}

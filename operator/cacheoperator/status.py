@@ -23,6 +23,14 @@ from cacheoperator.models import (
 )
 from cacheoperator.naming import LABEL_PARTITION, selector_string, statefulset_name
 from cacheoperator.placement import partition_sizes
+from cacheoperator.scheduling import (
+    PORTS_TAKEN,
+    PortHolder,
+    describe_holders,
+    port_holders,
+    says_ports_taken,
+    scheduler_reasons,
+)
 
 MAX_MESSAGE = 4096
 # Waiting reasons after which a container will not start without someone changing something.
@@ -44,11 +52,18 @@ _QUIET = {("Degraded", "False"), ("Progressing", "False"), ("Ready", "False")}
 
 @dataclass(frozen=True)
 class Observed:
-    """What the API server says exists for one cluster."""
+    """What the API server says exists for one cluster.
+
+    `host_port_pods` are the pods on any node that declare host ports, read only when a
+    pod of the cluster is unschedulable for a port (`needs_host_port_pods`), with the labels
+    of their nodes in `node_labels`; `host_port_note` says what the operator could not see.
+    """
 
     statefulsets: Sequence[Mapping[str, Any]] = ()
     pods: Sequence[Mapping[str, Any]] = ()
     node_labels: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    host_port_pods: Sequence[Mapping[str, Any]] = ()
+    host_port_note: str = ""
 
 
 @dataclass(frozen=True)
@@ -79,6 +94,11 @@ def unschedulable_message(pod: Mapping[str, Any]) -> str | None:
     if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
         return scheduled.get("message") or "no node fits"
     return None
+
+
+def needs_host_port_pods(pods: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether a pod waits for a host port: then the pods that hold ports are worth a read."""
+    return any(says_ports_taken(m) for p in _live(pods) if (m := unschedulable_message(p)))
 
 
 def failing_message(pod: Mapping[str, Any]) -> str | None:
@@ -245,6 +265,92 @@ def _placement_hint(spec: CacheClusterSpec) -> str:
     )
 
 
+def _labels_hint(spec: CacheClusterSpec) -> str:
+    p = spec.placement
+    keys = {
+        "cluster": [p.zone_key],
+        "spread": [p.zone_key] + ([p.rack_key] if p.effective_spread_level == "rack" else []),
+        "partition": [p.rack_key],
+    }[p.strategy]
+    wanted = [f"labelled {' and '.join(keys)}"] + [
+        f"{k}={v}" for k, v in sorted(spec.node_selector.items())
+    ]
+    return f"the pods only go to nodes {', '.join(wanted)} (strategy {p.strategy})"
+
+
+def _ports_hint(
+    spec: CacheClusterSpec, holders: Sequence[PortHolder], note: str, nodes: int
+) -> str:
+    own = [h for h in holders if h.own]
+    if own:
+        ports = " and ".join(str(p) for p in sorted({h.port for h in own}))
+        held = len({h.node for h in own})
+        return (
+            f"one appliance per node per port: the cluster's own pods hold {ports} on "
+            f"{held} node(s), and {_placement_hint(spec)}"
+        )
+    return (
+        f"another pod declares a host port of these pods on {nodes} node(s) and the operator "
+        f"could not see which{f' ({note})' if note else ''}; "
+        "try another spec.port, or spec.nodeSelector for other nodes"
+    )
+
+
+def _unschedulable_hint(
+    spec: CacheClusterSpec, message: str, holders: Sequence[PortHolder], note: str
+) -> str:
+    """What to change, for each reason the scheduler gave, most nodes first: the
+    placement strategy is blamed only for the reasons that are the strategy's."""
+    hints: list[str] = []
+    for nodes, reason in scheduler_reasons(message):
+        text = reason.lower()
+        if PORTS_TAKEN in text:
+            hint = _ports_hint(spec, holders, note, nodes)
+        elif "insufficient" in text:
+            hint = (
+                f"each pod requests {spec.resources.cpu} CPU and {spec.resources.memory} of "
+                f"memory (requests = limits): {nodes} node(s) lack that much unreserved "
+                "(spec.resources)"
+            )
+        elif "taint" in text:
+            hint = f"{nodes} node(s) have taints the pods do not tolerate (spec.tolerations)"
+        elif "node affinity/selector" in text:
+            hint = _labels_hint(spec)
+        elif "unschedulable" in text:
+            hint = f"{nodes} node(s) are cordoned"
+        else:
+            hint = _placement_hint(spec)
+        if hint not in hints:
+            hints.append(hint)
+    return "; ".join(hints) or _placement_hint(spec)
+
+
+def _unschedulable(
+    spec: CacheClusterSpec,
+    cluster: str,
+    stuck: Sequence[tuple[Mapping[str, Any], str]],
+    observed: Observed,
+) -> tuple[bool, str, str]:
+    names = ", ".join(sorted(_pod_name(p) for p, _ in stuck))
+    head = f"{len(stuck)} pod(s) cannot be scheduled ({names})"
+    message = stuck[0][1]
+    holders: list[PortHolder] = []
+    for pod, said in stuck:
+        if says_ports_taken(said):
+            holders += port_holders(pod, observed.host_port_pods, observed.node_labels, cluster)
+    others = sorted({h for h in holders if not h.own})
+    if others:
+        return (
+            True,
+            "PortConflict",
+            f"{head}: host ports taken on the nodes they may use: {describe_holders(others)}. "
+            f"Scheduler: {message} Hint: give this CacheCluster another spec.port (its UDP "
+            "and metrics ports follow unless set), or other nodes (spec.nodeSelector).",
+        )
+    hint = _unschedulable_hint(spec, message, holders, observed.host_port_note)
+    return (True, "Unschedulable", f"{head}: {message} Hint: {hint}.")
+
+
 def _truncate(message: str) -> str:
     return message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 3] + "..."
 
@@ -298,7 +404,9 @@ def compute_status(
     ready = sum(1 for p in pods if is_ready(p))
     desired = spec.replicas
     rollout = rollout_problems(spec, cluster, observed.statefulsets)
-    stuck = [(n, m) for p in pods if (m := unschedulable_message(p)) for n in [_pod_name(p)]]
+    stuck = sorted(
+        ((p, m) for p in pods if (m := unschedulable_message(p))), key=lambda s: _pod_name(s[0])
+    )
     failing = [(n, m) for p in pods if (m := failing_message(p)) for n in [_pod_name(p)]]
     restarted = [(n, m) for p in pods if (m := restarted_message(p)) for n in [_pod_name(p)]]
     prev = _previous_conditions(previous)
@@ -306,13 +414,7 @@ def compute_status(
     if apply_error:
         degraded = (True, "ApplyFailed", f"the API server refused a child object: {apply_error}")
     elif stuck:
-        names = ", ".join(sorted(n for n, _ in stuck))
-        degraded = (
-            True,
-            "Unschedulable",
-            f"{len(stuck)} pod(s) cannot be scheduled ({names}): {stuck[0][1]} "
-            f"Hint: {_placement_hint(spec)}.",
-        )
+        degraded = _unschedulable(spec, cluster, stuck, observed)
     elif failing:
         names = ", ".join(sorted(n for n, _ in failing))
         degraded = (

@@ -45,9 +45,15 @@ def make_pod(
     waiting: str | None = None,
     restarted: int | None = None,
     deleting: bool = False,
+    namespace: str = "cache",
+    cluster: str | None = "demo",
+    requires_labels: tuple[str, ...] = (),
+    node_selector: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """A pod as the API server would return it, reduced to what the operator reads."""
-    labels = {"cache.appliance.io/cluster": "demo"}
+    """A pod as the API server would return it, reduced to what the operator reads.
+    `cluster=None` makes a pod that is no appliance (no cluster label) with the same ports;
+    `requires_labels` are node labels its required node affinity asks for (as placement's)."""
+    labels = {"cache.appliance.io/cluster": cluster} if cluster else {}
     if partition is not None:
         labels["cache.appliance.io/partition"] = str(partition)
     ports = [{"name": f"tcp-{i}", "containerPort": port + i} for i in range(workers)]
@@ -89,7 +95,7 @@ def make_pod(
                 "lastState": {"terminated": {"exitCode": restarted, "reason": "Error"}},
             }
         ]
-    metadata: dict[str, Any] = {"name": name, "namespace": "cache", "labels": labels}
+    metadata: dict[str, Any] = {"name": name, "namespace": namespace, "labels": labels}
     if deleting:
         metadata["deletionTimestamp"] = "2030-01-01T00:00:00Z"
     spec: dict[str, Any] = {
@@ -98,6 +104,22 @@ def make_pod(
     }
     if node and not unschedulable:
         spec["nodeName"] = node
+    if node_selector:
+        spec["nodeSelector"] = dict(node_selector)
+    if requires_labels:
+        spec["affinity"] = {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        {
+                            "matchExpressions": [
+                                {"key": k, "operator": "Exists"} for k in requires_labels
+                            ]
+                        }
+                    ]
+                }
+            }
+        }
     return {"metadata": metadata, "spec": spec, "status": status}
 
 

@@ -163,6 +163,116 @@ def test_partition_hint_names_the_rack_label():
     assert "2 partitions" in degraded["message"]
 
 
+PORTS_TAKEN = (
+    "0/3 nodes are available: 3 node(s) didn't have free ports for the requested pod ports. "
+    "preemption: 0/3 nodes are available: 3 No preemption victims found for incoming pod."
+)
+
+
+def degraded_of(status):
+    return next(c for c in status["conditions"] if c["type"] == "Degraded")
+
+
+def test_a_port_held_by_another_cluster_is_a_port_conflict_naming_it():
+    spec = spec_of(replicas=1)
+    pods = [make_pod("demo-0", node=None, ready=False, unschedulable=PORTS_TAKEN)]
+    others = [
+        make_pod(f"other-{i}", cluster="other", namespace="team", node=f"node-{i}") for i in (1, 2)
+    ]
+    observed = Observed(
+        statefulsets=[make_statefulset("demo", 1, ready=0)],
+        pods=pods,
+        node_labels=NODES,
+        host_port_pods=others + pods,
+    )
+    status = compute_status(
+        cluster="demo", generation=4, spec=spec, observed=observed, previous=None, now=T0
+    )
+    degraded = degraded_of(status)
+    assert (degraded["status"], degraded["reason"]) == ("True", "PortConflict")
+    assert (
+        "11211/TCP and 21211/TCP held by CacheCluster team/other on node-1, node-2"
+        in degraded["message"]
+    )
+    assert "demo-0" in degraded["message"] and "didn't have free ports" in degraded["message"]
+    assert "another spec.port" in degraded["message"]
+    assert status["phase"] == "Degraded"
+    (event,) = [e for e in transitions(None, status) if e.reason == "PortConflict"]
+    assert event.type == "Warning"
+
+
+def test_own_pods_on_every_node_are_no_conflict_and_the_hint_is_the_strategys():
+    spec = spec_of(replicas=3)
+    pods = [
+        make_pod("demo-0", node="node-1"),
+        make_pod("demo-1", node="node-2"),
+        make_pod("demo-2", node=None, ready=False, unschedulable=PORTS_TAKEN),
+    ]
+    observed = Observed(pods=pods, node_labels=NODES, host_port_pods=pods)
+    degraded = degraded_of(
+        compute_status(
+            cluster="demo", generation=1, spec=spec, observed=observed, previous=None, now=T0
+        )
+    )
+    assert degraded["reason"] == "Unschedulable"
+    assert "the cluster's own pods hold 11211/TCP and 21211/TCP on 2 node(s)" in degraded["message"]
+    assert "3 pods need 3 hosts" in degraded["message"]
+
+
+def test_the_same_port_on_nodes_the_pod_may_not_use_is_no_conflict():
+    """Another cluster holds 11211 on node-9, which has no zone label: the stuck pod may not
+    go there anyway. The scheduler's reason is the labels, and so is the hint."""
+    spec = spec_of(replicas=1)
+    message = (
+        "0/1 nodes are available: 1 node(s) didn't match Pod's node affinity/selector. "
+        "preemption: 0/1 nodes are available: 1 Preemption is not helpful for scheduling."
+    )
+    stuck = make_pod(
+        "demo-0", node=None, ready=False, unschedulable=message,
+        requires_labels=("topology.kubernetes.io/zone",),
+    )  # fmt: skip
+    other = make_pod("other-0", cluster="other", node="node-9")
+    observed = Observed(pods=[stuck], node_labels={"node-9": {}}, host_port_pods=[other])
+    degraded = degraded_of(
+        compute_status(
+            cluster="demo", generation=1, spec=spec, observed=observed, previous=None, now=T0
+        )
+    )
+    assert degraded["reason"] == "Unschedulable"
+    assert "other" not in degraded["message"]
+    assert "only go to nodes labelled topology.kubernetes.io/zone" in degraded["message"]
+    assert "at most one pod per host" not in degraded["message"]  # not the strategy's fault
+
+
+def test_the_hint_follows_each_reason_the_scheduler_gave():
+    spec = spec_of(replicas=2, resources={"cpu": 2, "memory": "4Gi"}, tolerations=[])
+    message = (
+        "0/5 nodes are available: 3 Insufficient cpu, 2 node(s) had untolerated taint "
+        "{dedicated: cache}. preemption: 0/5 nodes are available: 5 No preemption victims."
+    )
+    pods = [make_pod("demo-1", node=None, ready=False, unschedulable=message)]
+    degraded = degraded_of(status_for(spec, [], pods))
+    hint = degraded["message"].split("Hint: ", 1)[1]
+    assert hint.startswith("each pod requests 2 CPU and 4Gi of memory")
+    assert "2 node(s) have taints the pods do not tolerate (spec.tolerations)" in hint
+    assert "per host" not in hint
+
+
+def test_a_port_taken_by_pods_out_of_sight_says_so():
+    spec = spec_of(replicas=1)
+    pods = [make_pod("demo-0", node=None, ready=False, unschedulable=PORTS_TAKEN)]
+    observed = Observed(
+        pods=pods, host_port_pods=pods, host_port_note="the operator may list pods in cache only"
+    )
+    degraded = degraded_of(
+        compute_status(
+            cluster="demo", generation=1, spec=spec, observed=observed, previous=None, now=T0
+        )
+    )
+    assert degraded["reason"] == "Unschedulable"
+    assert "could not see which (the operator may list pods in cache only)" in degraded["message"]
+
+
 def test_a_crash_looping_pod_is_degraded():
     spec, sets, pods = healthy()
     pods[0] = make_pod("demo-0", ready=False, waiting="CrashLoopBackOff")
