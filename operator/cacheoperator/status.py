@@ -33,6 +33,10 @@ from cacheoperator.scheduling import (
 )
 
 MAX_MESSAGE = 4096
+# A termination message that is the log's tail (FallbackToLogsOnError) can be 80 lines:
+# the last few say why.
+TERMINATION_LINES = 3
+TERMINATION_CHARS = 1024
 # Waiting reasons after which a container will not start without someone changing something.
 FAILING_REASONS = frozenset(
     {
@@ -101,12 +105,48 @@ def needs_host_port_pods(pods: Sequence[Mapping[str, Any]]) -> bool:
     return any(says_ports_taken(m) for p in _live(pods) if (m := unschedulable_message(p)))
 
 
+def _last_termination(container: Mapping[str, Any]) -> Mapping[str, Any]:
+    """How the container's last run ended: its current state if it is terminated now,
+    else its last state (a restarted container)."""
+    state = (container.get("state") or {}).get("terminated")
+    return state or (container.get("lastState") or {}).get("terminated") or {}
+
+
+def termination_reason(container: Mapping[str, Any]) -> str | None:
+    """The container's own account of its last stop: the termination message the server
+    wrote (or, with FallbackToLogsOnError, the tail of its log), on one line."""
+    message = (_last_termination(container).get("message") or "").strip()
+    if not message:
+        return None
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    text = " / ".join(lines[-TERMINATION_LINES:])
+    return text if len(text) <= TERMINATION_CHARS else "..." + text[-TERMINATION_CHARS:]
+
+
+def _how_it_ended(container: Mapping[str, Any]) -> str:
+    last = _last_termination(container)
+    return ", ".join(
+        str(x)
+        for x in (
+            f"exit code {last['exitCode']}" if "exitCode" in last else None,
+            last.get("reason"),
+        )
+        if x
+    )
+
+
 def failing_message(pod: Mapping[str, Any]) -> str | None:
+    """Why a container will not start, with the server's own reason when it gave one:
+    "CrashLoopBackOff (exit code 2, Error): cannot size memory: ..."."""
     for status in (pod.get("status") or {}).get("containerStatuses") or []:
         waiting = (status.get("state") or {}).get("waiting") or {}
         if waiting.get("reason") in FAILING_REASONS:
-            detail = f": {waiting['message']}" if waiting.get("message") else ""
-            return f"{waiting['reason']}{detail}"
+            how = _how_it_ended(status)
+            said = termination_reason(status)
+            detail = said or waiting.get("message")
+            return (
+                f"{waiting['reason']}{f' ({how})' if how else ''}{f': {detail}' if detail else ''}"
+            )
     return None
 
 
@@ -119,17 +159,12 @@ def restarted_message(pod: Mapping[str, Any]) -> str | None:
     for status in (pod.get("status") or {}).get("containerStatuses") or []:
         restarts = status.get("restartCount") or 0
         if restarts and not status.get("ready"):
-            last = (status.get("lastState") or {}).get("terminated") or {}
-            how = ", ".join(
-                str(x)
-                for x in (
-                    f"exit code {last['exitCode']}" if "exitCode" in last else None,
-                    last.get("reason"),
-                )
-                if x
+            how = _how_it_ended(status)
+            said = termination_reason(status)
+            return (
+                f"container {status.get('name')} restarted{f' ({how})' if how else ''}, "
+                f"{restarts} restart(s) in all{f': {said}' if said else ''}"
             )
-            detail = f" ({how})" if how else ""
-            return f"container {status.get('name')} restarted{detail}, {restarts} restart(s) in all"
     return None
 
 

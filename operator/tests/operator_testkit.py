@@ -44,6 +44,7 @@ def make_pod(
     unschedulable: str | None = None,
     waiting: str | None = None,
     restarted: int | None = None,
+    said: str | None = None,
     deleting: bool = False,
     namespace: str = "cache",
     cluster: str | None = "demo",
@@ -95,6 +96,12 @@ def make_pod(
                 "lastState": {"terminated": {"exitCode": restarted, "reason": "Error"}},
             }
         ]
+    if said is not None:
+        # The termination message of the container's last run (`waiting` or `restarted`).
+        (container_status,) = status["containerStatuses"]
+        container_status["lastState"] = {
+            "terminated": {"exitCode": restarted or 2, "reason": "Error", "message": said}
+        }
     metadata: dict[str, Any] = {"name": name, "namespace": namespace, "labels": labels}
     if deleting:
         metadata["deletionTimestamp"] = "2030-01-01T00:00:00Z"

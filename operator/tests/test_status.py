@@ -281,6 +281,35 @@ def test_a_crash_looping_pod_is_degraded():
     assert status["phase"] == "Degraded"
 
 
+SIZING = (
+    "cannot size memory: the memory limit 64.0 MiB (cgroup2:/sys/fs/cgroup/memory.max) "
+    "leaves 0.0 MiB for items after the baseline 48.9 MiB and the headroom 16.0 MiB; "
+    "raise the limit or lower --memory-headroom"
+)
+
+
+def test_a_crash_loop_carries_the_servers_own_reason():
+    spec, sets, pods = healthy()
+    pods[1] = make_pod("demo-1", ready=False, waiting="CrashLoopBackOff", said=SIZING + "\n")
+    degraded = degraded_of(status_for(spec, sets, pods))
+    assert degraded["reason"] == "PodsFailing"
+    assert degraded["message"] == (
+        f"1 pod(s) failing (demo-1): CrashLoopBackOff (exit code 2, Error): {SIZING}"
+    )
+
+
+def test_a_log_tail_as_termination_message_is_cut_to_its_last_lines():
+    # FallbackToLogsOnError: a crash before the server wrote a reason leaves its log's tail.
+    log = "\n".join(f"line {i}" for i in range(80)) + "\nTraceback: ValueError: bad\n"
+    spec, sets, pods = healthy()
+    pods[0] = make_pod("demo-0", ready=False, restarted=1, said=log)
+    degraded = degraded_of(status_for(spec, sets, pods))
+    assert degraded["reason"] == "PodsRestarted"
+    assert degraded["message"].endswith(
+        "restart(s) in all: line 78 / line 79 / Traceback: ValueError: bad"
+    )
+
+
 def test_a_restarted_pod_is_degraded_until_ready_again():
     """A server that was killed and restarted: the cluster runs below capacity (and that
     shard lost its cache), which is not progress towards anything."""
