@@ -125,7 +125,12 @@ def configmap(
 ) -> dict[str, Any]:
     """The server settings and the current endpoint list, for people and for clients."""
     env = "".join(f"{k}={v}\n" for k, v in server_env(spec).items())
-    listed = [e.model_dump(by_alias=True, exclude_none=True) for e in endpoints]
+    # Membership only: what the appliances report about themselves would change the
+    # ConfigMap (and what clients see) when nothing about the membership did.
+    listed = [
+        e.model_dump(by_alias=True, exclude_none=True, exclude=set(Endpoint.REPORTED))
+        for e in endpoints
+    ]
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",

@@ -7,7 +7,7 @@ the builders read nothing but a validated `CacheClusterSpec`.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
@@ -337,9 +337,9 @@ class _StatusModel(_Model):
 
 
 class Condition(_StatusModel):
-    """Ready, Progressing or Degraded, with why."""
+    """Ready, Progressing, Degraded or Pinned, with why."""
 
-    type: Literal["Ready", "Progressing", "Degraded"]
+    type: Literal["Ready", "Progressing", "Degraded", "Pinned"]
     status: Literal["True", "False", "Unknown"]
     reason: str = Field(max_length=128)
     message: str = Field(max_length=4096)
@@ -359,6 +359,23 @@ class Endpoint(_StatusModel):
     partition: int | None = None
     zone: str | None = None
     rack: str | None = None
+    # What the appliance reported about itself (absent until it has).
+    cpus: str | None = Field(
+        None,
+        max_length=1024,
+        description='CPUs this worker runs on, as Linux writes CPU lists ("1", "2-3").',
+    )
+    memory_limit: str | None = Field(
+        None, max_length=64, description='The memory limit the appliance sized itself to ("1Gi").'
+    )
+    memory_limit_source: str | None = Field(
+        None,
+        max_length=1024,
+        description="Where the appliance read that limit (its cgroup file, or env).",
+    )
+
+    # Reported by the appliances, not the membership: left out of the ConfigMap.
+    REPORTED: ClassVar[frozenset[str]] = frozenset({"cpus", "memory_limit", "memory_limit_source"})
 
 
 class CacheClusterStatus(_StatusModel):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from cacheoperator.appliances import ApplianceReports, targets_of
 from cacheoperator.children import configmap, desired_objects
 from cacheoperator.kube import CACHECLUSTERS, NODES, PODS, STATEFULSETS, Kube, KubeError
 from cacheoperator.metrics import OperatorMetrics
@@ -26,6 +27,7 @@ from cacheoperator.status import (
     Event,
     Observed,
     compute_status,
+    endpoints,
     invalid_status,
     needs_host_port_pods,
     transitions,
@@ -108,8 +110,12 @@ class ClusterController:
         post_event: Callable[[Mapping[str, Any], Event], None] = lambda body, event: None,
         metrics: OperatorMetrics | None = None,
         clock: Callable[[], str] = utc_now,
+        reports: ApplianceReports | None = None,
     ):
+        """`reports` reads what the appliances say about their CPUs and memory (None: the
+        endpoints go without, and Pinned stays Unknown)."""
         self.kube = kube
+        self.reports = reports
         self.default_image = default_image
         self.post_event = post_event
         self.metrics = metrics or OperatorMetrics()
@@ -124,6 +130,8 @@ class ClusterController:
 
     def forget(self, namespace: str, name: str) -> None:
         self.metrics.forget(namespace, name)
+        if self.reports is not None:
+            self.reports.forget(namespace, name)
 
     def _pass(self, namespace: str, name: str) -> Outcome | None:
         body = self.kube.get(CACHECLUSTERS, namespace, name)
@@ -214,12 +222,18 @@ class ClusterController:
             wanted = frozenset().union(*(host_ports(p) for p in pods if unschedulable_message(p)))
             listed, note = self.host_port_pods(ref.namespace)
             holders = [p for p in listed if host_ports(p) & wanted]
+        readings = {}
+        if self.reports is not None:
+            # What has been read so far; the rest is read in the background (never here).
+            targets = targets_of(ref.namespace, ref.name, endpoints(pods, {}), pods)
+            readings = self.reports.readings(targets)
         return Observed(
             statefulsets=statefulsets,
             pods=pods,
             node_labels=self._node_labels([*pods, *holders]),
             host_port_pods=holders,
             host_port_note=note,
+            readings=readings,
         )
 
     def host_port_pods(self, namespace: str) -> tuple[list[dict[str, Any]], str]:

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cacheoperator.appliances import ApplianceReport, Reading
 from cacheoperator.models import (
     DEFAULT_RACK_KEY,
     DEFAULT_ZONE_KEY,
@@ -22,7 +23,9 @@ from cacheoperator.models import (
     Endpoint,
 )
 from cacheoperator.naming import LABEL_PARTITION, selector_string, statefulset_name
+from cacheoperator.pinning import NOT_EXCLUSIVE, PINNING_OFF, pinned_condition
 from cacheoperator.placement import partition_sizes
+from cacheoperator.quantity import format_bytes
 from cacheoperator.scheduling import (
     PORTS_TAKEN,
     PortHolder,
@@ -31,6 +34,7 @@ from cacheoperator.scheduling import (
     says_ports_taken,
     scheduler_reasons,
 )
+from cacheserver.cpus import format_cpu_list
 
 MAX_MESSAGE = 4096
 # A termination message that is the log's tail (FallbackToLogsOnError) can be 80 lines:
@@ -50,8 +54,15 @@ FAILING_REASONS = frozenset(
     }
 )
 # Conditions in their quiet state are not worth an event when first reported (a new
-# cluster is not ready yet; that is news only once it was).
-_QUIET = {("Degraded", "False"), ("Progressing", "False"), ("Ready", "False")}
+# cluster is not ready yet; that is news only once it was; its appliances have not
+# reported their CPUs yet; it asked for no pinning).
+_QUIET = {
+    ("Degraded", "False"),
+    ("Progressing", "False"),
+    ("Ready", "False"),
+    ("Pinned", "Unknown"),
+}
+_QUIET_REASONS = {PINNING_OFF}
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,7 @@ class Observed:
     `host_port_pods` are the pods on any node that declare host ports, read only when a
     pod of the cluster is unschedulable for a port (`needs_host_port_pods`), with the labels
     of their nodes in `node_labels`; `host_port_note` says what the operator could not see.
+    `readings` are what the appliances of the ready pods said about their CPUs and memory.
     """
 
     statefulsets: Sequence[Mapping[str, Any]] = ()
@@ -68,6 +80,8 @@ class Observed:
     node_labels: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     host_port_pods: Sequence[Mapping[str, Any]] = ()
     host_port_note: str = ""
+    # What the appliances reported, by (pod, worker); see appliances.py.
+    readings: Mapping[tuple[str, int], Reading] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -226,13 +240,29 @@ def endpoints(
     node_labels: Mapping[str, Mapping[str, str]],
     zone_key: str = DEFAULT_ZONE_KEY,
     rack_key: str = DEFAULT_RACK_KEY,
+    readings: Mapping[tuple[str, int], Reading] | None = None,
 ) -> list[Endpoint]:
-    """Endpoints of the ready pods, in a stable order (partition, pod ordinal, worker)."""
+    """Endpoints of the ready pods, in a stable order (partition, pod ordinal, worker), with
+    what each worker reported about its CPUs and memory limit, once it has."""
     ready = sorted(
         (p for p in pods if is_ready(p)),
         key=lambda p: (_partition(p) or 0, _ordinal(_pod_name(p)), _pod_name(p)),
     )
-    return [e for p in ready for e in pod_endpoints(p, node_labels, zone_key, rack_key)]
+    out = [e for p in ready for e in pod_endpoints(p, node_labels, zone_key, rack_key)]
+    return [_with_report(e, (readings or {}).get((e.pod, e.worker))) for e in out]
+
+
+def _with_report(endpoint: Endpoint, reading: Reading) -> Endpoint:
+    if not isinstance(reading, ApplianceReport):
+        return endpoint
+    limit = reading.memory_limit
+    return endpoint.model_copy(
+        update={
+            "cpus": format_cpu_list(reading.cpus),
+            "memory_limit": format_bytes(limit) if limit is not None else None,
+            "memory_limit_source": reading.memory_limit_source,
+        }
+    )
 
 
 # ---- StatefulSets ----------------------------------------------------------------------
@@ -392,14 +422,14 @@ def _truncate(message: str) -> str:
 
 def _condition(
     kind: str,
-    status: bool,
+    status: bool | str,
     reason: str,
     message: str,
     generation: int,
     previous: Mapping[str, Mapping[str, Any]],
     now: str,
 ) -> Condition:
-    value = "True" if status else "False"
+    value = status if isinstance(status, str) else "True" if status else "False"
     old = previous.get(kind)
     # The time moves only when the status flips, as Kubernetes conditions do.
     since = old["lastTransitionTime"] if old and old.get("status") == value else now
@@ -490,6 +520,13 @@ def compute_status(
         phase = "Progressing"
 
     placement = spec.placement
+    eps = endpoints(
+        pods, observed.node_labels, placement.zone_key, placement.rack_key, observed.readings
+    )
+    workers: dict[str, list[int]] = {}
+    for e in eps:
+        workers.setdefault(e.pod, []).append(e.worker)
+    pinned = pinned_condition(spec.pinning, pods, workers, observed.readings)
     status = CacheClusterStatus(
         phase=phase,
         replicas=len(pods),
@@ -500,8 +537,9 @@ def compute_status(
             _condition("Ready", *ready_c, generation, prev, now),
             _condition("Progressing", *progressing, generation, prev, now),
             _condition("Degraded", *degraded, generation, prev, now),
+            _condition("Pinned", *pinned, generation, prev, now),
         ],
-        endpoints=endpoints(pods, observed.node_labels, placement.zone_key, placement.rack_key),
+        endpoints=eps,
     )
     return status.model_dump(by_alias=True, exclude_none=True)
 
@@ -552,12 +590,18 @@ def transitions(previous: Mapping[str, Any] | None, current: Mapping[str, Any]) 
     for cond in current.get("conditions") or []:
         kind, value, reason = cond["type"], cond["status"], cond["reason"]
         old = prev.get(kind)
-        if old is None and (kind, value) in _QUIET:
+        if old is None and ((kind, value) in _QUIET or reason in _QUIET_REASONS):
             continue
         if old is not None and (old.get("status"), old.get("reason")) == (value, reason):
             continue
-        bad = (kind == "Degraded" and value == "True") or (
-            kind == "Ready" and value == "False" and old is not None and old["status"] == "True"
+        if kind == "Pinned" and value == "Unknown":
+            continue  # waiting for reports, or one could not be read: not news
+        bad = (
+            (kind == "Degraded" and value == "True")
+            or (
+                kind == "Ready" and value == "False" and old is not None and old["status"] == "True"
+            )
+            or (kind == "Pinned" and reason == NOT_EXCLUSIVE)
         )
         key = (reason, cond["message"])
         if bad or key not in events:

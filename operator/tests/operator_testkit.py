@@ -50,6 +50,7 @@ def make_pod(
     cluster: str | None = "demo",
     requires_labels: tuple[str, ...] = (),
     node_selector: dict[str, str] | None = None,
+    cpu: int | str = 1,
 ) -> dict[str, Any]:
     """A pod as the API server would return it, reduced to what the operator reads.
     `cluster=None` makes a pod that is no appliance (no cluster label) with the same ports;
@@ -105,9 +106,16 @@ def make_pod(
     metadata: dict[str, Any] = {"name": name, "namespace": namespace, "labels": labels}
     if deleting:
         metadata["deletionTimestamp"] = "2030-01-01T00:00:00Z"
+    resources = {"cpu": cpu, "memory": "1Gi"}
     spec: dict[str, Any] = {
         "hostNetwork": host_network,
-        "containers": [{"name": "cacheserver", "ports": ports}],
+        "containers": [
+            {
+                "name": "cacheserver",
+                "ports": ports,
+                "resources": {"requests": resources, "limits": dict(resources)},
+            }
+        ],
     }
     if node and not unschedulable:
         spec["nodeName"] = node

@@ -3,6 +3,8 @@ pod and StatefulSet dicts shaped like the API server's (see operator_testkit).""
 
 from __future__ import annotations
 
+from cacheoperator.appliances import ApplianceReport
+from cacheoperator.children import configmap
 from cacheoperator.status import (
     Observed,
     compute_status,
@@ -10,7 +12,7 @@ from cacheoperator.status import (
     invalid_status,
     transitions,
 )
-from operator_testkit import make_pod, make_statefulset, spec_of
+from operator_testkit import REF, make_pod, make_statefulset, spec_of
 
 T0 = "2030-01-01T00:00:00Z"
 T1 = "2030-01-01T00:05:00Z"
@@ -55,6 +57,7 @@ def test_all_pods_ready_is_phase_ready_with_endpoints_per_pod():
         "Ready": ("True", "AllPodsReady"),
         "Progressing": ("False", "Complete"),
         "Degraded": ("False", "AsExpected"),
+        "Pinned": ("Unknown", "NotReported"),  # no appliance has said yet
     }
     assert status["endpoints"] == [
         {
@@ -91,7 +94,7 @@ def test_transition_time_moves_only_when_a_condition_flips():
     pods[1] = make_pod("demo-1", node="node-2", host_ip="10.0.0.2", ready=False)
     second = status_for(spec, sets, pods, previous=first, now=T1)
     times = {c["type"]: c["lastTransitionTime"] for c in second["conditions"]}
-    assert times == {"Ready": T1, "Progressing": T1, "Degraded": T0}
+    assert times == {"Ready": T1, "Progressing": T1, "Degraded": T0, "Pinned": T0}
 
 
 def test_each_worker_is_its_own_endpoint_with_tcp_and_udp_ports():
@@ -447,3 +450,47 @@ def test_long_scheduler_messages_are_cut_to_the_schema_limit():
     pods = [make_pod("demo-0", node=None, ready=False, unschedulable="x" * 10000)]
     status = status_for(spec, [make_statefulset("demo", 1, ready=0)], pods)
     assert all(len(c["message"]) <= 4096 for c in status["conditions"])
+
+
+def test_what_the_appliances_report_goes_on_their_endpoints_and_into_pinned():
+    spec, sets, pods = healthy()
+    source = "cgroup2:/sys/fs/cgroup/kubepods/pod1/c1/memory.max"
+    readings = {
+        ("demo-0", 0): ApplianceReport(
+            frozenset({1}), frozenset({1}), frozenset({0, 1}), 1 << 30, source
+        ),
+        ("demo-1", 0): ApplianceReport(
+            frozenset({1}), frozenset({1}), frozenset({0, 1}), 3 << 20, source
+        ),
+    }
+    observed = Observed(statefulsets=sets, pods=pods, node_labels=NODES, readings=readings)
+    first = status_for(spec, sets, pods)
+    status = compute_status(
+        cluster="demo", generation=4, spec=spec, observed=observed, previous=first, now=T1
+    )
+    assert [(e["pod"], e["cpus"], e["memoryLimit"]) for e in status["endpoints"]] == [
+        ("demo-0", "1", "1Gi"),
+        ("demo-1", "1", "3Mi"),
+    ]
+    assert status["endpoints"][0]["memoryLimitSource"] == source
+    assert conditions(status)["Pinned"] == ("True", "Exclusive")
+    assert [(e.type, e.reason) for e in transitions(first, status)] == [("Normal", "Exclusive")]
+
+    # demo-1 restarts on a node without the static CPU manager: a Warning names it.
+    readings[("demo-1", 0)] = ApplianceReport(
+        frozenset({0, 1}), frozenset({0, 1}), frozenset({0, 1})
+    )
+    observed = Observed(statefulsets=sets, pods=pods, node_labels=NODES, readings=readings)
+    later = compute_status(
+        cluster="demo", generation=4, spec=spec, observed=observed, previous=status, now=T1
+    )
+    (event,) = transitions(status, later)
+    assert (event.type, event.reason) == ("Warning", "NotExclusive")
+    assert "(demo-1)" in event.message
+
+
+def test_the_configmap_lists_membership_not_what_appliances_report():
+    spec, _, pods = healthy()
+    eps = endpoints(pods, NODES)
+    reported = [e.model_copy(update={"cpus": "3", "memory_limit": "1Gi"}) for e in eps]
+    assert configmap(REF, spec, reported) == configmap(REF, spec, eps)
