@@ -7,7 +7,8 @@ Pure functions over pod dicts. The scheduler writes one line per failed attempt 
     didn't have free ports for the requested pod ports. preemption: 0/3 nodes are
     available: 3 No preemption victims found for incoming pod.
 
-`scheduler_reasons` splits that into (node count, reason). When a reason is a host port,
+`scheduler_reasons` splits that into (node count, reason). (kube-scheduler 1.36 writes
+"... pod ports. no new claims to deallocate, preemption: ..." after the list.) When a reason is a host port,
 `port_holders` finds who holds it: the pods that declare the same host port and protocol
 on a node the stuck pod could otherwise use (its nodeSelector and required node affinity).
 A pod with the same port on a node the stuck pod may not use is no conflict.
@@ -71,13 +72,16 @@ def host_ports(pod: Mapping[str, Any]) -> frozenset[HostPort]:
 def scheduler_reasons(message: str) -> list[tuple[int, str]]:
     """(nodes, reason) for each reason of a scheduler message, most nodes first; the
     preemption part is left out (it repeats the count and says what preemption did)."""
-    body = message.split(". preemption:", 1)[0]
-    _, sep, listed = body.partition("nodes are available:")
+    _, sep, listed = message.partition("nodes are available:")
     if not sep:
         return []
+    # The list ends with the first sentence: what follows is about preemption (and, from
+    # 1.34 on, "no new claims to deallocate, preemption: ..."). Taint keys hold dots, but
+    # never a dot before a space.
+    listed = re.split(r"\.(?:\s|$)", listed, maxsplit=1)[0]
     out = []
     # Reasons are ", "-separated and each starts with a count; a taint's braces may hold
-    # commas and dots, so split only where a count follows.
+    # commas, so split only where a count follows.
     for item in re.split(r",\s+(?=\d+\s)", listed.strip()):
         match = re.match(r"(\d+)\s+(.*?)\.?$", item.strip())
         if match:

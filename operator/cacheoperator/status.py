@@ -330,17 +330,16 @@ def _placement_hint(spec: CacheClusterSpec) -> str:
     )
 
 
-def _labels_hint(spec: CacheClusterSpec) -> str:
+def _labels_hint(spec: CacheClusterSpec, nodes: int) -> str:
     p = spec.placement
     keys = {
         "cluster": [p.zone_key],
         "spread": [p.zone_key] + ([p.rack_key] if p.effective_spread_level == "rack" else []),
         "partition": [p.rack_key],
     }[p.strategy]
-    wanted = [f"labelled {' and '.join(keys)}"] + [
-        f"{k}={v}" for k, v in sorted(spec.node_selector.items())
-    ]
-    return f"the pods only go to nodes {', '.join(wanted)} (strategy {p.strategy})"
+    needs = [f"{k}={v} (spec.nodeSelector)" for k, v in sorted(spec.node_selector.items())]
+    needs += [f"a {k} label (strategy {p.strategy})" for k in keys if k not in spec.node_selector]
+    return f"{nodes} node(s) lack what the pods require of a node: {' and '.join(needs)}"
 
 
 def _ports_hint(
@@ -380,7 +379,7 @@ def _unschedulable_hint(
         elif "taint" in text:
             hint = f"{nodes} node(s) have taints the pods do not tolerate (spec.tolerations)"
         elif "node affinity/selector" in text:
-            hint = _labels_hint(spec)
+            hint = _labels_hint(spec, nodes)
         elif "unschedulable" in text:
             hint = f"{nodes} node(s) are cordoned"
         else:

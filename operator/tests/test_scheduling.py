@@ -31,6 +31,17 @@ def test_reasons_come_with_their_node_counts_most_first_without_the_preemption_p
         (1, "node(s) had untolerated taint {node.kubernetes.io/unreachable: }"),
     ]
     assert says_ports_taken(message)
+    # kube-scheduler 1.36, as it wrote it on a pod of a cluster whose port another held.
+    message = (
+        f"0/3 nodes are available: 1 node(s) didn't match Pod's node affinity/selector, "
+        f"2 {PORTS}. no new claims to deallocate, preemption: 0/3 nodes are available: "
+        "1 Preemption is not helpful for scheduling, 2 No preemption victims found for "
+        "incoming pod."
+    )
+    assert scheduler_reasons(message) == [
+        (2, PORTS),
+        (1, "node(s) didn't match Pod's node affinity/selector"),
+    ]
     assert scheduler_reasons("0/3 nodes are available: 3 Insufficient cpu.") == [
         (3, "Insufficient cpu")
     ]

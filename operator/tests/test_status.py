@@ -243,7 +243,10 @@ def test_the_same_port_on_nodes_the_pod_may_not_use_is_no_conflict():
     )
     assert degraded["reason"] == "Unschedulable"
     assert "other" not in degraded["message"]
-    assert "only go to nodes labelled topology.kubernetes.io/zone" in degraded["message"]
+    assert (
+        "Hint: 1 node(s) lack what the pods require of a node: "
+        "a topology.kubernetes.io/zone label (strategy spread)." in degraded["message"]
+    )
     assert "at most one pod per host" not in degraded["message"]  # not the strategy's fault
 
 
