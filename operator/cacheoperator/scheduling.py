@@ -7,11 +7,12 @@ Pure functions over pod dicts. The scheduler writes one line per failed attempt 
     didn't have free ports for the requested pod ports. preemption: 0/3 nodes are
     available: 3 No preemption victims found for incoming pod.
 
-`scheduler_reasons` splits that into (node count, reason). (kube-scheduler 1.36 writes
-"... pod ports. no new claims to deallocate, preemption: ..." after the list.) When a reason is a host port,
-`port_holders` finds who holds it: the pods that declare the same host port and protocol
-on a node the stuck pod could otherwise use (its nodeSelector and required node affinity).
-A pod with the same port on a node the stuck pod may not use is no conflict.
+`scheduler_reasons` splits that into (node count, reason); kube-scheduler 1.36 writes
+"... pod ports. no new claims to deallocate, preemption: ..." after the list. When a
+reason is a host port, `port_holders` finds who holds it: the pods that declare the same
+host port and protocol on a node the stuck pod could otherwise use (its nodeSelector and
+required node affinity). A pod with the same port on a node the stuck pod may not use is
+no conflict.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ def test_metrics_endpoint_reports_memcached_exporter_names() -> None:
     server = start_cacheserver("-m", "64", "--metrics-port", str(metrics_port))
     try:
         request(server, b"set a 0 0 1\r\n1\r\nget a\r\nget b\r\n", b"END\r\n")
+        wait_for_port(metrics_port, server.proc)  # it may open a moment after the memcached one
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
             text = r.read().decode()
         samples = {
