@@ -8,6 +8,7 @@ import random
 import shlex
 import socket
 import struct
+import subprocess
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -162,6 +163,27 @@ class CacheClusters:
         except Exception as e:
             lines.append(f"  (pods unknown: {e})")
         return "\n".join(lines)
+
+
+def conditions(status: Mapping[str, Any]) -> dict[str, tuple[str, str, str]]:
+    """type -> (status, reason, message) of a CacheCluster's status."""
+    return {
+        c["type"]: (c["status"], c["reason"], c.get("message", ""))
+        for c in status.get("conditions") or []
+    }
+
+
+def kubectl(tools: Path, cluster, *args: str) -> str:
+    """The pinned kubectl on the cluster's kubeconfig; fails the test if it fails."""
+    result = subprocess.run(
+        [str(tools / "kubectl"), "--kubeconfig", str(cluster.kubeconfig), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
 
 
 def wait_phase(api_client, namespace: str, name: str, phase: str, timeout: float) -> dict:

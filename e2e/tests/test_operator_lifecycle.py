@@ -20,7 +20,9 @@ from e2e.appliance import (
     GROUP,
     PLURAL,
     VERSION,
+    conditions,
     endpoints,
+    kubectl,
     load_manifest,
     memcached_roundtrip,
     pid_of,
@@ -31,25 +33,6 @@ from e2e.nodes import container_cgroup
 
 DEFAULT = product.EXAMPLES / "cachecluster.yaml"  # 3 appliances, every default
 TIMEOUT = 120
-
-
-def conditions(status: dict) -> dict[str, tuple[str, str, str]]:
-    return {
-        c["type"]: (c["status"], c["reason"], c.get("message", ""))
-        for c in status.get("conditions") or []
-    }
-
-
-def kubectl(tools: Path, cluster, *args: str) -> str:
-    result = subprocess.run(
-        [str(tools / "kubectl"), "--kubeconfig", str(cluster.kubeconfig), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
 
 
 def events_of(caches, name: str) -> list[tuple[str, str]]:

@@ -81,14 +81,14 @@ def _service_ports(spec: CacheClusterSpec, with_metrics: bool) -> list[dict[str,
         ports += [
             {
                 "name": f"udp-{i}",
-                "port": spec.udp.port + i,
-                "targetPort": spec.udp.port + i,
+                "port": spec.udp_port + i,
+                "targetPort": spec.udp_port + i,
                 "protocol": "UDP",
             }
             for i in range(spec.workers)
         ]
     if with_metrics and spec.monitoring.enabled:
-        port = spec.monitoring.port
+        port = spec.metrics_port
         ports.append({"name": "metrics", "port": port, "targetPort": port, "protocol": "TCP"})
     return ports
 
@@ -147,7 +147,12 @@ def configmap(
     """The server settings, the current endpoint list (for people and for clients), and the
     membership the appliances serve to `config get cluster` (they mount this key)."""
     env = "".join(f"{k}={v}\n" for k, v in server_env(spec).items())
-    listed = [e.model_dump(by_alias=True, exclude_none=True) for e in endpoints]
+    # Membership only: what the appliances report about themselves would change the
+    # ConfigMap (and what clients see) when nothing about the membership did.
+    listed = [
+        e.model_dump(by_alias=True, exclude_none=True, exclude=set(Endpoint.REPORTED))
+        for e in endpoints
+    ]
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",

@@ -203,6 +203,9 @@ def cachecluster_crd() -> dict[str, Any]:
                         _column("Ready", "integer", ".status.readyReplicas"),
                         _column("Replicas", "integer", ".spec.replicas"),
                         _column("Phase", "string", ".status.phase"),
+                        _column(
+                            "Pinned", "string", '.status.conditions[?(@.type=="Pinned")].status'
+                        ),
                         _column("Age", "date", ".metadata.creationTimestamp"),
                     ],
                     "schema": {"openAPIV3Schema": schema},

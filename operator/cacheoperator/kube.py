@@ -120,9 +120,16 @@ class Kube:
         return self._request("GET", resource.path(namespace, name))
 
     def list(
-        self, resource: Resource, namespace: str | None, label_selector: str = ""
+        self,
+        resource: Resource,
+        namespace: str | None,
+        label_selector: str = "",
+        field_selector: str = "",
     ) -> list[dict[str, Any]]:
+        """Every object of `resource` in `namespace` (None: in all namespaces)."""
         query = {"labelSelector": label_selector} if label_selector else {}
+        if field_selector:
+            query["fieldSelector"] = field_selector
         result = self._request("GET", resource.path(namespace), query=query) or {}
         return list(result.get("items") or [])
 

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import kopf
 
 from cacheoperator import __version__, handlers
+from cacheoperator.appliances import DEFAULT_TIMEOUT, ApplianceReports
 from cacheoperator.kube import connect
 from cacheoperator.metrics import OperatorMetrics
 from cacheoperator.naming import DEFAULT_IMAGE
@@ -88,11 +89,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=os.environ.get("CACHEOPERATOR_IMAGE", DEFAULT_IMAGE),
         help="server image for clusters that name none (default: %(default)s)",
     )
+    parser.add_argument(
+        "--report-timeout",
+        type=float,
+        default=float(os.environ.get("CACHEOPERATOR_REPORT_TIMEOUT", DEFAULT_TIMEOUT)),
+        metavar="SECONDS",
+        help=(
+            "time for one read of an appliance's report (its CPUs and memory limit, from "
+            "stats settings); 0 reads none (default: %(default)s)"
+        ),
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     args = parser.parse_args(argv)
     if not 0 <= args.metrics_port <= 65535:
         parser.error(f"--metrics-port: {args.metrics_port} is not a port (0 to 65535)")
+    if not 0 <= args.report_timeout <= 60:
+        parser.error(f"--report-timeout: {args.report_timeout} is not 0 to 60 seconds")
     return args
 
 
@@ -109,9 +122,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.metrics_port:
         metrics.serve(args.metrics_port, args.metrics_address)
         log.info("operator metrics on %s:%d/metrics", args.metrics_address, args.metrics_port)
+    reports = ApplianceReports(timeout=args.report_timeout) if args.report_timeout else None
     controller = ClusterController(
-        connect(), args.default_image, post_event=handlers.post_event, metrics=metrics
+        connect(),
+        args.default_image,
+        post_event=handlers.post_event,
+        metrics=metrics,
+        reports=reports,
     )
+    if reports is not None:
+        # Once an appliance's report is in, one more pass puts it into the status.
+        reports.notify = controller.reconcile
     registry = kopf.OperatorRegistry()
     handlers.register(registry)
     kopf.run(

@@ -7,7 +7,7 @@ the builders read nothing but a validated `CacheClusterSpec`.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
@@ -25,7 +25,11 @@ SINGULAR = "cachecluster"
 SHORT_NAMES = ["cc"]
 
 DEFAULT_PORT = 11211
-DEFAULT_METRICS_PORT = 9150
+# The metrics port follows the TCP port, so that CacheClusters that differ only in `port`
+# can share nodes: port + 10000 (11211 -> 21211), or port - 10000 where that would pass
+# 65535. Ten thousand is far beyond the 64 workers' TCP ports, so the derived port never
+# meets the cluster's own; clusters whose ports are 10000 apart do meet (see PortConflict).
+METRICS_PORT_OFFSET = 10000
 DEFAULT_ZONE_KEY = "topology.kubernetes.io/zone"
 # Kubernetes has no well-known rack label; this one is ours, documented in docs/operator.md.
 DEFAULT_RACK_KEY = "topology.cache.appliance.io/rack"
@@ -62,13 +66,25 @@ class _Model(BaseModel):
     )
 
 
+def derived_metrics_port(port: int) -> int:
+    """The metrics port of a cluster whose spec names none, from its TCP port."""
+    return (
+        port + METRICS_PORT_OFFSET
+        if port + METRICS_PORT_OFFSET <= 65535
+        else port - METRICS_PORT_OFFSET
+    )
+
+
 class Udp(_Model):
     """memcached's UDP protocol (8-byte frame header); off unless enabled, as in memcached."""
 
     enabled: bool = Field(False, description="Serve the UDP protocol too.")
-    port: Port = Field(
-        DEFAULT_PORT,
-        description="UDP port of worker 0 (worker i uses port + i); may equal the TCP port.",
+    port: Port | None = Field(
+        None,
+        description=(
+            "UDP port of worker 0 (worker i uses port + i); the TCP port when unset, "
+            "as in memcached."
+        ),
     )
 
 
@@ -160,7 +176,13 @@ class Monitoring(_Model):
     """The server's Prometheus endpoint (/metrics), scraped through pod annotations."""
 
     enabled: bool = Field(True, description="Serve /metrics.")
-    port: Port = Field(DEFAULT_METRICS_PORT, description="TCP port of /metrics.")
+    port: Port | None = Field(
+        None,
+        description=(
+            f"TCP port of /metrics; when unset, spec.port + {METRICS_PORT_OFFSET} "
+            f"(spec.port - {METRICS_PORT_OFFSET} above {65535 - METRICS_PORT_OFFSET})."
+        ),
+    )
 
 
 class CacheClusterSpec(_Model):
@@ -220,6 +242,18 @@ class CacheClusterSpec(_Model):
             "each is published as its own endpoint."
         ),
     )
+
+    @property
+    def udp_port(self) -> int:
+        """UDP port of worker 0 (whether or not UDP is enabled)."""
+        return self.udp.port if self.udp.port is not None else self.port
+
+    @property
+    def metrics_port(self) -> int:
+        """TCP port of /metrics (whether or not monitoring is enabled)."""
+        if self.monitoring.port is not None:
+            return self.monitoring.port
+        return derived_metrics_port(self.port)
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> CacheClusterSpec:
@@ -303,9 +337,9 @@ class _StatusModel(_Model):
 
 
 class Condition(_StatusModel):
-    """Ready, Progressing or Degraded, with why."""
+    """Ready, Progressing, Degraded or Pinned, with why."""
 
-    type: Literal["Ready", "Progressing", "Degraded"]
+    type: Literal["Ready", "Progressing", "Degraded", "Pinned"]
     status: Literal["True", "False", "Unknown"]
     reason: str = Field(max_length=128)
     message: str = Field(max_length=4096)
@@ -325,6 +359,23 @@ class Endpoint(_StatusModel):
     partition: int | None = None
     zone: str | None = None
     rack: str | None = None
+    # What the appliance reported about itself (absent until it has).
+    cpus: str | None = Field(
+        None,
+        max_length=1024,
+        description='CPUs this worker runs on, as Linux writes CPU lists ("1", "2-3").',
+    )
+    memory_limit: str | None = Field(
+        None, max_length=64, description='The memory limit the appliance sized itself to ("1Gi").'
+    )
+    memory_limit_source: str | None = Field(
+        None,
+        max_length=1024,
+        description="Where the appliance read that limit (its cgroup file, or env).",
+    )
+
+    # Reported by the appliances, not the membership: left out of the ConfigMap.
+    REPORTED: ClassVar[frozenset[str]] = frozenset({"cpus", "memory_limit", "memory_limit_source"})
 
 
 class DiscoveryNode(_StatusModel):

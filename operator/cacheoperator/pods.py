@@ -29,7 +29,7 @@ def server_env(spec: CacheClusterSpec) -> dict[str, str]:
     """The server's settings that follow from the spec alone (also shown in the ConfigMap)."""
     env = {
         "CACHESERVER_PORT": str(spec.port),
-        "CACHESERVER_UDP_PORT": str(spec.udp.port) if spec.udp.enabled else "0",
+        "CACHESERVER_UDP_PORT": str(spec.udp_port) if spec.udp.enabled else "0",
         # auto: the server sizes the cache from its own cgroup limit; never a guessed -m.
         "CACHESERVER_MEMORY_LIMIT": (
             str(to_mebibytes(spec.memory.size))
@@ -37,7 +37,7 @@ def server_env(spec: CacheClusterSpec) -> dict[str, str]:
             else "auto"
         ),
         "CACHESERVER_WORKERS": str(spec.workers),
-        "CACHESERVER_METRICS_PORT": str(spec.monitoring.port) if spec.monitoring.enabled else "0",
+        "CACHESERVER_METRICS_PORT": str(spec.metrics_port) if spec.monitoring.enabled else "0",
         # The membership the operator publishes, for `config get cluster` (auto discovery).
         "CACHESERVER_CLUSTER_CONFIG": MEMBERSHIP_PATH,
     }
@@ -122,9 +122,9 @@ def _ports(spec: CacheClusterSpec) -> list[dict[str, Any]]:
 
     ports = [port(f"tcp-{i}", spec.port + i, "TCP") for i in range(spec.workers)]
     if spec.udp.enabled:
-        ports += [port(f"udp-{i}", spec.udp.port + i, "UDP") for i in range(spec.workers)]
+        ports += [port(f"udp-{i}", spec.udp_port + i, "UDP") for i in range(spec.workers)]
     if spec.monitoring.enabled:
-        ports.append(port("metrics", spec.monitoring.port, "TCP"))
+        ports.append(port("metrics", spec.metrics_port, "TCP"))
     return ports
 
 
@@ -144,6 +144,9 @@ def container(spec: CacheClusterSpec, image: str, partition: int | None) -> dict
         "ports": _ports(spec),
         "resources": {"requests": dict(resources), "limits": dict(resources)},
         **_probes(spec),
+        # The server writes why it stopped to /dev/termination-log (the default path);
+        # a crash before it could is still explained by the tail of its log.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
@@ -168,7 +171,7 @@ def pod_template(
     if spec.monitoring.enabled:
         metadata["annotations"] = {
             "prometheus.io/scrape": "true",
-            "prometheus.io/port": str(spec.monitoring.port),
+            "prometheus.io/port": str(spec.metrics_port),
             "prometheus.io/path": "/metrics",
         }
     pod: dict[str, Any] = {

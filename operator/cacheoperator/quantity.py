@@ -66,3 +66,16 @@ def to_decimal(value: int | str) -> Decimal:
 def to_mebibytes(value: int | str) -> int:
     """Whole MiB, rounded down: the unit of the server's -m and --memory-headroom."""
     return int(to_decimal(value) // MIB)
+
+
+_BINARY_SUFFIXES = (("Ei", 1 << 60), ("Pi", 1 << 50), ("Ti", 1 << 40), ("Gi", 1 << 30), ("Mi", MIB))
+
+
+def format_bytes(value: int) -> str:
+    """A byte count as the shortest exact quantity: 268435456 -> "256Mi", 1000 -> "1000"."""
+    for suffix, unit in _BINARY_SUFFIXES:
+        if value and value % unit == 0:
+            return f"{value // unit}{suffix}"
+    if value and value % 1024 == 0:
+        return f"{value // 1024}Ki"
+    return str(value)

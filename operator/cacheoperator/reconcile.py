@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from cacheoperator.appliances import ApplianceReports, targets_of
 from cacheoperator.children import configmap, desired_objects
 from cacheoperator.discovery import (
     discovery_endpoint,
@@ -27,13 +28,28 @@ from cacheoperator.kube import CACHECLUSTERS, NODES, PODS, STATEFULSETS, Kube, K
 from cacheoperator.metrics import OperatorMetrics
 from cacheoperator.models import CacheClusterSpec, Endpoint, InvalidSpec, parse_spec
 from cacheoperator.naming import ClusterRef, selector_string
-from cacheoperator.status import Event, Observed, compute_status, invalid_status, transitions
+from cacheoperator.scheduling import host_ports
+from cacheoperator.status import (
+    Event,
+    Observed,
+    compute_status,
+    endpoints,
+    invalid_status,
+    needs_host_port_pods,
+    transitions,
+    unschedulable_message,
+)
 
 log = logging.getLogger(__name__)
 
 # Node labels (zone, rack) hardly ever change, while passes run on every pod event: read
 # each node at most once a minute.
 NODE_LABELS_TTL = 60.0
+# Pods that hold host ports, read (in all namespaces) only while a pod of some cluster
+# waits for a port; passes of several stuck clusters within this time share one read.
+HOST_PORT_PODS_TTL = 5.0
+# Pods that are on a node and not finished: the ones whose host ports the scheduler counts.
+ON_A_NODE = "spec.nodeName!=,status.phase!=Succeeded,status.phase!=Failed"
 
 
 def utc_now() -> str:
@@ -81,6 +97,10 @@ class Coalescer:
 
 def _endpoints(status: Mapping[str, Any]) -> list[Endpoint]:
     return [Endpoint.model_validate(e) for e in status.get("endpoints") or []]
+def _scope_note(scope: str | None) -> str:
+    if scope is None:
+        return ""
+    return f"the operator may list pods in namespace {scope} only"
 
 
 def owned_by(obj: Mapping[str, Any], uid: str) -> bool:
@@ -98,20 +118,28 @@ class ClusterController:
         post_event: Callable[[Mapping[str, Any], Event], None] = lambda body, event: None,
         metrics: OperatorMetrics | None = None,
         clock: Callable[[], str] = utc_now,
+        reports: ApplianceReports | None = None,
     ):
+        """`reports` reads what the appliances say about their CPUs and memory (None: the
+        endpoints go without, and Pinned stays Unknown)."""
         self.kube = kube
+        self.reports = reports
         self.default_image = default_image
         self.post_event = post_event
         self.metrics = metrics or OperatorMetrics()
         self.clock = clock
         self.coalescer = Coalescer()
         self._nodes: dict[str, tuple[float, dict[str, str]]] = {}
+        self._host_port_pods: dict[str | None, tuple[float, list[dict[str, Any]]]] = {}
+        self._cache_lock = threading.Lock()
 
     def reconcile(self, namespace: str, name: str) -> None:
         self.coalescer.run((namespace, name), lambda: self._pass(namespace, name))
 
     def forget(self, namespace: str, name: str) -> None:
         self.metrics.forget(namespace, name)
+        if self.reports is not None:
+            self.reports.forget(namespace, name)
 
     def _pass(self, namespace: str, name: str) -> Outcome | None:
         body = self.kube.get(CACHECLUSTERS, namespace, name)
@@ -209,7 +237,46 @@ class ClusterController:
             s for s in self.kube.list(STATEFULSETS, ref.namespace, selector) if owned_by(s, ref.uid)
         ]
         pods = self.kube.list(PODS, ref.namespace, selector)
-        return Observed(statefulsets=statefulsets, pods=pods, node_labels=self._node_labels(pods))
+        holders: list[dict[str, Any]] = []
+        note = ""
+        if needs_host_port_pods(pods):
+            # Only the pods that share a port with a stuck one matter (and their nodes).
+            wanted = frozenset().union(*(host_ports(p) for p in pods if unschedulable_message(p)))
+            listed, note = self.host_port_pods(ref.namespace)
+            holders = [p for p in listed if host_ports(p) & wanted]
+        readings = {}
+        if self.reports is not None:
+            # What has been read so far; the rest is read in the background (never here).
+            targets = targets_of(ref.namespace, ref.name, endpoints(pods, {}), pods)
+            readings = self.reports.readings(targets)
+        return Observed(
+            statefulsets=statefulsets,
+            pods=pods,
+            node_labels=self._node_labels([*pods, *holders]),
+            host_port_pods=holders,
+            host_port_note=note,
+            readings=readings,
+        )
+
+    def host_port_pods(self, namespace: str) -> tuple[list[dict[str, Any]], str]:
+        """Pods on nodes that declare host ports: in every namespace if the operator may list
+        them there, else in `namespace`, with a note saying so."""
+        now = time.monotonic()
+        for scope in (None, namespace):
+            with self._cache_lock:
+                cached = self._host_port_pods.get(scope)
+            if cached and cached[0] > now:
+                return cached[1], _scope_note(scope)
+        try:
+            scope, pods = None, self.kube.list(PODS, None, field_selector=ON_A_NODE)
+        except KubeError as exc:
+            if exc.status != 403:
+                raise
+            scope, pods = namespace, self.kube.list(PODS, namespace, field_selector=ON_A_NODE)
+        found = [p for p in pods if host_ports(p)]
+        with self._cache_lock:
+            self._host_port_pods[scope] = (now + HOST_PORT_PODS_TTL, found)
+        return found, _scope_note(scope)
 
     def _node_labels(self, pods: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
         labels: dict[str, dict[str, str]] = {}

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cacheoperator.appliances import ApplianceReport, Reading
 from cacheoperator.models import (
     DEFAULT_RACK_KEY,
     DEFAULT_ZONE_KEY,
@@ -23,9 +24,24 @@ from cacheoperator.models import (
     Endpoint,
 )
 from cacheoperator.naming import LABEL_PARTITION, selector_string, statefulset_name
+from cacheoperator.pinning import NOT_EXCLUSIVE, PINNING_OFF, pinned_condition
 from cacheoperator.placement import partition_sizes
+from cacheoperator.quantity import format_bytes
+from cacheoperator.scheduling import (
+    PORTS_TAKEN,
+    PortHolder,
+    describe_holders,
+    port_holders,
+    says_ports_taken,
+    scheduler_reasons,
+)
+from cacheserver.cpus import format_cpu_list
 
 MAX_MESSAGE = 4096
+# A termination message that is the log's tail (FallbackToLogsOnError) can be 80 lines:
+# the last few say why.
+TERMINATION_LINES = 3
+TERMINATION_CHARS = 1024
 # Waiting reasons after which a container will not start without someone changing something.
 FAILING_REASONS = frozenset(
     {
@@ -39,17 +55,34 @@ FAILING_REASONS = frozenset(
     }
 )
 # Conditions in their quiet state are not worth an event when first reported (a new
-# cluster is not ready yet; that is news only once it was).
-_QUIET = {("Degraded", "False"), ("Progressing", "False"), ("Ready", "False")}
+# cluster is not ready yet; that is news only once it was; its appliances have not
+# reported their CPUs yet; it asked for no pinning).
+_QUIET = {
+    ("Degraded", "False"),
+    ("Progressing", "False"),
+    ("Ready", "False"),
+    ("Pinned", "Unknown"),
+}
+_QUIET_REASONS = {PINNING_OFF}
 
 
 @dataclass(frozen=True)
 class Observed:
-    """What the API server says exists for one cluster."""
+    """What the API server says exists for one cluster.
+
+    `host_port_pods` are the pods on any node that declare host ports, read only when a
+    pod of the cluster is unschedulable for a port (`needs_host_port_pods`), with the labels
+    of their nodes in `node_labels`; `host_port_note` says what the operator could not see.
+    `readings` are what the appliances of the ready pods said about their CPUs and memory.
+    """
 
     statefulsets: Sequence[Mapping[str, Any]] = ()
     pods: Sequence[Mapping[str, Any]] = ()
     node_labels: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    host_port_pods: Sequence[Mapping[str, Any]] = ()
+    host_port_note: str = ""
+    # What the appliances reported, by (pod, worker); see appliances.py.
+    readings: Mapping[tuple[str, int], Reading] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -82,12 +115,53 @@ def unschedulable_message(pod: Mapping[str, Any]) -> str | None:
     return None
 
 
+def needs_host_port_pods(pods: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether a pod waits for a host port: then the pods that hold ports are worth a read."""
+    return any(says_ports_taken(m) for p in _live(pods) if (m := unschedulable_message(p)))
+
+
+def _last_termination(container: Mapping[str, Any]) -> Mapping[str, Any]:
+    """How the container's last run ended: its current state if it is terminated now,
+    else its last state (a restarted container)."""
+    state = (container.get("state") or {}).get("terminated")
+    return state or (container.get("lastState") or {}).get("terminated") or {}
+
+
+def termination_reason(container: Mapping[str, Any]) -> str | None:
+    """The container's own account of its last stop: the termination message the server
+    wrote (or, with FallbackToLogsOnError, the tail of its log), on one line."""
+    message = (_last_termination(container).get("message") or "").strip()
+    if not message:
+        return None
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    text = " / ".join(lines[-TERMINATION_LINES:])
+    return text if len(text) <= TERMINATION_CHARS else "..." + text[-TERMINATION_CHARS:]
+
+
+def _how_it_ended(container: Mapping[str, Any]) -> str:
+    last = _last_termination(container)
+    return ", ".join(
+        str(x)
+        for x in (
+            f"exit code {last['exitCode']}" if "exitCode" in last else None,
+            last.get("reason"),
+        )
+        if x
+    )
+
+
 def failing_message(pod: Mapping[str, Any]) -> str | None:
+    """Why a container will not start, with the server's own reason when it gave one:
+    "CrashLoopBackOff (exit code 2, Error): cannot size memory: ..."."""
     for status in (pod.get("status") or {}).get("containerStatuses") or []:
         waiting = (status.get("state") or {}).get("waiting") or {}
         if waiting.get("reason") in FAILING_REASONS:
-            detail = f": {waiting['message']}" if waiting.get("message") else ""
-            return f"{waiting['reason']}{detail}"
+            how = _how_it_ended(status)
+            said = termination_reason(status)
+            detail = said or waiting.get("message")
+            return (
+                f"{waiting['reason']}{f' ({how})' if how else ''}{f': {detail}' if detail else ''}"
+            )
     return None
 
 
@@ -100,17 +174,12 @@ def restarted_message(pod: Mapping[str, Any]) -> str | None:
     for status in (pod.get("status") or {}).get("containerStatuses") or []:
         restarts = status.get("restartCount") or 0
         if restarts and not status.get("ready"):
-            last = (status.get("lastState") or {}).get("terminated") or {}
-            how = ", ".join(
-                str(x)
-                for x in (
-                    f"exit code {last['exitCode']}" if "exitCode" in last else None,
-                    last.get("reason"),
-                )
-                if x
+            how = _how_it_ended(status)
+            said = termination_reason(status)
+            return (
+                f"container {status.get('name')} restarted{f' ({how})' if how else ''}, "
+                f"{restarts} restart(s) in all{f': {said}' if said else ''}"
             )
-            detail = f" ({how})" if how else ""
-            return f"container {status.get('name')} restarted{detail}, {restarts} restart(s) in all"
     return None
 
 
@@ -172,13 +241,29 @@ def endpoints(
     node_labels: Mapping[str, Mapping[str, str]],
     zone_key: str = DEFAULT_ZONE_KEY,
     rack_key: str = DEFAULT_RACK_KEY,
+    readings: Mapping[tuple[str, int], Reading] | None = None,
 ) -> list[Endpoint]:
-    """Endpoints of the ready pods, in a stable order (partition, pod ordinal, worker)."""
+    """Endpoints of the ready pods, in a stable order (partition, pod ordinal, worker), with
+    what each worker reported about its CPUs and memory limit, once it has."""
     ready = sorted(
         (p for p in pods if is_ready(p)),
         key=lambda p: (_partition(p) or 0, _ordinal(_pod_name(p)), _pod_name(p)),
     )
-    return [e for p in ready for e in pod_endpoints(p, node_labels, zone_key, rack_key)]
+    out = [e for p in ready for e in pod_endpoints(p, node_labels, zone_key, rack_key)]
+    return [_with_report(e, (readings or {}).get((e.pod, e.worker))) for e in out]
+
+
+def _with_report(endpoint: Endpoint, reading: Reading) -> Endpoint:
+    if not isinstance(reading, ApplianceReport):
+        return endpoint
+    limit = reading.memory_limit
+    return endpoint.model_copy(
+        update={
+            "cpus": format_cpu_list(reading.cpus),
+            "memory_limit": format_bytes(limit) if limit is not None else None,
+            "memory_limit_source": reading.memory_limit_source,
+        }
+    )
 
 
 # ---- StatefulSets ----------------------------------------------------------------------
@@ -246,20 +331,105 @@ def _placement_hint(spec: CacheClusterSpec) -> str:
     )
 
 
+def _labels_hint(spec: CacheClusterSpec, nodes: int) -> str:
+    p = spec.placement
+    keys = {
+        "cluster": [p.zone_key],
+        "spread": [p.zone_key] + ([p.rack_key] if p.effective_spread_level == "rack" else []),
+        "partition": [p.rack_key],
+    }[p.strategy]
+    needs = [f"{k}={v} (spec.nodeSelector)" for k, v in sorted(spec.node_selector.items())]
+    needs += [f"a {k} label (strategy {p.strategy})" for k in keys if k not in spec.node_selector]
+    return f"{nodes} node(s) lack what the pods require of a node: {' and '.join(needs)}"
+
+
+def _ports_hint(
+    spec: CacheClusterSpec, holders: Sequence[PortHolder], note: str, nodes: int
+) -> str:
+    own = [h for h in holders if h.own]
+    if own:
+        ports = " and ".join(str(p) for p in sorted({h.port for h in own}))
+        held = len({h.node for h in own})
+        return (
+            f"one appliance per node per port: the cluster's own pods hold {ports} on "
+            f"{held} node(s), and {_placement_hint(spec)}"
+        )
+    return (
+        f"another pod declares a host port of these pods on {nodes} node(s) and the operator "
+        f"could not see which{f' ({note})' if note else ''}; "
+        "try another spec.port, or spec.nodeSelector for other nodes"
+    )
+
+
+def _unschedulable_hint(
+    spec: CacheClusterSpec, message: str, holders: Sequence[PortHolder], note: str
+) -> str:
+    """What to change, for each reason the scheduler gave, most nodes first: the
+    placement strategy is blamed only for the reasons that are the strategy's."""
+    hints: list[str] = []
+    for nodes, reason in scheduler_reasons(message):
+        text = reason.lower()
+        if PORTS_TAKEN in text:
+            hint = _ports_hint(spec, holders, note, nodes)
+        elif "insufficient" in text:
+            hint = (
+                f"each pod requests {spec.resources.cpu} CPU and {spec.resources.memory} of "
+                f"memory (requests = limits): {nodes} node(s) lack that much unreserved "
+                "(spec.resources)"
+            )
+        elif "taint" in text:
+            hint = f"{nodes} node(s) have taints the pods do not tolerate (spec.tolerations)"
+        elif "node affinity/selector" in text:
+            hint = _labels_hint(spec, nodes)
+        elif "unschedulable" in text:
+            hint = f"{nodes} node(s) are cordoned"
+        else:
+            hint = _placement_hint(spec)
+        if hint not in hints:
+            hints.append(hint)
+    return "; ".join(hints) or _placement_hint(spec)
+
+
+def _unschedulable(
+    spec: CacheClusterSpec,
+    cluster: str,
+    stuck: Sequence[tuple[Mapping[str, Any], str]],
+    observed: Observed,
+) -> tuple[bool, str, str]:
+    names = ", ".join(sorted(_pod_name(p) for p, _ in stuck))
+    head = f"{len(stuck)} pod(s) cannot be scheduled ({names})"
+    message = stuck[0][1]
+    holders: list[PortHolder] = []
+    for pod, said in stuck:
+        if says_ports_taken(said):
+            holders += port_holders(pod, observed.host_port_pods, observed.node_labels, cluster)
+    others = sorted({h for h in holders if not h.own})
+    if others:
+        return (
+            True,
+            "PortConflict",
+            f"{head}: host ports taken on the nodes they may use: {describe_holders(others)}. "
+            f"Scheduler: {message} Hint: give this CacheCluster another spec.port (its UDP "
+            "and metrics ports follow unless set), or other nodes (spec.nodeSelector).",
+        )
+    hint = _unschedulable_hint(spec, message, holders, observed.host_port_note)
+    return (True, "Unschedulable", f"{head}: {message} Hint: {hint}.")
+
+
 def _truncate(message: str) -> str:
     return message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 3] + "..."
 
 
 def _condition(
     kind: str,
-    status: bool,
+    status: bool | str,
     reason: str,
     message: str,
     generation: int,
     previous: Mapping[str, Mapping[str, Any]],
     now: str,
 ) -> Condition:
-    value = "True" if status else "False"
+    value = status if isinstance(status, str) else "True" if status else "False"
     old = previous.get(kind)
     # The time moves only when the status flips, as Kubernetes conditions do.
     since = old["lastTransitionTime"] if old and old.get("status") == value else now
@@ -301,7 +471,9 @@ def compute_status(
     ready = sum(1 for p in pods if is_ready(p))
     desired = spec.replicas
     rollout = rollout_problems(spec, cluster, observed.statefulsets)
-    stuck = [(n, m) for p in pods if (m := unschedulable_message(p)) for n in [_pod_name(p)]]
+    stuck = sorted(
+        ((p, m) for p in pods if (m := unschedulable_message(p))), key=lambda s: _pod_name(s[0])
+    )
     failing = [(n, m) for p in pods if (m := failing_message(p)) for n in [_pod_name(p)]]
     restarted = [(n, m) for p in pods if (m := restarted_message(p)) for n in [_pod_name(p)]]
     prev = _previous_conditions(previous)
@@ -309,13 +481,7 @@ def compute_status(
     if apply_error:
         degraded = (True, "ApplyFailed", f"the API server refused a child object: {apply_error}")
     elif stuck:
-        names = ", ".join(sorted(n for n, _ in stuck))
-        degraded = (
-            True,
-            "Unschedulable",
-            f"{len(stuck)} pod(s) cannot be scheduled ({names}): {stuck[0][1]} "
-            f"Hint: {_placement_hint(spec)}.",
-        )
+        degraded = _unschedulable(spec, cluster, stuck, observed)
     elif failing:
         names = ", ".join(sorted(n for n, _ in failing))
         degraded = (
@@ -356,6 +522,13 @@ def compute_status(
         phase = "Progressing"
 
     placement = spec.placement
+    eps = endpoints(
+        pods, observed.node_labels, placement.zone_key, placement.rack_key, observed.readings
+    )
+    workers: dict[str, list[int]] = {}
+    for e in eps:
+        workers.setdefault(e.pod, []).append(e.worker)
+    pinned = pinned_condition(spec.pinning, pods, workers, observed.readings)
     status = CacheClusterStatus(
         phase=phase,
         replicas=len(pods),
@@ -366,8 +539,9 @@ def compute_status(
             _condition("Ready", *ready_c, generation, prev, now),
             _condition("Progressing", *progressing, generation, prev, now),
             _condition("Degraded", *degraded, generation, prev, now),
+            _condition("Pinned", *pinned, generation, prev, now),
         ],
-        endpoints=endpoints(pods, observed.node_labels, placement.zone_key, placement.rack_key),
+        endpoints=eps,
         discovery=discovery,
     )
     return status.model_dump(by_alias=True, exclude_none=True)
@@ -422,12 +596,18 @@ def transitions(previous: Mapping[str, Any] | None, current: Mapping[str, Any]) 
     for cond in current.get("conditions") or []:
         kind, value, reason = cond["type"], cond["status"], cond["reason"]
         old = prev.get(kind)
-        if old is None and (kind, value) in _QUIET:
+        if old is None and ((kind, value) in _QUIET or reason in _QUIET_REASONS):
             continue
         if old is not None and (old.get("status"), old.get("reason")) == (value, reason):
             continue
-        bad = (kind == "Degraded" and value == "True") or (
-            kind == "Ready" and value == "False" and old is not None and old["status"] == "True"
+        if kind == "Pinned" and value == "Unknown":
+            continue  # waiting for reports, or one could not be read: not news
+        bad = (
+            (kind == "Degraded" and value == "True")
+            or (
+                kind == "Ready" and value == "False" and old is not None and old["status"] == "True"
+            )
+            or (kind == "Pinned" and reason == NOT_EXCLUSIVE)
         )
         key = (reason, cond["message"])
         if bad or key not in events:

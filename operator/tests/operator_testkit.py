@@ -44,10 +44,18 @@ def make_pod(
     unschedulable: str | None = None,
     waiting: str | None = None,
     restarted: int | None = None,
+    said: str | None = None,
     deleting: bool = False,
+    namespace: str = "cache",
+    cluster: str | None = "demo",
+    requires_labels: tuple[str, ...] = (),
+    node_selector: dict[str, str] | None = None,
+    cpu: int | str = 1,
 ) -> dict[str, Any]:
-    """A pod as the API server would return it, reduced to what the operator reads."""
-    labels = {"cache.appliance.io/cluster": "demo"}
+    """A pod as the API server would return it, reduced to what the operator reads.
+    `cluster=None` makes a pod that is no appliance (no cluster label) with the same ports;
+    `requires_labels` are node labels its required node affinity asks for (as placement's)."""
+    labels = {"cache.appliance.io/cluster": cluster} if cluster else {}
     if partition is not None:
         labels["cache.appliance.io/partition"] = str(partition)
     ports = [{"name": f"tcp-{i}", "containerPort": port + i} for i in range(workers)]
@@ -56,7 +64,7 @@ def make_pod(
             {"name": f"udp-{i}", "containerPort": udp_port + i, "protocol": "UDP"}
             for i in range(workers)
         ]
-    ports.append({"name": "metrics", "containerPort": 9150})
+    ports.append({"name": "metrics", "containerPort": port + 10000})
     conditions = []
     status: dict[str, Any] = {"phase": "Running" if node else "Pending"}
     if unschedulable:
@@ -90,15 +98,44 @@ def make_pod(
                 "lastState": {"terminated": {"exitCode": restarted, "reason": "Error"}},
             }
         ]
-    metadata: dict[str, Any] = {"name": name, "namespace": "cache", "labels": labels}
+    if said is not None:
+        # The termination message of the container's last run (`waiting` or `restarted`).
+        (container_status,) = status["containerStatuses"]
+        container_status["lastState"] = {
+            "terminated": {"exitCode": restarted or 2, "reason": "Error", "message": said}
+        }
+    metadata: dict[str, Any] = {"name": name, "namespace": namespace, "labels": labels}
     if deleting:
         metadata["deletionTimestamp"] = "2030-01-01T00:00:00Z"
+    resources = {"cpu": cpu, "memory": "1Gi"}
     spec: dict[str, Any] = {
         "hostNetwork": host_network,
-        "containers": [{"name": "cacheserver", "ports": ports}],
+        "containers": [
+            {
+                "name": "cacheserver",
+                "ports": ports,
+                "resources": {"requests": resources, "limits": dict(resources)},
+            }
+        ],
     }
     if node and not unschedulable:
         spec["nodeName"] = node
+    if node_selector:
+        spec["nodeSelector"] = dict(node_selector)
+    if requires_labels:
+        spec["affinity"] = {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        {
+                            "matchExpressions": [
+                                {"key": k, "operator": "Exists"} for k in requires_labels
+                            ]
+                        }
+                    ]
+                }
+            }
+        }
     return {"metadata": metadata, "spec": spec, "status": status}
 
 

@@ -174,7 +174,7 @@ def test_workers_publish_one_port_each_and_all_are_probed():
         ("udp-0", 12000, "UDP"),
         ("udp-1", 12001, "UDP"),
         ("udp-2", 12002, "UDP"),
-        ("metrics", 9150, "TCP"),
+        ("metrics", 21211, "TCP"),  # port + 10000
     }
     env = env_of(container)
     assert (env["CACHESERVER_WORKERS"], env["CACHESERVER_UDP_PORT"]) == ("3", "12000")
@@ -217,7 +217,7 @@ def test_monitoring_on_annotates_pods_for_prometheus():
     annotations = only_statefulset(build())["spec"]["template"]["metadata"]["annotations"]
     assert annotations == {
         "prometheus.io/scrape": "true",
-        "prometheus.io/port": "9150",
+        "prometheus.io/port": "21211",
         "prometheus.io/path": "/metrics",
     }
 

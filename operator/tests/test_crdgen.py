@@ -62,7 +62,7 @@ def test_subresources_columns_and_names():
         },
     }
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert {"Strategy", "Ready", "Replicas", "Age"} <= set(columns)
+    assert {"Strategy", "Ready", "Replicas", "Pinned", "Age"} <= set(columns)
     names = crdgen.cachecluster_crd()["spec"]["names"]
     assert names["shortNames"] == ["cc"]
     assert crdgen.cachecluster_crd()["spec"]["scope"] == "Namespaced"

@@ -10,6 +10,7 @@ from cacheoperator.models import (
     DEFAULT_ZONE_KEY,
     CacheClusterManifest,
     InvalidSpec,
+    derived_metrics_port,
     parse_spec,
 )
 from operator_testkit import EXAMPLES, load_example
@@ -19,7 +20,7 @@ def test_an_empty_spec_gets_the_documented_defaults():
     spec = parse_spec("demo", {})
     assert spec.replicas == 3
     assert spec.port == 11211
-    assert (spec.udp.enabled, spec.udp.port) == (False, 11211)
+    assert (spec.udp.enabled, spec.udp_port) == (False, 11211)  # the TCP port, as memcached
     assert (spec.resources.cpu, spec.resources.memory) == (1, "1Gi")
     assert spec.memory.mode == "auto"
     assert spec.pinning is True
@@ -29,7 +30,7 @@ def test_an_empty_spec_gets_the_documented_defaults():
     assert spec.placement.effective_max_per_zone == DEFAULT_MAX_PER_ZONE == 7
     assert spec.placement.zone_key == DEFAULT_ZONE_KEY == "topology.kubernetes.io/zone"
     assert spec.placement.rack_key == DEFAULT_RACK_KEY
-    assert (spec.monitoring.enabled, spec.monitoring.port) == (True, 9150)
+    assert (spec.monitoring.enabled, spec.metrics_port) == (True, 21211)  # port + 10000
     assert spec.workers == 1
 
 
@@ -53,6 +54,37 @@ def test_fields_are_camel_case_in_yaml_and_round_trip():
 def test_tcp_and_udp_may_share_a_port_as_in_memcached():
     spec = parse_spec("demo", {"port": 11211, "udp": {"enabled": True, "port": 11211}})
     assert spec.port == spec.udp.port == 11211
+    # TCP and UDP are separate port spaces: the metrics port may be a UDP worker's, too.
+    spec = parse_spec("demo", {"port": 11300, "udp": {"enabled": True, "port": 21300}})
+    assert spec.metrics_port == spec.udp_port == 21300
+
+
+def test_unset_udp_and_metrics_ports_follow_the_tcp_port():
+    spec = parse_spec("demo", {"port": 11311, "udp": {"enabled": True}})
+    assert (spec.udp_port, spec.metrics_port) == (11311, 21311)
+    spec = parse_spec("demo", {"port": 60000, "monitoring": {"enabled": True}})
+    assert spec.metrics_port == 50000  # 70000 is no port: 10000 below instead
+    spec = parse_spec("demo", {"port": 11211, "monitoring": {"port": 9150}})
+    assert spec.metrics_port == 9150  # set by hand, as clusters made before the rule have it
+
+
+@pytest.mark.parametrize("workers", [1, 2, 64])
+def test_the_derived_metrics_port_never_meets_the_clusters_own_ports(workers):
+    for port in range(1024, 65536 - workers + 1):
+        metrics = derived_metrics_port(port)
+        assert 1024 <= metrics <= 65535
+        assert not port <= metrics < port + workers
+
+
+def test_clusters_that_differ_only_in_port_share_no_host_port():
+    from cacheoperator.pods import container
+
+    def host_ports(port):
+        spec = parse_spec("demo", {"port": port, "udp": {"enabled": True}, "workers": 1})
+        return {(p["hostPort"], p["protocol"]) for p in container(spec, "img", None)["ports"]}
+
+    for a, b in [(11211, 11212), (11211, 11311), (11211, 12211), (20000, 20001)]:
+        assert not host_ports(a) & host_ports(b), (a, b)
 
 
 @pytest.mark.parametrize(

@@ -7,8 +7,9 @@ import threading
 
 import pytest
 
-from cacheoperator.reconcile import Coalescer, owned_by
-from operator_testkit import UID, make_statefulset
+from cacheoperator.kube import KubeError
+from cacheoperator.reconcile import ON_A_NODE, ClusterController, Coalescer, owned_by
+from operator_testkit import UID, make_pod, make_statefulset
 
 
 def test_calls_during_a_pass_fold_into_one_more_pass():
@@ -59,3 +60,40 @@ def test_only_objects_this_cluster_controls_are_its_own():
     foreign["metadata"]["ownerReferences"][0]["controller"] = False
     assert not owned_by(foreign, UID)
     assert not owned_by({"metadata": {}}, UID)
+
+
+class PodLister:
+    """Answers the pod lists of `ClusterController.host_port_pods` like an API server that
+    forbids listing across namespaces when `namespaced`; counts the calls."""
+
+    def __init__(self, pods, namespaced: bool):
+        self.pods, self.namespaced, self.calls = pods, namespaced, []
+
+    def list(self, resource, namespace, label_selector="", field_selector=""):
+        self.calls.append((resource.plural, namespace, field_selector))
+        if namespace is None and self.namespaced:
+            raise KubeError(
+                403, 'pods is forbidden: cannot list resource "pods" at the cluster scope'
+            )
+        return [p for p in self.pods if namespace in (None, p["metadata"]["namespace"])]
+
+
+@pytest.mark.parametrize("namespaced", [False, True])
+def test_host_port_pods_come_from_every_namespace_the_operator_may_list(namespaced):
+    pods = [
+        make_pod("a-0", cluster="a", node="node-1"),
+        make_pod("web", cluster=None, namespace="web", node="node-1"),
+        make_pod("podnet", cluster="p", node="node-1", host_network=False),  # no host port
+    ]
+    lister = PodLister(pods, namespaced)
+    controller = ClusterController(lister, "img")
+    found, note = controller.host_port_pods("cache")
+    names = sorted(p["metadata"]["name"] for p in found)
+    if namespaced:
+        assert (names, note) == (["a-0"], "the operator may list pods in namespace cache only")
+    else:
+        assert (names, note) == (["a-0", "web"], "")
+    assert lister.calls[0] == ("pods", None, ON_A_NODE)
+    calls = len(lister.calls)
+    assert controller.host_port_pods("cache") == (found, note)  # a second pass reads nothing
+    assert len(lister.calls) == calls

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from cacheoperator.crdgen import cachecluster_crd
 from cacheoperator.models import CacheClusterManifest, InvalidSpec, parse_spec, rule_example
-from cacheoperator.rules import ALL_RULES, ROOT_RULES, SPEC_RULES
+from cacheoperator.rules import ALL_RULES, ROOT_RULES, SPEC_RULES, min_memory_mib
 from operator_testkit import CRDS, walk_schema
 
 
@@ -86,3 +86,38 @@ def test_cel_cost_stays_bounded():
             assert "maxProperties" in node, path
         if node.get("x-kubernetes-int-or-string"):
             assert "maxLength" in node, path
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_the_memory_floor_is_enough_for_a_real_server(workers):
+    """The least resources.memory the CRD lets through starts a real server (-m auto, the
+    operator's flags) with room for items; below the one-worker floor's 48Mi example, the
+    server itself refuses to start."""
+    from servers import start_cacheserver, stats
+
+    floor = min_memory_mib(workers) * 1024 * 1024
+    env = {"CACHESERVER_CONTAINER_MEMORY_LIMIT": str(floor)}
+    server = start_cacheserver("-t", str(workers), udp=False, env=env)
+    try:
+        settings = stats(server, "settings")
+    finally:
+        server.stop()
+    assert int(settings["memory_limit"]) == floor
+    assert int(settings["memory_capacity"]) >= 1024 * 1024
+
+
+def test_below_the_floor_the_server_would_not_start():
+    import subprocess
+    import sys
+
+    rule = next(r for r in SPEC_RULES if r.id == "memory-limit-fits-the-server")
+    below = rule.example_spec["resources"]["memory"]
+    assert below.endswith("Mi")
+    proc = subprocess.run(
+        [sys.executable, "-m", "cacheserver", "-l", "127.0.0.1", "-p", "0"],
+        env={"CACHESERVER_CONTAINER_MEMORY_LIMIT": str(int(below[:-2]) * 1024 * 1024)},
+        capture_output=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2
+    assert b"cannot size memory" in proc.stderr

@@ -3,6 +3,8 @@ pod and StatefulSet dicts shaped like the API server's (see operator_testkit).""
 
 from __future__ import annotations
 
+from cacheoperator.appliances import ApplianceReport
+from cacheoperator.children import configmap
 from cacheoperator.status import (
     Observed,
     compute_status,
@@ -10,7 +12,7 @@ from cacheoperator.status import (
     invalid_status,
     transitions,
 )
-from operator_testkit import make_pod, make_statefulset, spec_of
+from operator_testkit import REF, make_pod, make_statefulset, spec_of
 
 T0 = "2030-01-01T00:00:00Z"
 T1 = "2030-01-01T00:05:00Z"
@@ -55,6 +57,7 @@ def test_all_pods_ready_is_phase_ready_with_endpoints_per_pod():
         "Ready": ("True", "AllPodsReady"),
         "Progressing": ("False", "Complete"),
         "Degraded": ("False", "AsExpected"),
+        "Pinned": ("Unknown", "NotReported"),  # no appliance has said yet
     }
     assert status["endpoints"] == [
         {
@@ -91,7 +94,7 @@ def test_transition_time_moves_only_when_a_condition_flips():
     pods[1] = make_pod("demo-1", node="node-2", host_ip="10.0.0.2", ready=False)
     second = status_for(spec, sets, pods, previous=first, now=T1)
     times = {c["type"]: c["lastTransitionTime"] for c in second["conditions"]}
-    assert times == {"Ready": T1, "Progressing": T1, "Degraded": T0}
+    assert times == {"Ready": T1, "Progressing": T1, "Degraded": T0, "Pinned": T0}
 
 
 def test_each_worker_is_its_own_endpoint_with_tcp_and_udp_ports():
@@ -163,12 +166,154 @@ def test_partition_hint_names_the_rack_label():
     assert "2 partitions" in degraded["message"]
 
 
+PORTS_TAKEN = (
+    "0/3 nodes are available: 3 node(s) didn't have free ports for the requested pod ports. "
+    "preemption: 0/3 nodes are available: 3 No preemption victims found for incoming pod."
+)
+
+
+def degraded_of(status):
+    return next(c for c in status["conditions"] if c["type"] == "Degraded")
+
+
+def test_a_port_held_by_another_cluster_is_a_port_conflict_naming_it():
+    spec = spec_of(replicas=1)
+    pods = [make_pod("demo-0", node=None, ready=False, unschedulable=PORTS_TAKEN)]
+    others = [
+        make_pod(f"other-{i}", cluster="other", namespace="team", node=f"node-{i}") for i in (1, 2)
+    ]
+    observed = Observed(
+        statefulsets=[make_statefulset("demo", 1, ready=0)],
+        pods=pods,
+        node_labels=NODES,
+        host_port_pods=others + pods,
+    )
+    status = compute_status(
+        cluster="demo", generation=4, spec=spec, observed=observed, previous=None, now=T0
+    )
+    degraded = degraded_of(status)
+    assert (degraded["status"], degraded["reason"]) == ("True", "PortConflict")
+    assert (
+        "11211/TCP and 21211/TCP held by CacheCluster team/other on node-1, node-2"
+        in degraded["message"]
+    )
+    assert "demo-0" in degraded["message"] and "didn't have free ports" in degraded["message"]
+    assert "another spec.port" in degraded["message"]
+    assert status["phase"] == "Degraded"
+    (event,) = [e for e in transitions(None, status) if e.reason == "PortConflict"]
+    assert event.type == "Warning"
+
+
+def test_own_pods_on_every_node_are_no_conflict_and_the_hint_is_the_strategys():
+    spec = spec_of(replicas=3)
+    pods = [
+        make_pod("demo-0", node="node-1"),
+        make_pod("demo-1", node="node-2"),
+        make_pod("demo-2", node=None, ready=False, unschedulable=PORTS_TAKEN),
+    ]
+    observed = Observed(pods=pods, node_labels=NODES, host_port_pods=pods)
+    degraded = degraded_of(
+        compute_status(
+            cluster="demo", generation=1, spec=spec, observed=observed, previous=None, now=T0
+        )
+    )
+    assert degraded["reason"] == "Unschedulable"
+    assert "the cluster's own pods hold 11211/TCP and 21211/TCP on 2 node(s)" in degraded["message"]
+    assert "3 pods need 3 hosts" in degraded["message"]
+
+
+def test_the_same_port_on_nodes_the_pod_may_not_use_is_no_conflict():
+    """Another cluster holds 11211 on node-9, which has no zone label: the stuck pod may not
+    go there anyway. The scheduler's reason is the labels, and so is the hint."""
+    spec = spec_of(replicas=1)
+    message = (
+        "0/1 nodes are available: 1 node(s) didn't match Pod's node affinity/selector. "
+        "preemption: 0/1 nodes are available: 1 Preemption is not helpful for scheduling."
+    )
+    stuck = make_pod(
+        "demo-0", node=None, ready=False, unschedulable=message,
+        requires_labels=("topology.kubernetes.io/zone",),
+    )  # fmt: skip
+    other = make_pod("other-0", cluster="other", node="node-9")
+    observed = Observed(pods=[stuck], node_labels={"node-9": {}}, host_port_pods=[other])
+    degraded = degraded_of(
+        compute_status(
+            cluster="demo", generation=1, spec=spec, observed=observed, previous=None, now=T0
+        )
+    )
+    assert degraded["reason"] == "Unschedulable"
+    assert "other" not in degraded["message"]
+    assert (
+        "Hint: 1 node(s) lack what the pods require of a node: "
+        "a topology.kubernetes.io/zone label (strategy spread)." in degraded["message"]
+    )
+    assert "at most one pod per host" not in degraded["message"]  # not the strategy's fault
+
+
+def test_the_hint_follows_each_reason_the_scheduler_gave():
+    spec = spec_of(replicas=2, resources={"cpu": 2, "memory": "4Gi"}, tolerations=[])
+    message = (
+        "0/5 nodes are available: 3 Insufficient cpu, 2 node(s) had untolerated taint "
+        "{dedicated: cache}. preemption: 0/5 nodes are available: 5 No preemption victims."
+    )
+    pods = [make_pod("demo-1", node=None, ready=False, unschedulable=message)]
+    degraded = degraded_of(status_for(spec, [], pods))
+    hint = degraded["message"].split("Hint: ", 1)[1]
+    assert hint.startswith("each pod requests 2 CPU and 4Gi of memory")
+    assert "2 node(s) have taints the pods do not tolerate (spec.tolerations)" in hint
+    assert "per host" not in hint
+
+
+def test_a_port_taken_by_pods_out_of_sight_says_so():
+    spec = spec_of(replicas=1)
+    pods = [make_pod("demo-0", node=None, ready=False, unschedulable=PORTS_TAKEN)]
+    observed = Observed(
+        pods=pods, host_port_pods=pods, host_port_note="the operator may list pods in cache only"
+    )
+    degraded = degraded_of(
+        compute_status(
+            cluster="demo", generation=1, spec=spec, observed=observed, previous=None, now=T0
+        )
+    )
+    assert degraded["reason"] == "Unschedulable"
+    assert "could not see which (the operator may list pods in cache only)" in degraded["message"]
+
+
 def test_a_crash_looping_pod_is_degraded():
     spec, sets, pods = healthy()
     pods[0] = make_pod("demo-0", ready=False, waiting="CrashLoopBackOff")
     status = status_for(spec, sets, pods)
     assert conditions(status)["Degraded"] == ("True", "PodsFailing")
     assert status["phase"] == "Degraded"
+
+
+SIZING = (
+    "cannot size memory: the memory limit 64.0 MiB (cgroup2:/sys/fs/cgroup/memory.max) "
+    "leaves 0.0 MiB for items after the baseline 48.9 MiB and the headroom 16.0 MiB; "
+    "raise the limit or lower --memory-headroom"
+)
+
+
+def test_a_crash_loop_carries_the_servers_own_reason():
+    spec, sets, pods = healthy()
+    pods[1] = make_pod("demo-1", ready=False, waiting="CrashLoopBackOff", said=SIZING + "\n")
+    degraded = degraded_of(status_for(spec, sets, pods))
+    assert degraded["reason"] == "PodsFailing"
+    assert degraded["message"] == (
+        f"1 pod(s) failing (demo-1): CrashLoopBackOff (exit code 2, Error): {SIZING}"
+    )
+
+
+def test_a_log_tail_as_termination_message_is_cut_to_its_last_lines():
+    # FallbackToLogsOnError: a crash before the server wrote a reason leaves its log's tail.
+    log = "\n".join(f"line {i}" for i in range(80)) + "\nTraceback: ValueError: bad\n"
+    spec, sets, pods = healthy()
+    pods[0] = make_pod("demo-0", ready=False, restarted=1, said=log)
+    degraded = degraded_of(status_for(spec, sets, pods))
+    assert degraded["reason"] == "PodsRestarted"
+    assert degraded["message"].endswith(
+        "restart(s) in all: line 78 / line 79 / Traceback: ValueError: bad"
+    )
 
 
 def test_a_restarted_pod_is_degraded_until_ready_again():
@@ -308,3 +453,47 @@ def test_long_scheduler_messages_are_cut_to_the_schema_limit():
     pods = [make_pod("demo-0", node=None, ready=False, unschedulable="x" * 10000)]
     status = status_for(spec, [make_statefulset("demo", 1, ready=0)], pods)
     assert all(len(c["message"]) <= 4096 for c in status["conditions"])
+
+
+def test_what_the_appliances_report_goes_on_their_endpoints_and_into_pinned():
+    spec, sets, pods = healthy()
+    source = "cgroup2:/sys/fs/cgroup/kubepods/pod1/c1/memory.max"
+    readings = {
+        ("demo-0", 0): ApplianceReport(
+            frozenset({1}), frozenset({1}), frozenset({0, 1}), 1 << 30, source
+        ),
+        ("demo-1", 0): ApplianceReport(
+            frozenset({1}), frozenset({1}), frozenset({0, 1}), 3 << 20, source
+        ),
+    }
+    observed = Observed(statefulsets=sets, pods=pods, node_labels=NODES, readings=readings)
+    first = status_for(spec, sets, pods)
+    status = compute_status(
+        cluster="demo", generation=4, spec=spec, observed=observed, previous=first, now=T1
+    )
+    assert [(e["pod"], e["cpus"], e["memoryLimit"]) for e in status["endpoints"]] == [
+        ("demo-0", "1", "1Gi"),
+        ("demo-1", "1", "3Mi"),
+    ]
+    assert status["endpoints"][0]["memoryLimitSource"] == source
+    assert conditions(status)["Pinned"] == ("True", "Exclusive")
+    assert [(e.type, e.reason) for e in transitions(first, status)] == [("Normal", "Exclusive")]
+
+    # demo-1 restarts on a node without the static CPU manager: a Warning names it.
+    readings[("demo-1", 0)] = ApplianceReport(
+        frozenset({0, 1}), frozenset({0, 1}), frozenset({0, 1})
+    )
+    observed = Observed(statefulsets=sets, pods=pods, node_labels=NODES, readings=readings)
+    later = compute_status(
+        cluster="demo", generation=4, spec=spec, observed=observed, previous=status, now=T1
+    )
+    (event,) = transitions(status, later)
+    assert (event.type, event.reason) == ("Warning", "NotExclusive")
+    assert "(demo-1)" in event.message
+
+
+def test_the_configmap_lists_membership_not_what_appliances_report():
+    spec, _, pods = healthy()
+    eps = endpoints(pods, NODES)
+    reported = [e.model_copy(update={"cpus": "3", "memory_limit": "1Gi"}) for e in eps]
+    assert configmap(REF, spec, reported) == configmap(REF, spec, eps)

@@ -9,9 +9,11 @@ from collections.abc import Awaitable, Callable
 import uvloop
 
 from cacheserver.config import Settings
+from cacheserver.cpus import format_cpu_list
 from cacheserver.memory import SizingError
 from cacheserver.memory.service import plan_for_settings, serve_with_shrinker
 from cacheserver.server import Worker
+from cacheserver.termination import record_fatal
 
 log = logging.getLogger("cacheserver")
 
@@ -32,6 +34,7 @@ def run(settings: Settings) -> int:
         limit, plan = plan_for_settings(settings)
     except SizingError as err:
         log.error("cannot size memory: %s", err)
+        record_fatal(settings.termination_log, f"cannot size memory: {err}")
         return 2
     plan.log(log)
 
@@ -42,21 +45,26 @@ def run(settings: Settings) -> int:
         from cacheserver.supervisor import run_workers
 
         return run_workers(settings, plan.capacity, serve)
+    allowed = frozenset(os.sched_getaffinity(0))
     if settings.pin:
         cpu = pin_to_cpu(0)
-        log.info("pinned to CPU %s", cpu)
+        log.info("pinned to CPU %s of %s", cpu, format_cpu_list(allowed))
     try:
-        uvloop.run(_serve(settings, plan.capacity, serve))
+        uvloop.run(_serve(settings, plan.capacity, serve, allowed))
     except OSError as err:
         log.error("cannot start: %s", err)
+        record_fatal(settings.termination_log, f"cannot start: {err}")
         return 1
     return 0
 
 
 async def _serve(
-    settings: Settings, capacity: int, serve: Callable[[Worker], Awaitable[None]]
+    settings: Settings,
+    capacity: int,
+    serve: Callable[[Worker], Awaitable[None]],
+    cpus_allowed: frozenset[int] | None = None,
 ) -> None:
-    worker = Worker(settings, capacity=capacity)
+    worker = Worker(settings, capacity=capacity, cpus_allowed=cpus_allowed)
     log.info(
         "cacheserver pid %d: capacity %d bytes, max item %d bytes, %d connections",
         os.getpid(),

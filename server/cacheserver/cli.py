@@ -12,6 +12,8 @@ from typing import Any
 
 from cacheserver import __version__
 from cacheserver.config import DEFAULT_PORT, Settings, parse_size
+from cacheserver.termination import DEFAULT_PATH as TERMINATION_LOG
+from cacheserver.termination import record_fatal
 
 ENV_PREFIX = "CACHESERVER_"
 
@@ -145,6 +147,11 @@ _OPTIONS: list[tuple[tuple[str, ...], str, Callable[[str], Any], Any, str]] = [
         None,
         "answer ElastiCache's auto discovery (config get cluster, over TCP) with the cluster "
         "membership in this JSON file, reloaded when it changes (the operator mounts it)",
+        ("--termination-log",),
+        "termination_log",
+        str,
+        TERMINATION_LOG,
+        "file that gets the reason of a fatal stop, if it exists (Kubernetes' termination message)",
     ),
 ]
 
@@ -161,6 +168,7 @@ _METAVARS = {
     "idle_timeout": "SECONDS",
     "workers": "NUM",
     "cluster_config": "PATH",
+    "termination_log": "PATH",
 }
 
 
@@ -254,4 +262,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     from cacheserver.app import run
 
-    sys.exit(run(settings))
+    try:
+        code = run(settings)
+    except Exception as exc:
+        record_fatal(settings.termination_log, f"crashed: {type(exc).__name__}: {exc}")
+        raise
+    sys.exit(code)

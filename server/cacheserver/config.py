@@ -37,6 +37,8 @@ class Settings:
     udp_allow_all: bool = False
     python_only: bool = False  # serve without the compiled fast path
     cluster_config: str | None = None  # membership file for `config get cluster`; None: off
+    # Where a fatal reason goes for Kubernetes (written only if the file exists).
+    termination_log: str = "/dev/termination-log"
 
     @property
     def memory_limit_bytes(self) -> int:

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from cacheserver import __version__
 from cacheserver.config import Settings
+from cacheserver.cpus import CpuPlacement
 from cacheserver.discovery.watch import ClusterConfig
 from cacheserver.fastpath import make_engine
 from cacheserver.metrics.collector import ServerCollector
@@ -39,8 +40,14 @@ CRAWL_BUDGET = 20_000  # keys checked for expiry per step: bounded work per tick
 
 class Worker:
     def __init__(
-        self, settings: Settings, capacity: int | None = None, worker_index: int = 0
+        self,
+        settings: Settings,
+        capacity: int | None = None,
+        worker_index: int = 0,
+        cpus_allowed: frozenset[int] | None = None,
     ) -> None:
+        """`cpus_allowed`: the CPUs the process had before --pin bound it to one (reported
+        in `stats settings` next to the CPUs it runs on now)."""
         self.settings = settings
         self.worker_index = worker_index
         self.store = Store(
@@ -73,6 +80,8 @@ class Worker:
         self.report.extra_settings.append(
             lambda: [("fast_path", "compiled" if self.engine is not None else "python")]
         )
+        self.cpus = CpuPlacement.observe(cpus_allowed)
+        self.report.extra_settings.append(self.cpus.settings)
         self.collector.extra.append(PodIdentity.from_env().metrics)
         if self.discovery is not None:
             self.report.extra_general.append(self.discovery.stats_fields)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import uvloop
 
 from cacheserver.config import Settings
+from cacheserver.termination import record_fatal
 
 if TYPE_CHECKING:
     from cacheserver.server import Worker
@@ -52,19 +53,24 @@ def _run_child(settings: Settings, index: int, capacity: int, serve: Serve | Non
 
     code = 0
     try:
+        allowed = frozenset(os.sched_getaffinity(0))
         if settings.pin:
             cpu = cpu_for(index)
             if cpu is not None:
                 os.sched_setaffinity(0, {cpu})
                 log.info("worker %d pinned to CPU %d", index, cpu)
         mine = worker_settings(settings, index)
-        worker = Worker(mine, capacity=capacity, worker_index=index)
+        worker = Worker(mine, capacity=capacity, worker_index=index, cpus_allowed=allowed)
         uvloop.run(serve(worker) if serve else worker.run_until_stopped())
     except OSError as err:
         log.error("worker %d cannot start: %s", index, err)
+        record_fatal(settings.termination_log, f"worker {index} cannot start: {err}")
         code = 1
-    except BaseException:  # a crash must end this process, never fall back into the parent's code
+    except BaseException as exc:  # a crash must end this process, never fall back into the parent
         log.exception("worker %d crashed", index)
+        record_fatal(
+            settings.termination_log, f"worker {index} crashed: {type(exc).__name__}: {exc}"
+        )
         code = 1
     finally:
         logging.shutdown()
@@ -113,6 +119,8 @@ async def _supervise(settings: Settings, children: dict[int, int]) -> int:
             # A shard that is gone loses its keys' home: end the whole server so the
             # supervisor above (the kubelet) restarts it, rather than limp on.
             log.error("worker %d (pid %d) exited with status %d", index, pid, status)
+            # A worker that could say why has said it already; this is the fallback.
+            record_fatal(settings.termination_log, f"worker {index} exited with status {status}")
             exit_code = 1
             stopping.set()
     for pid in children:

@@ -130,6 +130,16 @@ def request(server: RunningServer, payload: bytes, terminator: bytes = b"\r\n") 
         return recv_until(sock, terminator)
 
 
+def stats(server: RunningServer, sub: str = "") -> dict[str, str]:
+    """`stats [sub]` of a server as text names and values."""
+    reply = request(server, f"stats {sub}".strip().encode() + b"\r\n", b"END\r\n").decode()
+    return {
+        parts[1]: parts[2]
+        for parts in (line.split(" ", 2) for line in reply.splitlines())
+        if len(parts) == 3 and parts[0] == "STAT"
+    }
+
+
 def memcaslap_totals(output: str) -> dict[str, int]:
     """The 'name: number' totals memcaslap prints at the end of a run."""
     totals: dict[str, int] = {}

@@ -39,6 +39,24 @@ def test_default_headroom_is_a_tenth_of_large_limits() -> None:
     assert "10% of the limit" in plan.headroom_source
 
 
+@pytest.mark.parametrize(
+    ("limit_mib", "headroom_mib"),
+    [(64, 16), (96, 24), (128, 32), (256, 32), (320, 32), (1024, 102.4)],
+)
+def test_default_headroom_shrinks_to_a_quarter_of_small_limits(limit_mib, headroom_mib) -> None:
+    # 32 MiB would leave nothing for items in 64 MiB (memcached's default size); from 128 MiB
+    # up the 32 MiB floor holds, and 10% takes over above 320 MiB.
+    plan = plan_memory(limit(limit_mib * MIB), baseline_for(29 * MIB, 1024, MIB))
+    assert plan.headroom == int(headroom_mib * MIB)
+
+
+def test_a_64_mib_container_gets_a_small_cache_instead_of_no_start() -> None:
+    baseline = baseline_for(29 * MIB, conn_limit=1024, max_item_size=MIB)  # as measured
+    plan = plan_memory(limit(64 * MIB), baseline)
+    assert plan.capacity == 64 * MIB - baseline.total - 16 * MIB
+    assert 5 * MIB < plan.capacity < 10 * MIB
+
+
 def test_explicit_headroom() -> None:
     baseline = baseline_for(30 * MIB, 0, 0)
     plan = plan_memory(limit(512 * MIB), baseline, headroom_mb=100)

@@ -6,19 +6,10 @@ import subprocess
 import sys
 import urllib.request
 
-from servers import RunningServer, free_port, request, start_cacheserver, wait_for_port
+from servers import RunningServer, free_port, start_cacheserver, stats, wait_for_port
 
 MIB = 1 << 20
 ENV = "CACHESERVER_CONTAINER_MEMORY_LIMIT"
-
-
-def stats(server: RunningServer, sub: str = "") -> dict[str, str]:
-    reply = request(server, f"stats {sub}".strip().encode() + b"\r\n", b"END\r\n").decode()
-    return {
-        parts[1]: parts[2]
-        for parts in (line.split(" ", 2) for line in reply.splitlines())
-        if len(parts) == 3 and parts[0] == "STAT"
-    }
 
 
 def test_auto_is_the_default_and_the_env_limit_is_used() -> None:
@@ -88,6 +79,16 @@ def test_a_limit_too_small_is_refused_with_a_reason() -> None:
     err = proc.stderr.decode()
     assert "cannot size memory: the memory limit 40.0 MiB (env)" in err
     assert "lower --memory-headroom" in err
+
+
+def test_a_64_mib_limit_runs_with_a_quarter_as_headroom() -> None:
+    server = start_cacheserver(udp=False, env={ENV: str(64 * MIB)})
+    try:
+        settings = stats(server, "settings")
+    finally:
+        server.stop()
+    assert settings["memory_headroom"] == str(16 * MIB)
+    assert int(settings["maxbytes"]) == 64 * MIB - int(settings["memory_baseline"]) - 16 * MIB > 0
 
 
 def test_workers_share_the_sized_capacity() -> None:

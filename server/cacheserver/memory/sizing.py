@@ -16,6 +16,10 @@ MIB = 1 << 20
 
 MIN_HEADROOM = 32 * MIB
 HEADROOM_FRACTION = 0.10
+# Below 128 MiB the 32 MiB floor would take more than a quarter of the limit (all of what
+# the interpreter leaves in a 64 MiB container, memcached's default size): there the
+# headroom is a quarter of the limit instead.
+SMALL_LIMIT_HEADROOM_FRACTION = 0.25
 # A connection costs a transport, a protocol object and its pending buffers (Python objects).
 CONNECTION_BYTES = 8 * KIB
 # Items at most this many times the maximum item size are in flight per worker at once
@@ -55,11 +59,19 @@ def baseline_for(
 
 
 def default_headroom(limit_bytes: int) -> int:
-    return max(MIN_HEADROOM, int(limit_bytes * HEADROOM_FRACTION))
+    """10% of the limit, but at least 32 MiB, or a quarter of the limit if that is less."""
+    floor = min(MIN_HEADROOM, int(limit_bytes * SMALL_LIMIT_HEADROOM_FRACTION))
+    return max(floor, int(limit_bytes * HEADROOM_FRACTION))
 
 
 def mib(nbytes: int) -> str:
     return f"{nbytes / MIB:.1f} MiB"
+
+
+DEFAULT_HEADROOM_RULE = (
+    f"default max(min({mib(MIN_HEADROOM)}, {SMALL_LIMIT_HEADROOM_FRACTION:.0%} of the limit), "
+    f"{HEADROOM_FRACTION:.0%} of the limit)"
+)
 
 
 @dataclass(frozen=True)
@@ -124,7 +136,7 @@ def plan_memory(
     warnings = list(limit.warnings)
     if headroom_mb is None:
         headroom = default_headroom(limit.limit_bytes)
-        headroom_source = f"default max({mib(MIN_HEADROOM)}, {HEADROOM_FRACTION:.0%} of the limit)"
+        headroom_source = DEFAULT_HEADROOM_RULE
     else:
         if headroom_mb < 0:
             raise SizingError(f"--memory-headroom must be 0 or more MB, got {headroom_mb}")

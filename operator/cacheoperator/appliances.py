@@ -1,0 +1,255 @@
+"""What each appliance says it got: its CPUs and its memory limit, read from the appliance.
+
+Appliances keep no API credentials, so nothing in them can write to the CacheCluster. They
+report instead, to anyone who may talk to them, in memcached's `stats settings` (see
+docs/architecture.md): `cpus`, `cpus_allowed`, `cpus_online`, `memory_limit`,
+`memory_limit_source`. The operator reads that from every worker of every ready pod, once
+per container: CPUs and limits do not change while a process lives.
+
+The reads run on a few threads of their own, never inside a reconcile pass: a pass takes
+what has been read so far and asks for what is missing. When the reads a pass asked for
+are all in, the cluster gets one more pass (`notify`), which puts them into the status.
+A read that fails is tried again later, less and less often.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from cacheserver.cpus import parse_cpu_list
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 2.0  # seconds for one read: connect and reply together
+MAX_REPLY = 1 << 20
+RETRY_FIRST, RETRY_MOST = 5.0, 300.0  # seconds before a failed read is tried again
+
+
+@dataclass(frozen=True)
+class ApplianceReport:
+    """What one worker process reported about itself."""
+
+    cpus: frozenset[int]  # the CPUs it runs on now
+    cpus_allowed: frozenset[int]  # its container's cpuset, at start
+    cpus_online: frozenset[int] | None  # the machine's CPUs, if it could tell
+    memory_limit: int | None = None  # bytes
+    memory_limit_source: str | None = None
+
+
+# What a pass gets per (pod, worker): a report, why it could not be read, or None (not yet).
+Reading = ApplianceReport | str | None
+
+
+def parse_settings(text: str) -> ApplianceReport:
+    """The report in a `stats settings` reply; ValueError if it is not one."""
+    values: dict[str, str] = {}
+    for line in text.splitlines():
+        parts = line.split(" ", 2)
+        if len(parts) == 3 and parts[0] == "STAT":
+            values[parts[1]] = parts[2].strip()
+    if "cpus" not in values or "cpus_allowed" not in values:
+        raise ValueError("its stats settings name no cpus (a server older than this operator?)")
+    online = values.get("cpus_online", "-")
+    limit = values.get("memory_limit", "")
+    return ApplianceReport(
+        cpus=parse_cpu_list(values["cpus"]),
+        cpus_allowed=parse_cpu_list(values["cpus_allowed"]),
+        cpus_online=None if online == "-" else parse_cpu_list(online),
+        memory_limit=int(limit) if limit.isdigit() else None,
+        memory_limit_source=values.get("memory_limit_source") or None,
+    )
+
+
+def read_report(address: str, port: int, timeout: float = DEFAULT_TIMEOUT) -> ApplianceReport:
+    """`stats settings` from one worker, within `timeout` seconds in all."""
+    deadline = time.monotonic() + timeout
+    with socket.create_connection((address, port), timeout=timeout) as sock:
+        sock.sendall(b"stats settings\r\n")
+        data = b""
+        while not data.endswith(b"END\r\n"):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no full reply within {timeout:g} s")
+            sock.settimeout(left)
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed before the end of the reply")
+            data += chunk
+            if len(data) > MAX_REPLY:
+                raise ValueError("reply too long")
+    return parse_settings(data.decode("utf-8", "replace"))
+
+
+@dataclass(frozen=True)
+class Target:
+    """One worker of one container instance: a new process is a new target."""
+
+    namespace: str
+    cluster: str
+    pod: str
+    instance: str  # pod uid and container id
+    worker: int
+    address: str
+    port: int
+
+
+def pod_instance(pod: Mapping[str, Any]) -> str:
+    meta = pod.get("metadata") or {}
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    containers = ",".join(str(s.get("containerID") or s.get("restartCount", 0)) for s in statuses)
+    return f"{meta.get('uid', '')}/{containers}"
+
+
+@dataclass
+class _Entry:
+    reading: Reading = None
+    pending: bool = False
+    failures: int = 0
+    retry_at: float = 0.0
+
+
+class ApplianceReports:
+    """Reads reports in the background and hands passes what has arrived."""
+
+    def __init__(
+        self,
+        notify: Callable[[str, str], None] = lambda namespace, cluster: None,
+        read: Callable[[str, int, float], ApplianceReport] = read_report,
+        timeout: float = DEFAULT_TIMEOUT,
+        threads: int = 4,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.notify = notify
+        self._read = read
+        self.timeout = timeout
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._entries: dict[Target, _Entry] = {}
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="appliance-report")
+        self._retries: list[tuple[float, str, str]] = []  # (when, namespace, cluster)
+        self._wake = threading.Condition(self._lock)
+        self._retrier: threading.Thread | None = None
+
+    def readings(self, targets: Sequence[Target]) -> dict[tuple[str, int], Reading]:
+        """What has been read of these targets, by (pod, worker); reads what is missing
+        (and what failed long enough ago) in the background. Targets of the same cluster
+        that are not listed any more are forgotten."""
+        now = self._clock()
+        out: dict[tuple[str, int], Reading] = {}
+        start: list[Target] = []
+        with self._lock:
+            clusters = {(t.namespace, t.cluster) for t in targets}
+            listed = set(targets)
+            for old in [t for t in self._entries if (t.namespace, t.cluster) in clusters]:
+                if old not in listed:
+                    del self._entries[old]
+            for target in targets:
+                entry = self._entries.setdefault(target, _Entry())
+                due = entry.reading is None or (
+                    isinstance(entry.reading, str) and now >= entry.retry_at
+                )
+                if due and not entry.pending:
+                    entry.pending = True
+                    start.append(target)
+                out[(target.pod, target.worker)] = entry.reading
+        for target in start:
+            self._executor.submit(self._probe, target)
+        return out
+
+    def forget(self, namespace: str, cluster: str) -> None:
+        with self._lock:
+            for target in [
+                t for t in self._entries if (t.namespace, t.cluster) == (namespace, cluster)
+            ]:
+                del self._entries[target]
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _probe(self, target: Target) -> None:
+        try:
+            reading: Reading = self._read(target.address, target.port, self.timeout)
+        except (OSError, ValueError) as exc:
+            reading = f"cannot read {target.address}:{target.port}: {exc or type(exc).__name__}"
+        except Exception as exc:  # a bug must not kill the thread pool's worker silently
+            log.exception("reading %s/%s failed", target.namespace, target.pod)
+            reading = f"cannot read {target.address}:{target.port}: {exc}"
+        retry_at = None
+        with self._lock:
+            entry = self._entries.get(target)
+            if entry is None:
+                return  # forgotten meanwhile (pod gone, cluster deleted)
+            entry.pending = False
+            entry.reading = reading
+            if isinstance(reading, str):
+                entry.failures += 1
+                delay = min(RETRY_MOST, RETRY_FIRST * 2 ** (entry.failures - 1))
+                entry.retry_at = retry_at = self._clock() + delay
+            else:
+                entry.failures = 0
+            # One more pass for the cluster once the last read it asked for is in.
+            waiting = any(
+                e.pending
+                for t, e in self._entries.items()
+                if (t.namespace, t.cluster) == (target.namespace, target.cluster)
+            )
+        if retry_at is not None:
+            self._retry_later(retry_at, target.namespace, target.cluster)
+        if not waiting:
+            self._notify(target.namespace, target.cluster)
+
+    def _notify(self, namespace: str, cluster: str) -> None:
+        try:
+            self.notify(namespace, cluster)
+        except Exception as exc:  # the next event of the cluster tries again
+            log.warning(
+                "pass for %s/%s after appliance reports failed: %s", namespace, cluster, exc
+            )
+
+    def _retry_later(self, when: float, namespace: str, cluster: str) -> None:
+        """A pass for the cluster at `when`, which reads again what failed (one thread waits
+        for all retries)."""
+        with self._wake:
+            heapq.heappush(self._retries, (when, namespace, cluster))
+            if self._retrier is None:
+                self._retrier = threading.Thread(
+                    target=self._run_retries, name="appliance-retry", daemon=True
+                )
+                self._retrier.start()
+            self._wake.notify()
+
+    def _run_retries(self) -> None:
+        while True:
+            with self._wake:
+                while not self._retries or self._retries[0][0] > self._clock():
+                    wait = self._retries[0][0] - self._clock() if self._retries else None
+                    self._wake.wait(wait)
+                _, namespace, cluster = heapq.heappop(self._retries)
+            self._notify(namespace, cluster)
+
+
+def targets_of(
+    namespace: str, cluster: str, endpoints: Iterable[Any], pods: Iterable[Mapping[str, Any]]
+) -> list[Target]:
+    """A target per endpoint (ready pods' workers), tied to its pod's container instance."""
+    instances = {(p.get("metadata") or {}).get("name"): pod_instance(p) for p in pods}
+    return [
+        Target(
+            namespace=namespace,
+            cluster=cluster,
+            pod=e.pod,
+            instance=instances.get(e.pod, ""),
+            worker=e.worker,
+            address=e.address,
+            port=e.port,
+        )
+        for e in endpoints
+    ]
