@@ -97,6 +97,8 @@ class Coalescer:
 
 def _endpoints(status: Mapping[str, Any]) -> list[Endpoint]:
     return [Endpoint.model_validate(e) for e in status.get("endpoints") or []]
+
+
 def _scope_note(scope: str | None) -> str:
     if scope is None:
         return ""
