@@ -36,6 +36,7 @@ class Settings:
     pin: bool = False
     udp_allow_all: bool = False
     python_only: bool = False  # serve without the compiled fast path
+    memory_file: str = ""  # -e: warm-restart snapshot (see warm.py), "" is off
 
     @property
     def memory_limit_bytes(self) -> int:
