@@ -308,7 +308,11 @@ def test_each_worker_keeps_its_own_shard(tmp_path: Path) -> None:
                 c.set(f"w{w}:{i}", b"%d:%d" % (w, i))
     stop(server)
     assert sorted(os.listdir(tmp_path)) == ["snap.0", "snap.1"]
-    server = start_cacheserver("-t", "2", "-m", "64", "-e", str(path), udp=False, port=server.port)
+    metrics = free_port()
+    server = start_cacheserver(
+        "-t", "2", "-m", "64", "-e", str(path), "--metrics-port", str(metrics), udp=False,
+        port=server.port,
+    )  # fmt: skip
     try:
         wait_for_port(server.port + 1, server.proc)
         for w in (0, 1):
@@ -317,6 +321,13 @@ def test_each_worker_keeps_its_own_shard(tmp_path: Path) -> None:
                 assert c.get_many(keys) == {k: k[1:].encode() for k in keys}
                 assert stats(server.port + w)["warm_restart_restored_items"] == "100"
                 assert c.get(f"w{1 - w}:0") is None
+        wait_for_port(metrics, server.proc)
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        for w in (0, 1):
+            assert f'cacheappliance_warm_restart_restored_items{{worker="{w}"}} 100.0' in text
+            info = f'cacheappliance_warm_restart_info{{reason="",result="restored",worker="{w}"}}'
+            assert f"{info} 1.0" in text
     finally:
         stop(server)
     assert sorted(os.listdir(tmp_path)) == ["snap.0", "snap.1"]
