@@ -63,7 +63,7 @@ def statefulsets(
                     "selector": {
                         "matchLabels": selector_labels(ref.name) | {LABEL_STATEFULSET: name}
                     },
-                    "template": pod_template(spec, ref.name, name, image, partition),
+                    "template": pod_template(spec, ref.name, name, image, partition, ref.namespace),
                 },
             }
         )

@@ -163,6 +163,29 @@ class Monitoring(_Model):
     port: Port = Field(DEFAULT_METRICS_PORT, description="TCP port of /metrics.")
 
 
+DEFAULT_WARM_RESTART_PATH = "/dev/shm/cache-appliance"
+
+
+class WarmRestart(_Model):
+    """Keep each appliance's cache through a restart of its pod (a rollout, an upgrade): the
+    server saves its items to node-local memory on SIGTERM and restores them at start."""
+
+    enabled: bool = Field(
+        True,
+        description=("Save the cache on a graceful stop and restore it at start (cacheserver -e)."),
+    )
+    host_path: str = Field(
+        DEFAULT_WARM_RESTART_PATH,
+        min_length=2,
+        max_length=200,
+        pattern=r"^(/[A-Za-z0-9_-][A-Za-z0-9._-]*)+$",
+        description=(
+            "Directory on each node, on memory (tmpfs), under which every appliance keeps its "
+            "snapshot in <namespace>/<cluster>/<pod>."
+        ),
+    )
+
+
 class CacheClusterSpec(_Model):
     """Desired state of a CacheCluster."""
 
@@ -211,6 +234,9 @@ class CacheClusterSpec(_Model):
         description='More cacheserver flags, e.g. ["-c", "4096"].',
     )
     monitoring: Monitoring = Field(default_factory=Monitoring, json_schema_extra={"default": {}})
+    warm_restart: WarmRestart = Field(
+        default_factory=WarmRestart, json_schema_extra={"default": {}}
+    )
     workers: int = Field(
         1,
         ge=1,
