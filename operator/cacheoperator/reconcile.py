@@ -21,6 +21,7 @@ from cacheoperator.kube import CACHECLUSTERS, NODES, PODS, STATEFULSETS, Kube, K
 from cacheoperator.metrics import OperatorMetrics
 from cacheoperator.models import CacheClusterSpec, Endpoint, InvalidSpec, parse_spec
 from cacheoperator.naming import ClusterRef, selector_string
+from cacheoperator.rollout import held_statefulsets
 from cacheoperator.status import Event, Observed, compute_status, invalid_status, transitions
 
 log = logging.getLogger(__name__)
@@ -142,8 +143,9 @@ class ClusterController:
             return self._report(ref, "invalid", previous, status)
 
         apply_error = None
+        held: dict[str, str] = {}
         try:
-            self.apply_children(ref, spec)
+            held = self.apply_children(ref, spec)
         except KubeError as exc:
             if exc.retryable:
                 raise
@@ -157,6 +159,7 @@ class ClusterController:
             previous=previous,
             now=now,
             apply_error=apply_error,
+            held=held,
         )
         if apply_error is None:
             # Last, so that it lists the endpoints this very pass observed.
@@ -164,20 +167,39 @@ class ClusterController:
             self.kube.apply(configmap(ref, spec, endpoints))
         return self._report(ref, "error" if apply_error else "ok", previous, status)
 
-    def apply_children(self, ref: ClusterRef, spec: CacheClusterSpec) -> None:
+    def apply_children(self, ref: ClusterRef, spec: CacheClusterSpec) -> dict[str, str]:
+        """Apply what the spec wants; returns the StatefulSets whose new template waits for
+        another's rollout (name -> what it waits for)."""
         desired = desired_objects(ref, spec, self.default_image)
+        existing = [
+            s
+            for s in self.kube.list(STATEFULSETS, ref.namespace, selector_string(ref.name))
+            if owned_by(s, ref.uid)
+        ]
+        wanted_sets = [o for o in desired if o["kind"] == "StatefulSet"]
+        held = held_statefulsets(wanted_sets, existing)
         for obj in desired:
-            if obj["kind"] != "ConfigMap":
-                self.kube.apply(obj)
-        wanted = {o["metadata"]["name"] for o in desired if o["kind"] == "StatefulSet"}
-        for sts in self.kube.list(STATEFULSETS, ref.namespace, selector_string(ref.name)):
+            if obj["kind"] == "ConfigMap" or obj["metadata"]["name"] in held:
+                continue  # (only StatefulSets are ever held)
+            self.kube.apply(obj)
+        if held:
+            log.info(
+                "%s/%s: StatefulSet(s) %s wait for %s",
+                ref.namespace,
+                ref.name,
+                ", ".join(sorted(held)),
+                next(iter(held.values())),
+            )
+        wanted = {o["metadata"]["name"] for o in wanted_sets}
+        for sts in existing:
             sts_meta = sts["metadata"]
             # Partitions that no longer exist, or the single set after a strategy change.
-            if sts_meta["name"] not in wanted and owned_by(sts, ref.uid):
+            if sts_meta["name"] not in wanted:
                 log.info(
                     "%s/%s: removing StatefulSet %s", ref.namespace, ref.name, sts_meta["name"]
                 )
                 self.kube.delete(STATEFULSETS, ref.namespace, sts_meta["name"], sts_meta["uid"])
+        return held
 
     def observe(self, ref: ClusterRef) -> Observed:
         selector = selector_string(ref.name)

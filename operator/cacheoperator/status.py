@@ -184,9 +184,13 @@ def endpoints(
 
 
 def rollout_problems(
-    spec: CacheClusterSpec, cluster: str, statefulsets: Sequence[Mapping[str, Any]]
+    spec: CacheClusterSpec,
+    cluster: str,
+    statefulsets: Sequence[Mapping[str, Any]],
+    held: Mapping[str, str] | None = None,
 ) -> list[str]:
-    """Why the StatefulSets have not converged yet; empty when they have."""
+    """Why the StatefulSets have not converged yet; empty when they have. ``held``: those
+    whose new template waits for another's rollout (rollout.held_statefulsets)."""
     by_name = {s["metadata"]["name"]: s for s in statefulsets}
     problems = []
     wanted = set()
@@ -215,6 +219,8 @@ def rollout_problems(
             )
     for name in sorted(set(by_name) - wanted):
         problems.append(f"StatefulSet {name} is being removed")
+    for name, waits_for in sorted((held or {}).items()):
+        problems.append(f"StatefulSet {name} waits for {waits_for} to finish rolling out")
     return problems
 
 
@@ -289,15 +295,17 @@ def compute_status(
     previous: Mapping[str, Any] | None,
     now: str,
     apply_error: str | None = None,
+    held: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The status of a valid cluster, as a dict ready for the status subresource.
 
-    `apply_error` is the API server's refusal of a child object, if there was one.
+    `apply_error` is the API server's refusal of a child object, if there was one; `held`
+    the StatefulSets whose new template waits for another's rollout.
     """
     pods = _live(observed.pods)
     ready = sum(1 for p in pods if is_ready(p))
     desired = spec.replicas
-    rollout = rollout_problems(spec, cluster, observed.statefulsets)
+    rollout = rollout_problems(spec, cluster, observed.statefulsets, held)
     stuck = [(n, m) for p in pods if (m := unschedulable_message(p)) for n in [_pod_name(p)]]
     failing = [(n, m) for p in pods if (m := failing_message(p)) for n in [_pod_name(p)]]
     restarted = [(n, m) for p in pods if (m := restarted_message(p)) for n in [_pod_name(p)]]
