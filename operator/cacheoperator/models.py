@@ -353,6 +353,23 @@ class Endpoint(_StatusModel):
     rack: str | None = None
 
 
+class ApplianceStart(_StatusModel):
+    """How one ready appliance's cache came through its last start (warm restart)."""
+
+    pod: str
+    node: str | None = None
+    started_at: str | None = Field(None, description="When its server container started.")
+    warm_restart: Literal["restored", "none", "refused", "unknown"] = Field(
+        description=(
+            "restored: from its snapshot; none: there was no snapshot (first start, a new "
+            "node, or no graceful stop); refused: its snapshot did not check out and it "
+            "started empty; unknown: the operator could not ask it."
+        )
+    )
+    restored_items: int | None = None
+    reason: str | None = Field(None, description="Why the snapshot was refused.")
+
+
 class CacheClusterStatus(_StatusModel):
     """Observed state of a CacheCluster, written by the operator."""
 
@@ -365,6 +382,10 @@ class CacheClusterStatus(_StatusModel):
     endpoints: list[Endpoint] = Field(
         default_factory=list,
         description="Ready endpoints, one per worker: hash keys across all of them.",
+    )
+    appliances: list[ApplianceStart] = Field(
+        default_factory=list,
+        description="Each ready appliance's last start: what it restored (warm restart).",
     )
 
 

@@ -11,24 +11,38 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from cacheoperator.appliance import UNKNOWN, Restore, read_restore
 from cacheoperator.children import configmap, desired_objects
 from cacheoperator.kube import CACHECLUSTERS, NODES, PODS, STATEFULSETS, Kube, KubeError
 from cacheoperator.metrics import OperatorMetrics
 from cacheoperator.models import CacheClusterSpec, Endpoint, InvalidSpec, parse_spec
 from cacheoperator.naming import ClusterRef, selector_string
 from cacheoperator.rollout import held_statefulsets
-from cacheoperator.status import Event, Observed, compute_status, invalid_status, transitions
+from cacheoperator.status import (
+    Event,
+    Observed,
+    compute_status,
+    invalid_status,
+    is_ready,
+    pod_endpoints,
+    restore_events,
+    started_at,
+    transitions,
+)
 
 log = logging.getLogger(__name__)
 
 # Node labels (zone, rack) hardly ever change, while passes run on every pod event: read
 # each node at most once a minute.
 NODE_LABELS_TTL = 60.0
+# Asking appliances what they restored: new pods asked per pass, and tries per pod start.
+READS_PER_PASS = 4
+READ_ATTEMPTS = 3
 
 
 def utc_now() -> str:
@@ -97,6 +111,9 @@ class ClusterController:
         self.clock = clock
         self.coalescer = Coalescer()
         self._nodes: dict[str, tuple[float, dict[str, str]]] = {}
+        self.read_restore = read_restore
+        # (namespace, cluster) -> (pod uid, container start) -> (answer, times asked)
+        self._restores: dict[tuple[str, str], dict[tuple[Any, Any], tuple[Restore, int]]] = {}
 
     def reconcile(self, namespace: str, name: str) -> None:
         self.coalescer.run((namespace, name), lambda: self._pass(namespace, name))
@@ -151,6 +168,8 @@ class ClusterController:
                 raise
             apply_error = str(exc)  # e.g. a nodeSelector key the API server rejects
         observed = self.observe(ref)
+        if spec.warm_restart.enabled:
+            observed = replace(observed, restores=self.restores_of(ref, observed.pods))
         status = compute_status(
             cluster=ref.name,
             generation=generation,
@@ -209,6 +228,33 @@ class ClusterController:
         pods = self.kube.list(PODS, ref.namespace, selector)
         return Observed(statefulsets=statefulsets, pods=pods, node_labels=self._node_labels(pods))
 
+    def restores_of(self, ref: ClusterRef, pods: Sequence[Mapping[str, Any]]) -> dict[str, Restore]:
+        """What each ready pod restored at its start, asked once per container start over
+        the memcached protocol (at most READS_PER_PASS new pods a pass, a short timeout
+        each; a pod that does not answer is asked again in up to READ_ATTEMPTS passes)."""
+        known = self._restores.setdefault((ref.namespace, ref.name), {})
+        out: dict[str, Restore] = {}
+        live = set()
+        reads = 0
+        for pod in pods:
+            if not is_ready(pod):
+                continue
+            meta = pod.get("metadata") or {}
+            key = (meta.get("uid", meta.get("name")), started_at(pod))
+            live.add(key)
+            restore, attempts = known.get(key, (None, 0))
+            if (restore is None or restore is UNKNOWN) and attempts < READ_ATTEMPTS:
+                workers = pod_endpoints(pod, {})
+                if workers and reads < READS_PER_PASS:
+                    reads += 1
+                    restore = self.read_restore(workers[0].address, [w.port for w in workers])
+                    known[key] = (restore, attempts + 1)
+            if restore is not None:
+                out[meta.get("name", "")] = restore
+        for key in set(known) - live:
+            del known[key]
+        return out
+
     def _node_labels(self, pods: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
         labels: dict[str, dict[str, str]] = {}
         now = time.monotonic()
@@ -231,7 +277,8 @@ class ClusterController:
     def _report(
         self, ref: ClusterRef, result: str, previous: Mapping[str, Any], status: dict[str, Any]
     ) -> Outcome:
-        outcome = Outcome(result=result, status=status, events=transitions(previous, status))
+        events = transitions(previous, status) + restore_events(previous, status)
+        outcome = Outcome(result=result, status=status, events=events)
         if status != previous:
             self.kube.patch_status(CACHECLUSTERS, ref.namespace, ref.name, status)
             outcome.status_written = True

@@ -13,15 +13,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cacheoperator.appliance import Restore
 from cacheoperator.models import (
     DEFAULT_RACK_KEY,
     DEFAULT_ZONE_KEY,
+    ApplianceStart,
     CacheClusterSpec,
     CacheClusterStatus,
     Condition,
     Endpoint,
 )
-from cacheoperator.naming import LABEL_PARTITION, selector_string, statefulset_name
+from cacheoperator.naming import CONTAINER, LABEL_PARTITION, selector_string, statefulset_name
 from cacheoperator.placement import partition_sizes
 
 MAX_MESSAGE = 4096
@@ -49,6 +51,8 @@ class Observed:
     statefulsets: Sequence[Mapping[str, Any]] = ()
     pods: Sequence[Mapping[str, Any]] = ()
     node_labels: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    # What each ready pod's server said about its warm restart, by pod name.
+    restores: Mapping[str, Restore] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,40 @@ def restarted_message(pod: Mapping[str, Any]) -> str | None:
             detail = f" ({how})" if how else ""
             return f"container {status.get('name')} restarted{detail}, {restarts} restart(s) in all"
     return None
+
+
+def started_at(pod: Mapping[str, Any], container: str = CONTAINER) -> str | None:
+    """When the pod's server container last started (changes with every restart)."""
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        if status.get("name") == container:
+            return ((status.get("state") or {}).get("running") or {}).get("startedAt")
+    return None
+
+
+def appliance_starts(
+    pods: Sequence[Mapping[str, Any]], restores: Mapping[str, Restore]
+) -> list[ApplianceStart]:
+    """The warm-restart outcome of each ready pod, in endpoint order."""
+    ready = sorted(
+        (p for p in pods if is_ready(p)),
+        key=lambda p: (_partition(p) or 0, _ordinal(_pod_name(p)), _pod_name(p)),
+    )
+    out = []
+    for pod in ready:
+        restore = restores.get(_pod_name(pod))
+        if restore is None:
+            continue
+        out.append(
+            ApplianceStart(
+                pod=_pod_name(pod),
+                node=(pod.get("spec") or {}).get("nodeName"),
+                started_at=started_at(pod),
+                warm_restart=restore.result,
+                restored_items=restore.items if restore.result == "restored" else None,
+                reason=restore.reason or None,
+            )
+        )
+    return out
 
 
 def _pod_name(pod: Mapping[str, Any]) -> str:
@@ -373,6 +411,7 @@ def compute_status(
             _condition("Degraded", *degraded, generation, prev, now),
         ],
         endpoints=endpoints(pods, observed.node_labels, placement.zone_key, placement.rack_key),
+        appliances=appliance_starts(pods, observed.restores),
     )
     return status.model_dump(by_alias=True, exclude_none=True)
 
@@ -413,6 +452,32 @@ def invalid_status(
         endpoints=endpoints(pods, observed.node_labels),
     )
     return status.model_dump(by_alias=True, exclude_none=True)
+
+
+def restore_events(previous: Mapping[str, Any] | None, current: Mapping[str, Any]) -> list[Event]:
+    """One event per appliance start that the status reports for the first time."""
+    seen = {
+        (a.get("pod"), a.get("startedAt"), a.get("warmRestart"))
+        for a in (previous or {}).get("appliances") or []
+    }
+    events = []
+    for a in current.get("appliances") or []:
+        pod, result = a["pod"], a["warmRestart"]
+        if (pod, a.get("startedAt"), result) in seen or result == "unknown":
+            continue
+        if result == "restored":
+            message = f"{pod} restored {a.get('restoredItems', 0)} items from its snapshot"
+            events.append(Event("Normal", "Restored", message))
+        elif result == "refused":
+            message = f"{pod} refused its snapshot ({a.get('reason', '?')}) and started empty"
+            events.append(Event("Warning", "SnapshotRefused", message))
+        else:
+            message = (
+                f"{pod} started empty on {a.get('node') or 'its node'}: no snapshot there (a "
+                "first start, another node, or a stop that was not graceful)"
+            )
+            events.append(Event("Normal", "StartedEmpty", message))
+    return events
 
 
 def transitions(previous: Mapping[str, Any] | None, current: Mapping[str, Any]) -> list[Event]:
