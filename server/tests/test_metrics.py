@@ -15,6 +15,7 @@ def test_metrics_endpoint_reports_memcached_exporter_names() -> None:
     server = start_cacheserver("-m", "64", "--metrics-port", str(metrics_port))
     try:
         request(server, b"set a 0 0 1\r\n1\r\nget a\r\nget b\r\n", b"END\r\n")
+        wait_for_port(metrics_port, server.proc)  # it may open after the memcached port
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
             text = r.read().decode()
         samples = {
@@ -66,6 +67,7 @@ def test_latency_histogram_samples_one_read_in_64() -> None:
             for _ in range(64 * 3):  # one request per round trip: one read each
                 sock.sendall(b"get nothing\r\n")
                 assert sock.recv(100) == b"END\r\n"
+        wait_for_port(metrics_port, server.proc)
         url = f"http://127.0.0.1:{metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as r:
             families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
