@@ -27,6 +27,7 @@ from cacheoperator.naming import (
 )
 from cacheoperator.placement import partition_sizes
 from cacheoperator.pods import pod_template, server_env
+from cacheoperator.rollout import TEMPLATE_HASH, template_hash
 
 
 def _metadata(ref: ClusterRef, name: str, labels: dict[str, str] | None = None) -> dict:
@@ -49,11 +50,15 @@ def statefulsets(
         labels = common_labels(ref.name) | {LABEL_STATEFULSET: name}
         if partition is not None:
             labels[LABEL_PARTITION] = str(partition)
+        template = pod_template(spec, ref.name, name, image, partition, ref.namespace)
+        metadata = _metadata(ref, name, labels)
+        # What the operator last gave this StatefulSet: rollouts go one at a time (rollout.py).
+        metadata["annotations"] = {TEMPLATE_HASH: template_hash(template)}
         out.append(
             {
                 "apiVersion": "apps/v1",
                 "kind": "StatefulSet",
-                "metadata": _metadata(ref, name, labels),
+                "metadata": metadata,
                 "spec": {
                     "replicas": replicas,
                     "serviceName": headless_service_name(ref.name),
@@ -65,7 +70,7 @@ def statefulsets(
                     "selector": {
                         "matchLabels": selector_labels(ref.name) | {LABEL_STATEFULSET: name}
                     },
-                    "template": pod_template(spec, ref.name, name, image, partition),
+                    "template": template,
                 },
             }
         )

@@ -185,6 +185,29 @@ class Monitoring(_Model):
     )
 
 
+DEFAULT_WARM_RESTART_PATH = "/dev/shm/cache-appliance"
+
+
+class WarmRestart(_Model):
+    """Keep each appliance's cache through a restart of its pod (a rollout, an upgrade): the
+    server saves its items to node-local memory on SIGTERM and restores them at start."""
+
+    enabled: bool = Field(
+        True,
+        description=("Save the cache on a graceful stop and restore it at start (cacheserver -e)."),
+    )
+    host_path: str = Field(
+        DEFAULT_WARM_RESTART_PATH,
+        min_length=2,
+        max_length=200,
+        pattern=r"^(/[A-Za-z0-9_-][A-Za-z0-9._-]*)+$",
+        description=(
+            "Directory on each node, on memory (tmpfs), under which every appliance keeps its "
+            "snapshot in <namespace>/<cluster>/<pod>."
+        ),
+    )
+
+
 class CacheClusterSpec(_Model):
     """Desired state of a CacheCluster."""
 
@@ -233,6 +256,9 @@ class CacheClusterSpec(_Model):
         description='More cacheserver flags, e.g. ["-c", "4096"].',
     )
     monitoring: Monitoring = Field(default_factory=Monitoring, json_schema_extra={"default": {}})
+    warm_restart: WarmRestart = Field(
+        default_factory=WarmRestart, json_schema_extra={"default": {}}
+    )
     workers: int = Field(
         1,
         ge=1,
@@ -408,6 +434,23 @@ class DiscoveryStatus(_StatusModel):
     )
 
 
+class ApplianceStart(_StatusModel):
+    """How one ready appliance's cache came through its last start (warm restart)."""
+
+    pod: str
+    node: str | None = None
+    started_at: str | None = Field(None, description="When its server container started.")
+    warm_restart: Literal["restored", "none", "refused", "unknown"] = Field(
+        description=(
+            "restored: from its snapshot; none: there was no snapshot (first start, a new "
+            "node, or no graceful stop); refused: its snapshot did not check out and it "
+            "started empty; unknown: the operator could not ask it."
+        )
+    )
+    restored_items: int | None = None
+    reason: str | None = Field(None, description="Why the snapshot was refused.")
+
+
 class CacheClusterStatus(_StatusModel):
     """Observed state of a CacheCluster, written by the operator."""
 
@@ -422,6 +465,10 @@ class CacheClusterStatus(_StatusModel):
         description="Ready endpoints, one per worker: hash keys across all of them.",
     )
     discovery: DiscoveryStatus | None = None
+    appliances: list[ApplianceStart] = Field(
+        default_factory=list,
+        description="Each ready appliance's last start: what it restored (warm restart).",
+    )
 
 
 # ---- validation entry points -------------------------------------------------------------

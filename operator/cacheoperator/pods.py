@@ -6,6 +6,7 @@ same ones, so both agree on address and port); the only flag is `--pin`, plus ex
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from cacheoperator.discovery import MEMBERSHIP_KEY, MEMBERSHIP_PATH, MOUNT_DIR
@@ -18,11 +19,22 @@ from cacheoperator.naming import (
     configmap_name,
 )
 from cacheoperator.placement import affinity, topology_spread
-from cacheoperator.quantity import to_mebibytes
+from cacheoperator.quantity import to_decimal, to_mebibytes
 
 RUN_AS_USER = 10001  # the image's non-root user (see Dockerfile)
 TERMINATION_GRACE_SECONDS = 30
 PROBE_COMMAND = "cacheserver-probe"
+# Warm restart: where the node's snapshot directory (a hostPath) appears in the containers.
+WARM_VOLUME = "warm-restart"
+WARM_MOUNT = "/var/lib/cacheserver/warm"
+WARM_INIT_MOUNT = "/warm"
+SNAPSHOT_FILE = f"{WARM_MOUNT}/snapshot"
+# The slowest save measured (docs/benchmarks.md: 0.23 GB/s for 100-byte values on a loaded
+# 2-CPU machine), halved: the grace period must cover a save of the whole memory limit.
+SAVE_BYTES_PER_SECOND = 100_000_000
+# A snapshot is restored within seconds of its save or not at all; older ones are removed
+# by the next appliance starting on the node.
+SNAPSHOT_MAX_AGE_SECONDS = 900
 
 
 def server_env(spec: CacheClusterSpec) -> dict[str, str]:
@@ -43,7 +55,59 @@ def server_env(spec: CacheClusterSpec) -> dict[str, str]:
     }
     if spec.memory.headroom is not None:
         env["CACHESERVER_MEMORY_HEADROOM"] = str(to_mebibytes(spec.memory.headroom))
+    if spec.warm_restart.enabled:
+        env["CACHESERVER_MEMORY_FILE"] = SNAPSHOT_FILE
     return env
+
+
+def termination_grace_seconds(spec: CacheClusterSpec) -> int:
+    """Time the kubelet gives a stopping pod before SIGKILL: with warm restart, enough to
+    save the whole memory limit at SAVE_BYTES_PER_SECOND on top of the usual 30 s."""
+    if not spec.warm_restart.enabled:
+        return TERMINATION_GRACE_SECONDS
+    limit = int(to_decimal(spec.resources.memory))
+    return TERMINATION_GRACE_SECONDS + math.ceil(limit / SAVE_BYTES_PER_SECOND)
+
+
+def warm_subdir(namespace: str, cluster: str) -> str:
+    """The pod's directory under the node's warm-restart hostPath (kubelet's subPathExpr)."""
+    return f"{namespace}/{cluster}/$(POD_NAME)"
+
+
+def warm_init_container(
+    spec: CacheClusterSpec, image: str, namespace: str, cluster: str
+) -> dict[str, Any]:
+    """Creates the pod's snapshot directory on the node for the server's user (the kubelet
+    makes hostPath directories as root) and removes snapshots nobody came back for."""
+    out: dict[str, Any] = {"name": "warm-restart-dir", "image": image}
+    if spec.image_pull_policy:
+        out["imagePullPolicy"] = spec.image_pull_policy
+    resources = {"cpu": spec.resources.cpu, "memory": "64Mi"}
+    out |= {
+        "command": ["cacheserver-warm-dir"],
+        "args": [
+            WARM_INIT_MOUNT,
+            warm_subdir(namespace, cluster),
+            "--owner",
+            f"{RUN_AS_USER}:{RUN_AS_USER}",
+            "--max-age",
+            str(SNAPSHOT_MAX_AGE_SECONDS),
+        ],
+        "env": [{"name": "POD_NAME", "valueFrom": _field("metadata.name")}],
+        # Guaranteed QoS needs requests == limits in every container, init ones included.
+        "resources": {"requests": dict(resources), "limits": dict(resources)},
+        # Root, for chown and for removing other pods' stale snapshots; nothing else.
+        "securityContext": {
+            "runAsUser": 0,
+            "runAsGroup": 0,
+            "runAsNonRoot": False,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"], "add": ["CHOWN", "DAC_OVERRIDE", "FOWNER"]},
+        },
+        "volumeMounts": [{"name": WARM_VOLUME, "mountPath": WARM_INIT_MOUNT}],
+    }
+    return out
 
 
 def _field(path: str) -> dict[str, Any]:
@@ -95,7 +159,19 @@ def _probe_command(spec: CacheClusterSpec) -> list[str]:
 
 def _probes(spec: CacheClusterSpec) -> dict[str, Any]:
     command = {"exec": {"command": _probe_command(spec)}}
+    startup: dict[str, Any] = {}
+    if spec.warm_restart.enabled:
+        # The server listens once its restore is done, which can take as long as a save:
+        # the liveness probe must not kill it meanwhile (a restore cut short is lost).
+        period = 2
+        startup["startupProbe"] = {
+            **command,
+            "periodSeconds": period,
+            "timeoutSeconds": 2,
+            "failureThreshold": math.ceil(termination_grace_seconds(spec) / period),
+        }
     return {
+        **startup,
         "readinessProbe": {
             **command,
             "periodSeconds": 5,
@@ -128,7 +204,9 @@ def _ports(spec: CacheClusterSpec) -> list[dict[str, Any]]:
     return ports
 
 
-def container(spec: CacheClusterSpec, image: str, partition: int | None) -> dict[str, Any]:
+def container(
+    spec: CacheClusterSpec, image: str, partition: int | None, namespace: str, cluster: str
+) -> dict[str, Any]:
     # requests == limits for both CPU and memory: Guaranteed QoS, and with whole cores the
     # static CPU manager hands out exclusive CPUs that --pin then binds the workers to.
     resources = {"cpu": spec.resources.cpu, "memory": spec.resources.memory}
@@ -158,11 +236,25 @@ def container(spec: CacheClusterSpec, image: str, partition: int | None) -> dict
             {"name": "discovery", "mountPath": MOUNT_DIR, "readOnly": True},
         ],
     }
+    if spec.warm_restart.enabled:
+        # Only this pod's own directory of the node's, so it sees no other pod's snapshot.
+        out["volumeMounts"].append(
+            {
+                "name": WARM_VOLUME,
+                "mountPath": WARM_MOUNT,
+                "subPathExpr": warm_subdir(namespace, cluster),
+            }
+        )
     return out
 
 
 def pod_template(
-    spec: CacheClusterSpec, cluster: str, statefulset: str, image: str, partition: int | None
+    spec: CacheClusterSpec,
+    cluster: str,
+    statefulset: str,
+    image: str,
+    partition: int | None,
+    namespace: str,
 ) -> dict[str, Any]:
     labels = common_labels(cluster) | {LABEL_STATEFULSET: statefulset}
     if partition is not None:
@@ -182,7 +274,7 @@ def pod_template(
         # "cacheserver" would collide with CACHESERVER_PORT.
         "enableServiceLinks": False,
         "automountServiceAccountToken": False,
-        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "terminationGracePeriodSeconds": termination_grace_seconds(spec),
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": RUN_AS_USER,
@@ -200,7 +292,9 @@ def pod_template(
     spread = topology_spread(spec, cluster)
     if spread:
         pod["topologySpreadConstraints"] = spread
-    pod["containers"] = [container(spec, image, partition)]
+    if spec.warm_restart.enabled:
+        pod["initContainers"] = [warm_init_container(spec, image, namespace, cluster)]
+    pod["containers"] = [container(spec, image, partition, namespace, cluster)]
     pod["volumes"] = [
         # The root filesystem is read-only; a small scratch /tmp for anything that insists.
         {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
@@ -216,4 +310,12 @@ def pod_template(
             },
         },
     ]
+    if spec.warm_restart.enabled:
+        # Node memory that outlives the pod: the snapshot is there when the pod comes back.
+        pod["volumes"].append(
+            {
+                "name": WARM_VOLUME,
+                "hostPath": {"path": spec.warm_restart.host_path, "type": "DirectoryOrCreate"},
+            }
+        )
     return {"metadata": metadata, "spec": pod}

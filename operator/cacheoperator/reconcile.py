@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from cacheoperator.appliance import UNKNOWN, Restore, read_restore
 from cacheoperator.appliances import ApplianceReports, targets_of
 from cacheoperator.children import configmap, desired_objects
 from cacheoperator.discovery import (
@@ -28,6 +29,7 @@ from cacheoperator.kube import CACHECLUSTERS, NODES, PODS, STATEFULSETS, Kube, K
 from cacheoperator.metrics import OperatorMetrics
 from cacheoperator.models import CacheClusterSpec, Endpoint, InvalidSpec, parse_spec
 from cacheoperator.naming import ClusterRef, selector_string
+from cacheoperator.rollout import held_statefulsets
 from cacheoperator.scheduling import host_ports
 from cacheoperator.status import (
     Event,
@@ -35,7 +37,11 @@ from cacheoperator.status import (
     compute_status,
     endpoints,
     invalid_status,
+    is_ready,
     needs_host_port_pods,
+    pod_endpoints,
+    restore_events,
+    started_at,
     transitions,
     unschedulable_message,
 )
@@ -50,6 +56,9 @@ NODE_LABELS_TTL = 60.0
 HOST_PORT_PODS_TTL = 5.0
 # Pods that are on a node and not finished: the ones whose host ports the scheduler counts.
 ON_A_NODE = "spec.nodeName!=,status.phase!=Succeeded,status.phase!=Failed"
+# Asking appliances what they restored: new pods asked per pass, and tries per pod start.
+READS_PER_PASS = 4
+READ_ATTEMPTS = 3
 
 
 def utc_now() -> str:
@@ -134,6 +143,9 @@ class ClusterController:
         self._nodes: dict[str, tuple[float, dict[str, str]]] = {}
         self._host_port_pods: dict[str | None, tuple[float, list[dict[str, Any]]]] = {}
         self._cache_lock = threading.Lock()
+        self.read_restore = read_restore
+        # (namespace, cluster) -> (pod uid, container start) -> (answer, times asked)
+        self._restores: dict[tuple[str, str], dict[tuple[Any, Any], tuple[Restore, int]]] = {}
 
     def reconcile(self, namespace: str, name: str) -> None:
         self.coalescer.run((namespace, name), lambda: self._pass(namespace, name))
@@ -190,8 +202,9 @@ class ClusterController:
             first = next_discovery(None, [], endpoint, now)
             self.kube.apply(configmap(ref, spec, _endpoints(previous), first))
         apply_error = None
+        held: dict[str, str] = {}
         try:
-            self.apply_children(ref, spec)
+            held = self.apply_children(ref, spec)
         except KubeError as exc:
             if exc.retryable:
                 raise
@@ -201,6 +214,8 @@ class ClusterController:
         if apply_error is None:
             nodes = members(ref, spec, observed.pods, published.nodes if published else ())
             discovery = next_discovery(published, nodes, endpoint, now)
+        if spec.warm_restart.enabled:
+            observed = replace(observed, restores=self.restores_of(ref, observed.pods))
         status = compute_status(
             cluster=ref.name,
             generation=generation,
@@ -210,6 +225,7 @@ class ClusterController:
             now=now,
             apply_error=apply_error,
             discovery=discovery,
+            held=held,
         )
         if apply_error is None:
             # Last, so that it lists the endpoints this very pass observed. The status (the
@@ -218,20 +234,39 @@ class ClusterController:
             self.kube.apply(configmap(ref, spec, _endpoints(status), discovery))
         return self._report(ref, "error" if apply_error else "ok", previous, status)
 
-    def apply_children(self, ref: ClusterRef, spec: CacheClusterSpec) -> None:
+    def apply_children(self, ref: ClusterRef, spec: CacheClusterSpec) -> dict[str, str]:
+        """Apply what the spec wants; returns the StatefulSets whose new template waits for
+        another's rollout (name -> what it waits for)."""
         desired = desired_objects(ref, spec, self.default_image)
+        existing = [
+            s
+            for s in self.kube.list(STATEFULSETS, ref.namespace, selector_string(ref.name))
+            if owned_by(s, ref.uid)
+        ]
+        wanted_sets = [o for o in desired if o["kind"] == "StatefulSet"]
+        held = held_statefulsets(wanted_sets, existing)
         for obj in desired:
-            if obj["kind"] != "ConfigMap":
-                self.kube.apply(obj)
-        wanted = {o["metadata"]["name"] for o in desired if o["kind"] == "StatefulSet"}
-        for sts in self.kube.list(STATEFULSETS, ref.namespace, selector_string(ref.name)):
+            if obj["kind"] == "ConfigMap" or obj["metadata"]["name"] in held:
+                continue  # (only StatefulSets are ever held)
+            self.kube.apply(obj)
+        if held:
+            log.info(
+                "%s/%s: StatefulSet(s) %s wait for %s",
+                ref.namespace,
+                ref.name,
+                ", ".join(sorted(held)),
+                next(iter(held.values())),
+            )
+        wanted = {o["metadata"]["name"] for o in wanted_sets}
+        for sts in existing:
             sts_meta = sts["metadata"]
             # Partitions that no longer exist, or the single set after a strategy change.
-            if sts_meta["name"] not in wanted and owned_by(sts, ref.uid):
+            if sts_meta["name"] not in wanted:
                 log.info(
                     "%s/%s: removing StatefulSet %s", ref.namespace, ref.name, sts_meta["name"]
                 )
                 self.kube.delete(STATEFULSETS, ref.namespace, sts_meta["name"], sts_meta["uid"])
+        return held
 
     def observe(self, ref: ClusterRef) -> Observed:
         selector = selector_string(ref.name)
@@ -280,6 +315,33 @@ class ClusterController:
             self._host_port_pods[scope] = (now + HOST_PORT_PODS_TTL, found)
         return found, _scope_note(scope)
 
+    def restores_of(self, ref: ClusterRef, pods: Sequence[Mapping[str, Any]]) -> dict[str, Restore]:
+        """What each ready pod restored at its start, asked once per container start over
+        the memcached protocol (at most READS_PER_PASS new pods a pass, a short timeout
+        each; a pod that does not answer is asked again in up to READ_ATTEMPTS passes)."""
+        known = self._restores.setdefault((ref.namespace, ref.name), {})
+        out: dict[str, Restore] = {}
+        live = set()
+        reads = 0
+        for pod in pods:
+            if not is_ready(pod):
+                continue
+            meta = pod.get("metadata") or {}
+            key = (meta.get("uid", meta.get("name")), started_at(pod))
+            live.add(key)
+            restore, attempts = known.get(key, (None, 0))
+            if (restore is None or restore is UNKNOWN) and attempts < READ_ATTEMPTS:
+                workers = pod_endpoints(pod, {})
+                if workers and reads < READS_PER_PASS:
+                    reads += 1
+                    restore = self.read_restore(workers[0].address, [w.port for w in workers])
+                    known[key] = (restore, attempts + 1)
+            if restore is not None:
+                out[meta.get("name", "")] = restore
+        for key in set(known) - live:
+            del known[key]
+        return out
+
     def _node_labels(self, pods: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
         labels: dict[str, dict[str, str]] = {}
         now = time.monotonic()
@@ -302,7 +364,8 @@ class ClusterController:
     def _report(
         self, ref: ClusterRef, result: str, previous: Mapping[str, Any], status: dict[str, Any]
     ) -> Outcome:
-        outcome = Outcome(result=result, status=status, events=transitions(previous, status))
+        events = transitions(previous, status) + restore_events(previous, status)
+        outcome = Outcome(result=result, status=status, events=events)
         if status != previous:
             self.kube.patch_status(CACHECLUSTERS, ref.namespace, ref.name, status)
             outcome.status_written = True

@@ -27,8 +27,8 @@ INVALID = "FieldValueInvalid"
 # Server flags the operator sets from the spec; passing them again in extraArgs would make
 # the pod disagree with the spec (and with the endpoints in the status).
 OWNED_FLAGS_RE = (
-    "^(-[pUlmt]|--(port|udp-port|listen|memory-limit|memory-headroom|workers|pin|metrics-port)"
-    "(=|$))"
+    "^(-[pUlmte]|--(port|udp-port|listen|memory-limit|memory-headroom|memory-file|workers|pin"
+    "|metrics-port)(=|$))"
 )
 # The least memory limit the server starts in with its default flags. Measured: one server
 # process is about 29 MiB resident at start (the interpreter and its modules); the server
@@ -323,7 +323,7 @@ SPEC_RULES: tuple[Rule, ...] = (
         message=(
             "extraArgs must not set the flags the operator derives from the spec: "
             "-p/--port, -U/--udp-port, -l/--listen, -m/--memory-limit, --memory-headroom, "
-            "-t/--workers, --pin, --metrics-port"
+            "-t/--workers, --pin, --metrics-port, -e/--memory-file"
         ),
         cel=f"!has(self.extraArgs) || self.extraArgs.all(a, !a.matches('{OWNED_FLAGS_RE}'))",
         holds=_no_owned_flags,

@@ -13,17 +13,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cacheoperator.appliance import Restore
 from cacheoperator.appliances import ApplianceReport, Reading
 from cacheoperator.models import (
     DEFAULT_RACK_KEY,
     DEFAULT_ZONE_KEY,
+    ApplianceStart,
     CacheClusterSpec,
     CacheClusterStatus,
     Condition,
     DiscoveryStatus,
     Endpoint,
 )
-from cacheoperator.naming import LABEL_PARTITION, selector_string, statefulset_name
+from cacheoperator.naming import CONTAINER, LABEL_PARTITION, selector_string, statefulset_name
 from cacheoperator.pinning import NOT_EXCLUSIVE, PINNING_OFF, pinned_condition
 from cacheoperator.placement import partition_sizes
 from cacheoperator.quantity import format_bytes
@@ -83,6 +85,8 @@ class Observed:
     host_port_note: str = ""
     # What the appliances reported, by (pod, worker); see appliances.py.
     readings: Mapping[tuple[str, int], Reading] = field(default_factory=dict)
+    # What each ready pod's server said about its warm restart, by pod name.
+    restores: Mapping[str, Restore] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -183,6 +187,40 @@ def restarted_message(pod: Mapping[str, Any]) -> str | None:
     return None
 
 
+def started_at(pod: Mapping[str, Any], container: str = CONTAINER) -> str | None:
+    """When the pod's server container last started (changes with every restart)."""
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        if status.get("name") == container:
+            return ((status.get("state") or {}).get("running") or {}).get("startedAt")
+    return None
+
+
+def appliance_starts(
+    pods: Sequence[Mapping[str, Any]], restores: Mapping[str, Restore]
+) -> list[ApplianceStart]:
+    """The warm-restart outcome of each ready pod, in endpoint order."""
+    ready = sorted(
+        (p for p in pods if is_ready(p)),
+        key=lambda p: (_partition(p) or 0, _ordinal(_pod_name(p)), _pod_name(p)),
+    )
+    out = []
+    for pod in ready:
+        restore = restores.get(_pod_name(pod))
+        if restore is None:
+            continue
+        out.append(
+            ApplianceStart(
+                pod=_pod_name(pod),
+                node=(pod.get("spec") or {}).get("nodeName"),
+                started_at=started_at(pod),
+                warm_restart=restore.result,
+                restored_items=restore.items if restore.result == "restored" else None,
+                reason=restore.reason or None,
+            )
+        )
+    return out
+
+
 def _pod_name(pod: Mapping[str, Any]) -> str:
     return (pod.get("metadata") or {}).get("name", "")
 
@@ -270,9 +308,13 @@ def _with_report(endpoint: Endpoint, reading: Reading) -> Endpoint:
 
 
 def rollout_problems(
-    spec: CacheClusterSpec, cluster: str, statefulsets: Sequence[Mapping[str, Any]]
+    spec: CacheClusterSpec,
+    cluster: str,
+    statefulsets: Sequence[Mapping[str, Any]],
+    held: Mapping[str, str] | None = None,
 ) -> list[str]:
-    """Why the StatefulSets have not converged yet; empty when they have."""
+    """Why the StatefulSets have not converged yet; empty when they have. ``held``: those
+    whose new template waits for another's rollout (rollout.held_statefulsets)."""
     by_name = {s["metadata"]["name"]: s for s in statefulsets}
     problems = []
     wanted = set()
@@ -301,6 +343,8 @@ def rollout_problems(
             )
     for name in sorted(set(by_name) - wanted):
         problems.append(f"StatefulSet {name} is being removed")
+    for name, waits_for in sorted((held or {}).items()):
+        problems.append(f"StatefulSet {name} waits for {waits_for} to finish rolling out")
     return problems
 
 
@@ -461,16 +505,18 @@ def compute_status(
     now: str,
     apply_error: str | None = None,
     discovery: DiscoveryStatus | None = None,
+    held: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The status of a valid cluster, as a dict ready for the status subresource.
 
     `apply_error` is the API server's refusal of a child object, if there was one;
-    `discovery` the membership published for auto discovery (discovery.py).
+    `discovery` the membership published for auto discovery (discovery.py); `held` the
+    StatefulSets whose new template waits for another's rollout.
     """
     pods = _live(observed.pods)
     ready = sum(1 for p in pods if is_ready(p))
     desired = spec.replicas
-    rollout = rollout_problems(spec, cluster, observed.statefulsets)
+    rollout = rollout_problems(spec, cluster, observed.statefulsets, held)
     stuck = sorted(
         ((p, m) for p in pods if (m := unschedulable_message(p))), key=lambda s: _pod_name(s[0])
     )
@@ -543,6 +589,7 @@ def compute_status(
         ],
         endpoints=eps,
         discovery=discovery,
+        appliances=appliance_starts(pods, observed.restores),
     )
     return status.model_dump(by_alias=True, exclude_none=True)
 
@@ -586,6 +633,32 @@ def invalid_status(
         discovery=discovery,
     )
     return status.model_dump(by_alias=True, exclude_none=True)
+
+
+def restore_events(previous: Mapping[str, Any] | None, current: Mapping[str, Any]) -> list[Event]:
+    """One event per appliance start that the status reports for the first time."""
+    seen = {
+        (a.get("pod"), a.get("startedAt"), a.get("warmRestart"))
+        for a in (previous or {}).get("appliances") or []
+    }
+    events = []
+    for a in current.get("appliances") or []:
+        pod, result = a["pod"], a["warmRestart"]
+        if (pod, a.get("startedAt"), result) in seen or result == "unknown":
+            continue
+        if result == "restored":
+            message = f"{pod} restored {a.get('restoredItems', 0)} items from its snapshot"
+            events.append(Event("Normal", "Restored", message))
+        elif result == "refused":
+            message = f"{pod} refused its snapshot ({a.get('reason', '?')}) and started empty"
+            events.append(Event("Warning", "SnapshotRefused", message))
+        else:
+            message = (
+                f"{pod} started empty on {a.get('node') or 'its node'}: no snapshot there (a "
+                "first start, another node, or a stop that was not graceful)"
+            )
+            events.append(Event("Normal", "StartedEmpty", message))
+    return events
 
 
 def transitions(previous: Mapping[str, Any] | None, current: Mapping[str, Any]) -> list[Event]:

@@ -407,3 +407,53 @@ def test_the_discovery_service_is_one_address_for_every_appliance():
 def test_building_twice_gives_the_same_objects():
     spec = {"placement": {"strategy": "partition", "partitions": 3}, "udp": {"enabled": True}}
     assert build(**spec) == build(**spec)
+
+
+def test_warm_restart_is_on_by_default_with_a_node_directory_per_pod():
+    sts = only_statefulset(build())
+    pod = pod_spec(sts)
+    container = server_container(sts)
+    ns, name = REF.namespace, REF.name
+    assert env_of(container)["CACHESERVER_MEMORY_FILE"] == "/var/lib/cacheserver/warm/snapshot"
+    (volume,) = [v for v in pod["volumes"] if "hostPath" in v]
+    assert volume["hostPath"] == {"path": "/dev/shm/cache-appliance", "type": "DirectoryOrCreate"}
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+    # Each pod sees only its own directory: namespace, cluster, and its name (the ordinal).
+    assert mount["subPathExpr"] == f"{ns}/{name}/$(POD_NAME)"
+    assert mount["mountPath"] == "/var/lib/cacheserver/warm"
+    (init,) = pod["initContainers"]
+    assert init["command"] == ["cacheserver-warm-dir"]
+    assert init["args"][:2] == ["/warm", f"{ns}/{name}/$(POD_NAME)"]
+    assert init["securityContext"]["capabilities"] == {
+        "drop": ["ALL"],
+        "add": ["CHOWN", "DAC_OVERRIDE", "FOWNER"],
+    }
+    assert init["resources"]["requests"] == init["resources"]["limits"]  # still Guaranteed
+
+
+@pytest.mark.parametrize("memory, grace", [("1Gi", 41), ("8Gi", 116), ("64Gi", 718)])
+def test_the_grace_period_covers_saving_the_whole_memory_limit(memory, grace):
+    sts = only_statefulset(build(resources={"memory": memory}))
+    assert pod_spec(sts)["terminationGracePeriodSeconds"] == grace
+    # ... and the start-up probe waits as long for the restore before liveness may kill it.
+    startup = server_container(sts)["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= grace
+
+
+def test_warm_restart_off_leaves_no_trace_in_the_pod():
+    sts = only_statefulset(build(warmRestart={"enabled": False}))
+    pod = pod_spec(sts)
+    container = server_container(sts)
+    assert "CACHESERVER_MEMORY_FILE" not in env_of(container)
+    assert "initContainers" not in pod and "startupProbe" not in container
+    assert all("hostPath" not in v for v in pod["volumes"])
+    assert pod["terminationGracePeriodSeconds"] == 30
+
+
+def test_warm_restart_host_path_is_the_users_choice_but_must_be_a_plain_absolute_path():
+    sts = only_statefulset(build(warmRestart={"hostPath": "/run/cache"}))
+    (volume,) = [v for v in pod_spec(sts)["volumes"] if "hostPath" in v]
+    assert volume["hostPath"]["path"] == "/run/cache"
+    for bad in ("relative/dir", "/", "/a/../b", "/a b"):
+        with pytest.raises(ValueError, match=r"host_?[pP]ath"):
+            spec_of(warmRestart={"hostPath": bad})

@@ -60,8 +60,14 @@ CASES = {
                             "memory": {"mode": "fixed", "size": "1536Mi", "headroom": "128Mi"}}),
         [],
     ),
+    "warm-restart-off": (
+        "warm restart off: no node directory, no init container, the usual grace period",
+        _manifest("cold", {"replicas": 1, "warmRestart": {"enabled": False}}),
+        [],
+    ),
     "options": (
-        "image, pull policy, nodeSelector, tolerations, extraArgs, monitoring off, UDP",
+        "image, pull policy, nodeSelector, tolerations, extraArgs, monitoring off, UDP, "
+        "warm restart on another node directory",
         _manifest("opts", {
             "image": "mirror.example/cache-appliance:1.2",
             "imagePullPolicy": "IfNotPresent",
@@ -72,6 +78,7 @@ CASES = {
             "monitoring": {"enabled": False},
             "udp": {"enabled": True, "port": 11311},
             "placement": {"strategy": "cluster", "zoneKey": "example.com/zone"},
+            "warmRestart": {"hostPath": "/run/cache-appliance"},
         }),
         [Endpoint(pod="opts-0", node="n1", address="10.0.0.7", port=11211, udp_port=11311,
                   worker=0, zone="z1")],

@@ -81,7 +81,10 @@ def test_clusters_that_differ_only_in_port_share_no_host_port():
 
     def host_ports(port):
         spec = parse_spec("demo", {"port": port, "udp": {"enabled": True}, "workers": 1})
-        return {(p["hostPort"], p["protocol"]) for p in container(spec, "img", None)["ports"]}
+        return {
+            (p["hostPort"], p["protocol"])
+            for p in container(spec, "img", None, "cache", "demo")["ports"]
+        }
 
     for a, b in [(11211, 11212), (11211, 11311), (11211, 12211), (20000, 20001)]:
         assert not host_ports(a) & host_ports(b), (a, b)

@@ -12,8 +12,10 @@ from cacheserver.config import Settings
 from cacheserver.cpus import format_cpu_list
 from cacheserver.memory import SizingError
 from cacheserver.memory.service import plan_for_settings, serve_with_shrinker
+from cacheserver.memory.sizing import MemoryPlan
 from cacheserver.server import Worker
 from cacheserver.termination import record_fatal
+from cacheserver.warm import remove_stale_snapshots
 
 log = logging.getLogger("cacheserver")
 
@@ -37,6 +39,9 @@ def run(settings: Settings) -> int:
         record_fatal(settings.termination_log, f"cannot size memory: {err}")
         return 2
     plan.log(log)
+    budget = memory_budget(plan)
+    if settings.memory_file:
+        remove_stale_snapshots(settings.memory_file, settings.workers)
 
     async def serve(worker: Worker) -> None:
         await serve_with_shrinker(worker, limit, plan, shards=settings.workers)
@@ -44,13 +49,13 @@ def run(settings: Settings) -> int:
     if settings.workers > 1:
         from cacheserver.supervisor import run_workers
 
-        return run_workers(settings, plan.capacity, serve)
+        return run_workers(settings, plan.capacity, serve, budget)
     allowed = frozenset(os.sched_getaffinity(0))
     if settings.pin:
         cpu = pin_to_cpu(0)
         log.info("pinned to CPU %s of %s", cpu, format_cpu_list(allowed))
     try:
-        uvloop.run(_serve(settings, plan.capacity, serve, allowed))
+        uvloop.run(_serve(settings, plan.capacity, serve, budget, allowed))
     except OSError as err:
         log.error("cannot start: %s", err)
         record_fatal(settings.termination_log, f"cannot start: {err}")
@@ -58,13 +63,23 @@ def run(settings: Settings) -> int:
     return 0
 
 
+def memory_budget(plan: MemoryPlan) -> str:
+    """The memory budget a warm-restart snapshot must share with the server restoring it:
+    -m, or with -m auto the limit and headroom (not the capacity: the baseline it subtracts
+    is measured at each start and moves by a few pages)."""
+    if plan.sizing == "fixed":
+        return f"-m {plan.capacity} bytes"
+    return f"auto: limit {plan.limit} bytes, headroom {plan.headroom} bytes"
+
+
 async def _serve(
     settings: Settings,
     capacity: int,
     serve: Callable[[Worker], Awaitable[None]],
+    budget: str,
     cpus_allowed: frozenset[int] | None = None,
 ) -> None:
-    worker = Worker(settings, capacity=capacity, cpus_allowed=cpus_allowed)
+    worker = Worker(settings, capacity=capacity, memory_budget=budget, cpus_allowed=cpus_allowed)
     log.info(
         "cacheserver pid %d: capacity %d bytes, max item %d bytes, %d connections",
         os.getpid(),

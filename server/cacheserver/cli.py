@@ -134,6 +134,14 @@ _OPTIONS: list[tuple[tuple[str, ...], str, Callable[[str], Any], Any, str]] = [
         "answer every command over UDP, not only the get/set family",
     ),
     (
+        ("-e", "--memory-file"),
+        "memory_file",
+        str,
+        "",
+        "warm restart: save the items to this file (on tmpfs) on SIGTERM or SIGUSR1 and "
+        "restore them from it at start; with -t N, worker i uses FILE.i",
+    ),
+    (
         ("--python-only",),
         "python_only",
         _flag,
@@ -147,6 +155,8 @@ _OPTIONS: list[tuple[tuple[str, ...], str, Callable[[str], Any], Any, str]] = [
         None,
         "answer ElastiCache's auto discovery (config get cluster, over TCP) with the cluster "
         "membership in this JSON file, reloaded when it changes (the operator mounts it)",
+    ),
+    (
         ("--termination-log",),
         "termination_log",
         str,
@@ -169,6 +179,7 @@ _METAVARS = {
     "workers": "NUM",
     "cluster_config": "PATH",
     "termination_log": "PATH",
+    "memory_file": "FILE",
 }
 
 
@@ -187,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     for flags, field, parse, default, help_text in _OPTIONS:
         env = _env_name(field)
         shown = "auto" if field == "memory_limit_mb" and default is None else default
-        suffix = f" [{env}]" + (f" (default: {shown})" if shown not in (None, False) else "")
+        suffix = f" [{env}]" + (f" (default: {shown})" if shown not in (None, False, "") else "")
         if parse is _flag:
             parser.add_argument(
                 *flags,

@@ -39,6 +39,7 @@ class Settings:
     cluster_config: str | None = None  # membership file for `config get cluster`; None: off
     # Where a fatal reason goes for Kubernetes (written only if the file exists).
     termination_log: str = "/dev/termination-log"
+    memory_file: str = ""  # -e: warm-restart snapshot (see warm.py), "" is off
 
     @property
     def memory_limit_bytes(self) -> int:

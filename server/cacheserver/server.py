@@ -29,6 +29,8 @@ from cacheserver.network.tcp import TCPServer
 from cacheserver.network.udp import UDPServer
 from cacheserver.protocol.commands import Commands
 from cacheserver.storage import Store
+from cacheserver.storage.snapshot import Identity
+from cacheserver.warm import WarmRestart, snapshot_path
 
 log = logging.getLogger("cacheserver")
 
@@ -45,9 +47,13 @@ class Worker:
         capacity: int | None = None,
         worker_index: int = 0,
         cpus_allowed: frozenset[int] | None = None,
+        workers: int = 1,
+        memory_budget: str | None = None,
     ) -> None:
         """`cpus_allowed`: the CPUs the process had before --pin bound it to one (reported
-        in `stats settings` next to the CPUs it runs on now)."""
+        in `stats settings` next to the CPUs it runs on now); ``workers``: how many workers
+        the server runs (``settings`` are this worker's own); ``memory_budget``: what sized
+        the memory, which a warm restart must share."""
         self.settings = settings
         self.worker_index = worker_index
         self.store = Store(
@@ -92,10 +98,27 @@ class Worker:
         self.udp = UDPServer(self.commands, self.counters, settings.udp_allow_all, self.engine)
         self._ticker: asyncio.TimerHandle | None = None
         self._stopped = asyncio.Event()
+        self._save_on_stop = False
+        self.warm: WarmRestart | None = None
+        if settings.memory_file:
+            budget = memory_budget or f"-m {self.store.capacity} bytes"
+            self.warm = WarmRestart(
+                snapshot_path(settings.memory_file, worker_index, workers),
+                Identity(budget, settings.max_item_size, worker_index, workers),
+                VERSION,
+                started=self.report.started,
+            )
+            self.report.extra_general.append(self.warm.stats_fields)
+            self.collector.extra.append(self.warm.metrics)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         st = self.settings
+        if self.warm is not None:
+            # Before listening: a client (and a readiness probe) sees the restored cache or
+            # nothing, never a cache still filling.
+            self.warm.restore(self.store)
+            self.report.started = self.warm.started
         if self.discovery is not None:
             self.discovery.poll()  # the first membership before the first client
         self.tcp.listen(st.listen, st.port)
@@ -123,13 +146,18 @@ class Worker:
             self.discovery.poll()  # a stat() a second; reads the file only when it changed
         self._ticker = asyncio.get_running_loop().call_later(SWEEP_PERIOD, self._tick)
 
-    def stop(self) -> None:
+    def stop(self, save: bool = False) -> None:
+        """Stop serving; with ``save`` (and -e) write the warm-restart snapshot first."""
+        self._save_on_stop = self._save_on_stop or save
         self._stopped.set()
 
     async def run_until_stopped(self) -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop)
+        # SIGTERM (what the kubelet sends) and SIGUSR1 (memcached's graceful stop) keep the
+        # cache with -e; SIGINT stops without saving, as memcached's normal exit does.
+        loop.add_signal_handler(signal.SIGTERM, self.stop, True)
+        loop.add_signal_handler(signal.SIGUSR1, self.stop, True)
+        loop.add_signal_handler(signal.SIGINT, self.stop)
         await self.start()
         await self._stopped.wait()
         await self.close()
@@ -143,4 +171,6 @@ class Worker:
         self.tcp.close()
         for server in self._servers:
             await server.wait_closed()
+        if self.warm is not None and self._save_on_stop:
+            self.warm.save(self.store)
         log.info("stopped (pid %d)", os.getpid())

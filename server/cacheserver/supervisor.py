@@ -47,7 +47,9 @@ def cpu_for(index: int) -> int | None:
     return cpus[index % len(cpus)] if cpus else None
 
 
-def _run_child(settings: Settings, index: int, capacity: int, serve: Serve | None) -> None:
+def _run_child(
+    settings: Settings, index: int, capacity: int, serve: Serve | None, budget: str | None
+) -> None:
     """Body of a forked worker process; never returns."""
     from cacheserver.server import Worker
 
@@ -60,7 +62,14 @@ def _run_child(settings: Settings, index: int, capacity: int, serve: Serve | Non
                 os.sched_setaffinity(0, {cpu})
                 log.info("worker %d pinned to CPU %d", index, cpu)
         mine = worker_settings(settings, index)
-        worker = Worker(mine, capacity=capacity, worker_index=index, cpus_allowed=allowed)
+        worker = Worker(
+            mine,
+            capacity=capacity,
+            worker_index=index,
+            cpus_allowed=allowed,
+            workers=settings.workers,
+            memory_budget=budget,
+        )
         uvloop.run(serve(worker) if serve else worker.run_until_stopped())
     except OSError as err:
         log.error("worker %d cannot start: %s", index, err)
@@ -77,15 +86,21 @@ def _run_child(settings: Settings, index: int, capacity: int, serve: Serve | Non
         os._exit(code)
 
 
-def run_workers(settings: Settings, total_capacity: int, serve: Serve | None = None) -> int:
-    """Fork the workers, serve their aggregated metrics, and wait. Returns the exit code."""
+def run_workers(
+    settings: Settings,
+    total_capacity: int,
+    serve: Serve | None = None,
+    budget: str | None = None,
+) -> int:
+    """Fork the workers, serve their aggregated metrics, and wait. Returns the exit code.
+    ``budget``: the memory budget a warm-restart snapshot must share (app.memory_budget)."""
     count = settings.workers
     share = total_capacity // count
     children: dict[int, int] = {}
     for index in range(count):
         pid = os.fork()
         if pid == 0:
-            _run_child(settings, index, share, serve)
+            _run_child(settings, index, share, serve, budget)
         children[pid] = index
     log.info(
         "started %d workers on ports %d-%d, %d bytes each",
@@ -94,14 +109,32 @@ def run_workers(settings: Settings, total_capacity: int, serve: Serve | None = N
         settings.port + count - 1,
         share,
     )
-    return uvloop.run(_supervise(settings, children))
+    # With -e a worker writes its snapshot before it exits: give it the time that takes at a
+    # slow SAVE_FLOOR bytes per second before it is killed (the kubelet's grace period is
+    # the real bound; the operator sets it from the memory size).
+    reap_after = REAP_TIMEOUT + (share / SAVE_FLOOR if settings.memory_file else 0.0)
+    return uvloop.run(_supervise(settings, children, reap_after))
 
 
-async def _supervise(settings: Settings, children: dict[int, int]) -> int:
+REAP_TIMEOUT = 10.0  # seconds a worker has to exit after the signal to stop
+SAVE_FLOOR = 100e6  # bytes per second
+
+
+async def _supervise(
+    settings: Settings, children: dict[int, int], reap_after: float = REAP_TIMEOUT
+) -> int:
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
+    # The signal that stopped the server goes on to the workers: SIGTERM and SIGUSR1 make a
+    # worker with -e save its snapshot, SIGINT does not.
+    stop_signal = [signal.SIGTERM]
+
+    def stop(sig: signal.Signals) -> None:
+        stop_signal[0] = sig
+        stopping.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        loop.add_signal_handler(sig, stop, sig)
     metrics_server = None
     if settings.metrics_port:
         from cacheserver.metrics.aggregate import serve_aggregated_metrics
@@ -124,9 +157,9 @@ async def _supervise(settings: Settings, children: dict[int, int]) -> int:
             exit_code = 1
             stopping.set()
     for pid in children:
-        _signal(pid, signal.SIGTERM)
+        _signal(pid, stop_signal[0])
     for pid in list(children):
-        await _reap(pid)
+        await _reap(pid, reap_after)
     if metrics_server is not None:
         metrics_server.close()
     return exit_code
@@ -137,7 +170,7 @@ def _signal(pid: int, sig: int) -> None:
         os.kill(pid, sig)
 
 
-async def _reap(pid: int, timeout: float = 10.0) -> None:
+async def _reap(pid: int, timeout: float = REAP_TIMEOUT) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while asyncio.get_running_loop().time() < deadline:
         try:

@@ -80,9 +80,10 @@ class RunningServer:
 
 
 def start_cacheserver(
-    *args: str, udp: bool = True, env: dict[str, str] | None = None
+    *args: str, udp: bool = True, env: dict[str, str] | None = None, port: int = 0
 ) -> RunningServer:
-    port = free_port()
+    """Start one on a free port, or on ``port`` (e.g. to restart one where it was)."""
+    port = port or free_port()
     cmd = [sys.executable, "-m", "cacheserver", "-l", "127.0.0.1", "-p", str(port)]
     if udp:
         cmd += ["-U", str(port)]

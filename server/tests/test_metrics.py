@@ -67,6 +67,7 @@ def test_latency_histogram_samples_one_read_in_64() -> None:
             for _ in range(64 * 3):  # one request per round trip: one read each
                 sock.sendall(b"get nothing\r\n")
                 assert sock.recv(100) == b"END\r\n"
+        wait_for_port(metrics_port, server.proc)
         url = f"http://127.0.0.1:{metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as r:
             families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}

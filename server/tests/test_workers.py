@@ -42,6 +42,7 @@ def test_each_worker_is_its_own_shard_and_port() -> None:
         assert request(server, b"get k\r\n", b"END\r\n") == b"VALUE k 0 1\r\na\r\nEND\r\n"
         settings = request(server, b"stats settings\r\n", b"END\r\n")
         assert b"STAT maxbytes %d\r\n" % (32 * 1024 * 1024) in settings  # 64 MB split in two
+        wait_for_port(metrics_port, server.proc)  # the parent serves it, on its own time
         url = f"http://127.0.0.1:{metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as r:
             text = r.read().decode()
@@ -114,6 +115,7 @@ def test_the_parent_reports_each_workers_latency_histogram() -> None:
             for _ in range(64 * 2):  # one read per round trip: two sampled reads
                 sock.sendall(b"get nothing\r\n")
                 assert sock.recv(100) == b"END\r\n"
+        wait_for_port(metrics_port, server.proc)
         url = f"http://127.0.0.1:{metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as r:
             text = r.read().decode()

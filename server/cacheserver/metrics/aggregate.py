@@ -16,6 +16,7 @@ from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
+    InfoMetricFamily,
     Metric,
 )
 from prometheus_client.registry import Collector
@@ -105,6 +106,25 @@ _SERIES = (
         "counter",
         "cluster_config_requests",
     ),
+    # Warm restart (-e), as cacheserver.warm reports it.
+    (
+        "cacheappliance_warm_restart_restored_items",
+        "Items restored from the snapshot at start.",
+        "gauge",
+        "warm_restart_restored_items",
+    ),
+    (
+        "cacheappliance_warm_restart_restored_bytes",
+        "Bytes of keys and items restored at start.",
+        "gauge",
+        "warm_restart_restored_bytes",
+    ),
+    (
+        "cacheappliance_warm_restart_restore_seconds",
+        "Seconds the restore took.",
+        "gauge",
+        "warm_restart_restore_seconds",
+    ),
 )
 # Families with one label besides the worker: (metric, help, label, ((value, field), ...)).
 _LABELLED = (
@@ -188,6 +208,20 @@ class WorkersCollector(Collector):
                     if stats is not None and field in stats:
                         counter.add_metric([worker, value], float(stats[field]))
             yield counter
+        warm = InfoMetricFamily(
+            "cacheappliance_warm_restart",
+            "What the last start did with its warm-restart snapshot.",
+            labels=["worker"],
+        )
+        for worker, stats in per_worker:
+            if stats is not None and "warm_restart" in stats:
+                reason = stats.get("warm_restart_reason", "-")
+                result = {
+                    "result": stats["warm_restart"],
+                    "reason": "" if reason == "-" else reason,
+                }
+                warm.add_metric([worker], result)
+        yield warm
         latency = HistogramMetricFamily(
             "cacheappliance_request_duration_seconds",
             "Server time to handle one read's requests, sampled 1 in 64 reads.",

@@ -273,6 +273,40 @@ class Store:
         self.stats.crawler_items_checked += len(step)
         return reclaimed
 
+    # -- warm restart (storage/snapshot.py has the format) ----------------------------------
+
+    def drain(self) -> tuple[list[bytes], list[bytes]]:
+        """Take every key and item out, least recently used first; the store is left empty.
+
+        For a snapshot at shutdown: once the caller drops an item, its memory can go back.
+        """
+        items = self._items
+        keys, values = list(items), list(items.values())
+        items.clear()  # the same dict: the fast path holds it
+        self.bytes_used = 0
+        self._crawl_keys = []
+        return keys, values
+
+    @property
+    def cas_counter(self) -> int:
+        return self._cas
+
+    @property
+    def pending_flush(self) -> int:
+        """The absolute time of a pending delayed flush_all, 0 when none."""
+        return self._flush_at
+
+    def restore_state(self, cas: int, flush_at: int) -> None:
+        """The CAS counter and pending flush of a snapshot: new CAS values stay unique."""
+        self._cas = max(self._cas, cas)
+        self._flush_at = flush_at
+
+    def restore_items(self, keys: list[bytes], items: list[bytes], nbytes: int) -> None:
+        """Add restored items (``nbytes``: keys and items together) at the LRU's recent end,
+        in the order given. Capacity is not enforced here: call ``set_capacity`` after."""
+        self._items.update(zip(keys, items, strict=True))
+        self.bytes_used += nbytes + len(keys) * ITEM_OVERHEAD
+
     # -- internals -----------------------------------------------------------------------------
 
     def _next_cas(self) -> int:

@@ -1,0 +1,151 @@
+"""Warm restart on real nodes: a spec change rolls every appliance of the example cluster
+(new pods), and the cache is still there afterwards.
+
+3000 keys are written across the appliances through rendezvous hashing (pymemcache's, as
+its HashClient uses it) over the endpoints in the status; a reader keeps reading them
+through the rollout. Afterwards a client built from the new endpoints reads at least 95%
+of the keys byte-exact, every pod reports in status.appliances what it restored, and the
+reader's failures came from one appliance at a time, each for no longer than one restart.
+
+Needs what real kubelets give and the old node agent did not: init containers, hostPath
+volumes with subPathExpr, start-up probes, and a /dev/shm (tmpfs) on each node; the
+operator must reach the appliances' node addresses (status.appliances).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import defaultdict
+from itertools import pairwise
+
+from pymemcache.client.base import Client
+from pymemcache.client.rendezvous import RendezvousHash
+
+from e2e import product
+from e2e.appliance import endpoints, load_manifest
+
+DEFAULT = product.EXAMPLES / "cachecluster.yaml"  # 3 appliances, warm restart on by default
+KEYS = 3000
+TIMEOUT = 300  # three appliances, each saving, restarting and restoring in turn
+# One appliance's restart, from its stop to serving again, for this small cache: its grace
+# period is the bound on the save and its start-up probe on the restore; a few seconds here.
+ONE_RESTART = 60.0
+
+
+def value_of(i: int) -> bytes:
+    return (b"value-%d-" % i) * (1 + i % 40)
+
+
+class Shards:
+    """Keys hashed across the endpoints, one plain client per endpoint."""
+
+    def __init__(self, status: dict) -> None:
+        self.servers = {f"{e.address}:{e.port}": (e.address, e.port) for e in endpoints(status)}
+        self.ring = RendezvousHash(nodes=sorted(self.servers))
+        self.clients = {
+            name: Client(addr, connect_timeout=2, timeout=2, default_noreply=False)
+            for name, addr in self.servers.items()
+        }
+
+    def server_of(self, key: str) -> str:
+        return self.ring.get_node(key)
+
+    def client_of(self, key: str) -> Client:
+        return self.clients[self.server_of(key)]
+
+    def close(self) -> None:
+        for client in self.clients.values():
+            client.close()
+
+
+class Reader(threading.Thread):
+    """Reads random keys until stopped; remembers when each server failed."""
+
+    def __init__(self, shards: Shards) -> None:
+        super().__init__(daemon=True)
+        self.shards = shards
+        self.stop = threading.Event()
+        self.failures: dict[str, list[float]] = defaultdict(list)
+        self.reads = 0
+
+    def run(self) -> None:
+        rng = random.Random(7)
+        while not self.stop.is_set():
+            key = f"warm:{rng.randrange(KEYS)}"
+            try:
+                self.shards.client_of(key).get(key)
+                self.reads += 1
+            except Exception:
+                self.failures[self.shards.server_of(key)].append(time.monotonic())
+                time.sleep(0.05)
+
+
+def windows(times: list[float], gap: float = 2.0) -> list[tuple[float, float]]:
+    """Failure times grouped into windows (failures closer than ``gap`` s are one)."""
+    out: list[tuple[float, float]] = []
+    for t in sorted(times):
+        if out and t - out[-1][1] <= gap:
+            out[-1] = (out[-1][0], t)
+        else:
+            out.append((t, t))
+    return out
+
+
+def test_a_rollout_keeps_the_cache_of_every_appliance(caches):
+    manifest = load_manifest(DEFAULT)
+    name = manifest["metadata"]["name"]
+    caches.create(manifest)
+    status = caches.wait_phase(name, "Ready", TIMEOUT, replicas=3)
+    before = {p.metadata.name: p.metadata.uid for p in caches.live_pods(name)}
+
+    writer = Shards(status)
+    try:
+        for i in range(KEYS):
+            key = f"warm:{i}"
+            assert writer.client_of(key).set(key, value_of(i), expire=3600)
+    finally:
+        writer.close()
+
+    reader = Reader(Shards(status))
+    reader.start()
+    try:
+        generation = caches.patch_spec(name, {"extraArgs": ["-c", "2048"]})["metadata"][
+            "generation"
+        ]
+
+        def rolled(s: dict) -> bool:
+            if s.get("observedGeneration") != generation or s.get("phase") != "Ready":
+                return False
+            pods = {p.metadata.name: p.metadata.uid for p in caches.live_pods(name)}
+            fresh = set(pods) == set(before) and not set(pods.values()) & set(before.values())
+            return fresh and len(s.get("appliances") or []) == 3
+
+        status = caches.wait(name, "every appliance replaced, Ready, restored", rolled, TIMEOUT)
+    finally:
+        reader.stop.set()
+        reader.join(10)
+
+    # Every new pod restored its snapshot, and the operator says so.
+    restored = {a["pod"]: a for a in status["appliances"]}
+    assert {a["warmRestart"] for a in restored.values()} == {"restored"}, status["appliances"]
+    assert sum(a.get("restoredItems", 0) for a in restored.values()) >= KEYS * 95 // 100
+
+    # A client built from the new endpoints reads the keys back byte-exact.
+    after = Shards(status)
+    try:
+        exact = sum(
+            after.client_of(f"warm:{i}").get(f"warm:{i}") == value_of(i) for i in range(KEYS)
+        )
+    finally:
+        after.close()
+    assert exact >= KEYS * 95 // 100, f"{exact} of {KEYS} keys came back"
+
+    # Failures, if any, came from one appliance at a time, each for at most one restart.
+    assert reader.reads > 0
+    spans = sorted((w, server) for server, ts in reader.failures.items() for w in windows(ts))
+    for (start, end), server in spans:
+        assert end - start <= ONE_RESTART, f"{server} failed for {end - start:.1f}s"
+    for ((_, end1), s1), ((start2, _), s2) in pairwise(spans):
+        assert s1 == s2 or start2 >= end1 - 1.0, f"{s1} and {s2} were down at the same time"
