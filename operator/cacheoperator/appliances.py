@@ -1,10 +1,14 @@
-"""What each appliance says it got: its CPUs and its memory limit, read from the appliance.
+"""What each appliance says about its start: the CPUs and the memory limit it got, and what
+its warm restart restored. The one place the operator talks to cache servers.
 
 Appliances keep no API credentials, so nothing in them can write to the CacheCluster. They
-report instead, to anyone who may talk to them, in memcached's `stats settings` (see
-docs/architecture.md): `cpus`, `cpus_allowed`, `cpus_online`, `memory_limit`,
-`memory_limit_source`. The operator reads that from every worker of every ready pod, once
-per container: CPUs and limits do not change while a process lives.
+report instead, to anyone who may talk to them, over the memcached protocol (see
+docs/architecture.md): `stats settings` has `cpus`, `cpus_allowed`, `cpus_online`,
+`memory_limit`, `memory_limit_source`; `stats` has `warm_restart`,
+`warm_restart_restored_items` and `warm_restart_reason` (with -e). The operator asks both on
+one connection to every worker of every ready pod, once per container: none of it changes
+while a process lives. The reports feed `status.endpoints[]` (cpus, memoryLimit), the
+`Pinned` condition (pinning.py) and `status.appliances` with its events (status.py).
 
 The reads run on a few threads of their own, never inside a reconcile pass: a pass takes
 what has been read so far and asks for what is missing. When the reads a pass asked for
@@ -34,6 +38,19 @@ RETRY_FIRST, RETRY_MOST = 5.0, 300.0  # seconds before a failed read is tried ag
 
 
 @dataclass(frozen=True)
+class Restore:
+    """How a cache came through its start (warm restart): one worker's, or a pod's with all
+    its workers together (`pod_restore`)."""
+
+    result: str  # restored, none (no snapshot), refused, unknown (no answer, or no -e)
+    items: int = 0
+    reason: str = ""  # why a snapshot was refused
+
+
+UNKNOWN = Restore("unknown")
+
+
+@dataclass(frozen=True)
 class ApplianceReport:
     """What one worker process reported about itself."""
 
@@ -42,19 +59,39 @@ class ApplianceReport:
     cpus_online: frozenset[int] | None  # the machine's CPUs, if it could tell
     memory_limit: int | None = None  # bytes
     memory_limit_source: str | None = None
+    restore: Restore = UNKNOWN  # unknown: it runs without warm restart
 
 
 # What a pass gets per (pod, worker): a report, why it could not be read, or None (not yet).
 Reading = ApplianceReport | str | None
 
 
-def parse_settings(text: str) -> ApplianceReport:
-    """The report in a `stats settings` reply; ValueError if it is not one."""
+def _stat_values(text: str) -> dict[str, str]:
     values: dict[str, str] = {}
     for line in text.splitlines():
         parts = line.split(" ", 2)
         if len(parts) == 3 and parts[0] == "STAT":
             values[parts[1]] = parts[2].strip()
+    return values
+
+
+def parse_restore(text: str) -> Restore:
+    """The warm restart in a `stats` reply: unknown when the server runs without it;
+    ValueError if its count is not one."""
+    values = _stat_values(text)
+    if "warm_restart" not in values:
+        return UNKNOWN
+    items = values.get("warm_restart_restored_items", "0")
+    if not items.isdigit():
+        raise ValueError(f"warm_restart_restored_items {items!r} is not a count")
+    reason = values.get("warm_restart_reason", "-")
+    return Restore(values["warm_restart"], int(items), "" if reason == "-" else reason)
+
+
+def parse_settings(text: str, stats: str = "") -> ApplianceReport:
+    """The report in a `stats settings` reply (and the warm restart in a `stats` reply);
+    ValueError if it is not one."""
+    values = _stat_values(text)
     if "cpus" not in values or "cpus_allowed" not in values:
         raise ValueError("its stats settings name no cpus (a server older than this operator?)")
     online = values.get("cpus_online", "-")
@@ -65,27 +102,64 @@ def parse_settings(text: str) -> ApplianceReport:
         cpus_online=None if online == "-" else parse_cpu_list(online),
         memory_limit=int(limit) if limit.isdigit() else None,
         memory_limit_source=values.get("memory_limit_source") or None,
+        restore=parse_restore(stats),
     )
 
 
 def read_report(address: str, port: int, timeout: float = DEFAULT_TIMEOUT) -> ApplianceReport:
-    """`stats settings` from one worker, within `timeout` seconds in all."""
+    """`stats settings` and `stats` from one worker, within `timeout` seconds in all."""
     deadline = time.monotonic() + timeout
     with socket.create_connection((address, port), timeout=timeout) as sock:
-        sock.sendall(b"stats settings\r\n")
-        data = b""
-        while not data.endswith(b"END\r\n"):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"no full reply within {timeout:g} s")
-            sock.settimeout(left)
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("closed before the end of the reply")
-            data += chunk
-            if len(data) > MAX_REPLY:
-                raise ValueError("reply too long")
-    return parse_settings(data.decode("utf-8", "replace"))
+        settings = _ask(sock, b"stats settings\r\n", deadline, timeout)
+        stats = _ask(sock, b"stats\r\n", deadline, timeout)
+    return parse_settings(settings, stats)
+
+
+def _ask(sock: socket.socket, command: bytes, deadline: float, timeout: float) -> str:
+    """One command's reply (up to its END line), before `deadline`."""
+    sock.sendall(command)
+    data = b""
+    while not data.endswith(b"END\r\n"):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no full reply within {timeout:g} s")
+        sock.settimeout(left)
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed before the end of the reply")
+        data += chunk
+        if len(data) > MAX_REPLY:
+            raise ValueError("reply too long")
+    return data.decode("utf-8", "replace")
+
+
+def pod_restore(readings: Sequence[Reading]) -> Restore | None:
+    """A pod's warm restart from its workers' readings: None until all of them are in;
+    unknown if one could not be read or runs without warm restart; the counts added up,
+    and one refused worker is news even when the others restored."""
+    if not readings or any(r is None for r in readings):
+        return None
+    restores = [r.restore for r in readings if isinstance(r, ApplianceReport)]
+    if len(restores) < len(readings) or any(r.result == "unknown" for r in restores):
+        return UNKNOWN
+    results = {r.result for r in restores}
+    reasons = ", ".join(sorted({r.reason for r in restores if r.reason}))
+    for result in ("refused", "restored", "none"):
+        if result in results:
+            return Restore(result, sum(r.items for r in restores), reasons)
+    return UNKNOWN
+
+
+def pod_restores(
+    workers: Mapping[str, Sequence[int]], readings: Mapping[tuple[str, int], Reading]
+) -> dict[str, Restore]:
+    """`pod_restore` of each pod (`workers`: pod -> its workers) whose readings are all in."""
+    out = {}
+    for pod, indexes in workers.items():
+        restore = pod_restore([readings.get((pod, w)) for w in indexes])
+        if restore is not None:
+            out[pod] = restore
+    return out
 
 
 @dataclass(frozen=True)

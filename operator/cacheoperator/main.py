@@ -95,8 +95,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=float(os.environ.get("CACHEOPERATOR_REPORT_TIMEOUT", DEFAULT_TIMEOUT)),
         metavar="SECONDS",
         help=(
-            "time for one read of an appliance's report (its CPUs and memory limit, from "
-            "stats settings); 0 reads none (default: %(default)s)"
+            "time for one read of an appliance's report (its CPUs and memory limit from "
+            "stats settings, its warm restart from stats); 0 reads none (default: %(default)s)"
         ),
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")

@@ -11,12 +11,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from cacheoperator.appliance import UNKNOWN, Restore, read_restore
 from cacheoperator.appliances import ApplianceReports, targets_of
 from cacheoperator.children import configmap, desired_objects
 from cacheoperator.discovery import (
@@ -37,11 +36,8 @@ from cacheoperator.status import (
     compute_status,
     endpoints,
     invalid_status,
-    is_ready,
     needs_host_port_pods,
-    pod_endpoints,
     restore_events,
-    started_at,
     transitions,
     unschedulable_message,
 )
@@ -56,9 +52,6 @@ NODE_LABELS_TTL = 60.0
 HOST_PORT_PODS_TTL = 5.0
 # Pods that are on a node and not finished: the ones whose host ports the scheduler counts.
 ON_A_NODE = "spec.nodeName!=,status.phase!=Succeeded,status.phase!=Failed"
-# Asking appliances what they restored: new pods asked per pass, and tries per pod start.
-READS_PER_PASS = 4
-READ_ATTEMPTS = 3
 
 
 def utc_now() -> str:
@@ -131,8 +124,8 @@ class ClusterController:
         clock: Callable[[], str] = utc_now,
         reports: ApplianceReports | None = None,
     ):
-        """`reports` reads what the appliances say about their CPUs and memory (None: the
-        endpoints go without, and Pinned stays Unknown)."""
+        """`reports` reads what the appliances say about their CPUs, memory and warm restart
+        (None: the endpoints go without, Pinned stays Unknown and status.appliances empty)."""
         self.kube = kube
         self.reports = reports
         self.default_image = default_image
@@ -143,9 +136,6 @@ class ClusterController:
         self._nodes: dict[str, tuple[float, dict[str, str]]] = {}
         self._host_port_pods: dict[str | None, tuple[float, list[dict[str, Any]]]] = {}
         self._cache_lock = threading.Lock()
-        self.read_restore = read_restore
-        # (namespace, cluster) -> (pod uid, container start) -> (answer, times asked)
-        self._restores: dict[tuple[str, str], dict[tuple[Any, Any], tuple[Restore, int]]] = {}
 
     def reconcile(self, namespace: str, name: str) -> None:
         self.coalescer.run((namespace, name), lambda: self._pass(namespace, name))
@@ -214,8 +204,6 @@ class ClusterController:
         if apply_error is None:
             nodes = members(ref, spec, observed.pods, published.nodes if published else ())
             discovery = next_discovery(published, nodes, endpoint, now)
-        if spec.warm_restart.enabled:
-            observed = replace(observed, restores=self.restores_of(ref, observed.pods))
         status = compute_status(
             cluster=ref.name,
             generation=generation,
@@ -314,33 +302,6 @@ class ClusterController:
         with self._cache_lock:
             self._host_port_pods[scope] = (now + HOST_PORT_PODS_TTL, found)
         return found, _scope_note(scope)
-
-    def restores_of(self, ref: ClusterRef, pods: Sequence[Mapping[str, Any]]) -> dict[str, Restore]:
-        """What each ready pod restored at its start, asked once per container start over
-        the memcached protocol (at most READS_PER_PASS new pods a pass, a short timeout
-        each; a pod that does not answer is asked again in up to READ_ATTEMPTS passes)."""
-        known = self._restores.setdefault((ref.namespace, ref.name), {})
-        out: dict[str, Restore] = {}
-        live = set()
-        reads = 0
-        for pod in pods:
-            if not is_ready(pod):
-                continue
-            meta = pod.get("metadata") or {}
-            key = (meta.get("uid", meta.get("name")), started_at(pod))
-            live.add(key)
-            restore, attempts = known.get(key, (None, 0))
-            if (restore is None or restore is UNKNOWN) and attempts < READ_ATTEMPTS:
-                workers = pod_endpoints(pod, {})
-                if workers and reads < READS_PER_PASS:
-                    reads += 1
-                    restore = self.read_restore(workers[0].address, [w.port for w in workers])
-                    known[key] = (restore, attempts + 1)
-            if restore is not None:
-                out[meta.get("name", "")] = restore
-        for key in set(known) - live:
-            del known[key]
-        return out
 
     def _node_labels(self, pods: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
         labels: dict[str, dict[str, str]] = {}

@@ -13,8 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cacheoperator.appliance import Restore
-from cacheoperator.appliances import ApplianceReport, Reading
+from cacheoperator.appliances import ApplianceReport, Reading, Restore, pod_restores
 from cacheoperator.models import (
     DEFAULT_RACK_KEY,
     DEFAULT_ZONE_KEY,
@@ -75,7 +74,8 @@ class Observed:
     `host_port_pods` are the pods on any node that declare host ports, read only when a
     pod of the cluster is unschedulable for a port (`needs_host_port_pods`), with the labels
     of their nodes in `node_labels`; `host_port_note` says what the operator could not see.
-    `readings` are what the appliances of the ready pods said about their CPUs and memory.
+    `readings` are what the appliances of the ready pods said about their CPUs, memory
+    and warm restart (appliances.py).
     """
 
     statefulsets: Sequence[Mapping[str, Any]] = ()
@@ -85,8 +85,6 @@ class Observed:
     host_port_note: str = ""
     # What the appliances reported, by (pod, worker); see appliances.py.
     readings: Mapping[tuple[str, int], Reading] = field(default_factory=dict)
-    # What each ready pod's server said about its warm restart, by pod name.
-    restores: Mapping[str, Restore] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -575,6 +573,8 @@ def compute_status(
     for e in eps:
         workers.setdefault(e.pod, []).append(e.worker)
     pinned = pinned_condition(spec.pinning, pods, workers, observed.readings)
+    # The same reports say what each pod's cache came through its start with.
+    restores = pod_restores(workers, observed.readings) if spec.warm_restart.enabled else {}
     status = CacheClusterStatus(
         phase=phase,
         replicas=len(pods),
@@ -589,7 +589,7 @@ def compute_status(
         ],
         endpoints=eps,
         discovery=discovery,
-        appliances=appliance_starts(pods, observed.restores),
+        appliances=appliance_starts(pods, restores),
     )
     return status.model_dump(by_alias=True, exclude_none=True)
 

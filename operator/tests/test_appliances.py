@@ -1,5 +1,6 @@
 """Reading what appliances report, from a real cacheserver: one read, and the background
-reader that passes use (never blocking them, one more pass once the reads are in)."""
+reader that passes use (never blocking them, one more pass once the reads are in). What
+the reports say about warm restarts is in test_warm_status.py."""
 
 from __future__ import annotations
 
@@ -9,12 +10,18 @@ import threading
 import pytest
 
 from cacheoperator.appliances import (
+    UNKNOWN,
     ApplianceReport,
     ApplianceReports,
+    Restore,
     Target,
     parse_settings,
+    pod_restores,
     read_report,
+    targets_of,
 )
+from cacheoperator.status import endpoints
+from operator_testkit import make_pod
 from servers import free_port, start_cacheserver
 
 MIB = 1 << 20
@@ -40,6 +47,7 @@ def test_one_read_gives_the_cpus_and_the_memory_limit(server):
     assert report.cpus_allowed == frozenset(mine)
     assert report.cpus_online is not None and report.cpus_allowed <= report.cpus_online
     assert (report.memory_limit, report.memory_limit_source) == (256 * MIB, "env")
+    assert report.restore is UNKNOWN  # it runs without warm restart (-e)
 
 
 def test_a_reply_without_cpus_is_no_report():
@@ -116,5 +124,66 @@ def test_a_failed_read_says_why_and_is_tried_again_later():
         passes.event.clear()
         reports.readings([unreachable])  # ...which reads again
         assert passes.event.wait(5)
+    finally:
+        reports.close()
+
+
+def _pod(name: str, container: str, **kw):
+    pod = make_pod(name, restarted=0, **kw)
+    pod["metadata"]["uid"] = f"uid-{name}"
+    pod["status"]["containerStatuses"][0]["containerID"] = f"containerd://{container}"
+    return pod
+
+
+def test_each_container_start_is_read_once_and_a_silent_one_again_only_later():
+    asked: list[tuple[str, int]] = []
+
+    def read(address: str, port: int, timeout: float) -> ApplianceReport:
+        asked.append((address, port))
+        if address == "10.0.0.2":
+            raise ConnectionRefusedError("connection refused")
+        cpus = frozenset({1})
+        return ApplianceReport(cpus, cpus, None, restore=Restore("restored", 7))
+
+    passes = Passes()
+    now = [0.0]
+    reports = ApplianceReports(notify=passes, read=read, clock=lambda: now[0])
+    pods = [
+        _pod("demo-0", "c1", host_ip="10.0.0.1", workers=2),
+        _pod("demo-1", "c1", host_ip="10.0.0.2"),
+        _pod("demo-2", "c1", host_ip="10.0.0.3", ready=False),  # not ready: not asked
+    ]
+    workers = {"demo-0": [0, 1], "demo-1": [0]}
+
+    def a_pass():
+        return reports.readings(targets_of("cache", "demo", endpoints(pods, {}), pods))
+
+    try:
+        assert set(a_pass().values()) == {None}  # the pass never waits for a read
+        assert passes.event.wait(5)
+        for _ in range(5):
+            readings = a_pass()
+        assert pod_restores(workers, readings) == {
+            "demo-0": Restore("restored", 14),
+            "demo-1": UNKNOWN,
+        }
+        assert sorted(asked) == [("10.0.0.1", 11211), ("10.0.0.1", 11212), ("10.0.0.2", 11211)]
+        # The silent one is asked again once its retry is due, not on every pass.
+        passes.event.clear()
+        now[0] = 60.0
+        with reports._wake:
+            reports._wake.notify()
+        assert passes.event.wait(5)
+        passes.event.clear()
+        a_pass()
+        assert passes.event.wait(5)
+        assert asked.count(("10.0.0.2", 11211)) == 2
+        # A new container start of demo-0 is asked again, and unknown until it answers.
+        pods[0] = _pod("demo-0", "c2", host_ip="10.0.0.1", workers=2)
+        passes.event.clear()
+        assert "demo-0" not in pod_restores(workers, a_pass())
+        assert passes.event.wait(5)
+        assert asked.count(("10.0.0.1", 11211)) == asked.count(("10.0.0.1", 11212)) == 2
+        assert pod_restores(workers, a_pass())["demo-0"] == Restore("restored", 14)
     finally:
         reports.close()

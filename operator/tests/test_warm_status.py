@@ -1,25 +1,36 @@
-"""What the operator reports about warm restarts: it asks each ready appliance once per
-container start what it restored (a real server here), and the status and events say it."""
+"""What the operator reports about warm restarts: each ready appliance's report (read once
+per container start, see appliances.py; a real server here) says what it restored, and the
+status and events say it."""
 
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 
-from cacheoperator.appliance import UNKNOWN, Restore, read_restore
-from cacheoperator.reconcile import READ_ATTEMPTS, ClusterController
+import pytest
+
+from cacheoperator.appliances import (
+    UNKNOWN,
+    ApplianceReport,
+    Restore,
+    parse_settings,
+    pod_restore,
+    read_report,
+)
 from cacheoperator.status import Observed, compute_status, restore_events
-from operator_testkit import REF, make_pod, spec_of
+from operator_testkit import make_pod, spec_of
 from servers import request, start_cacheserver
 
 NOW = "2030-01-01T00:00:00Z"
+SETTINGS = "STAT cpus 1\r\nSTAT cpus_allowed 1\r\nEND\r\n"
 
 
 def test_a_real_appliance_says_what_it_restored(tmp_path: Path) -> None:
     path = tmp_path / "snapshot"
     server = start_cacheserver("-m", "16", "-e", str(path), udp=False)
     try:
-        assert read_restore("127.0.0.1", [server.port]) == Restore("none", 0)
+        assert read_report("127.0.0.1", server.port).restore == Restore("none", 0)
         for i in range(25):
             request(server, b"set k%d 0 0 1\r\nx\r\n" % i)
     finally:
@@ -27,27 +38,35 @@ def test_a_real_appliance_says_what_it_restored(tmp_path: Path) -> None:
         server.proc.wait(timeout=30)
     server = start_cacheserver("-m", "16", "-e", str(path), udp=False, port=server.port)
     try:
-        assert read_restore("127.0.0.1", [server.port]) == Restore("restored", 25)
+        assert read_report("127.0.0.1", server.port).restore == Restore("restored", 25)
     finally:
         server.stop()
-    # Nobody listening: unknown, quickly.
-    assert read_restore("127.0.0.1", [server.port], timeout=0.5) is UNKNOWN
+    # Nobody listening: the read fails quickly, and the pod's restart is unknown.
+    started = time.monotonic()
+    with pytest.raises(OSError) as failed:
+        read_report("127.0.0.1", server.port, timeout=0.5)
+    assert time.monotonic() - started < 2
+    assert pod_restore([f"cannot read: {failed.value}"]) is UNKNOWN
 
 
 def test_workers_are_added_up_and_a_refusal_is_never_hidden() -> None:
     answers = {
-        1: {"warm_restart": "restored", "warm_restart_restored_items": "10"},
-        2: {"warm_restart": "refused", "warm_restart_reason": "corrupt"},
-        3: {"warm_restart": "restored", "warm_restart_restored_items": "5"},
-        4: {"curr_items": "0"},  # a server without -e
+        1: "STAT warm_restart restored\r\nSTAT warm_restart_restored_items 10\r\nEND\r\n",
+        2: "STAT warm_restart refused\r\nSTAT warm_restart_reason corrupt\r\nEND\r\n",
+        3: "STAT warm_restart restored\r\nSTAT warm_restart_restored_items 5\r\nEND\r\n",
+        4: "STAT curr_items 0\r\nEND\r\n",  # a server without -e
     }
-
-    def stats(address: str, port: int, timeout: float):  # type: ignore[no-untyped-def]
-        return answers[port]
-
-    assert read_restore("h", [1, 3], stats=stats) == Restore("restored", 15)
-    assert read_restore("h", [1, 2, 3], stats=stats) == Restore("refused", 15, "corrupt")
-    assert read_restore("h", [1, 4], stats=stats) is UNKNOWN
+    reports = {port: parse_settings(SETTINGS, stats) for port, stats in answers.items()}
+    assert pod_restore([reports[1], reports[3]]) == Restore("restored", 15)
+    assert pod_restore([reports[1], reports[2], reports[3]]) == Restore("refused", 15, "corrupt")
+    assert pod_restore([reports[1], reports[4]]) is UNKNOWN
+    # A worker that could not be read makes the pod unknown; one not read yet, not known.
+    assert pod_restore([reports[1], "cannot read 10.0.0.1:11212: timed out"]) is UNKNOWN
+    assert pod_restore([reports[1], None]) is None
+    with pytest.raises(ValueError, match="not a count"):
+        parse_settings(
+            SETTINGS, "STAT warm_restart restored\r\nSTAT warm_restart_restored_items x\r\nEND\r\n"
+        )
 
 
 def _pod(name: str, started: str, **kw):  # type: ignore[no-untyped-def]
@@ -57,12 +76,17 @@ def _pod(name: str, started: str, **kw):  # type: ignore[no-untyped-def]
     return pod
 
 
-def _status(pods, restores, previous=None):  # type: ignore[no-untyped-def]
+def _status(pods, restores, previous=None, **spec):  # type: ignore[no-untyped-def]
+    """The status when each pod's one worker reported `restores[pod]`."""
+    readings = {
+        (pod, 0): ApplianceReport(frozenset({1}), frozenset({1}), None, restore=restore)
+        for pod, restore in restores.items()
+    }
     return compute_status(
         cluster="demo",
         generation=1,
-        spec=spec_of(replicas=len(pods)),
-        observed=Observed(pods=pods, restores=restores),
+        spec=spec_of(replicas=len(pods), **spec),
+        observed=Observed(pods=pods, readings=readings),
         previous=previous,
         now=NOW,
     )
@@ -99,29 +123,8 @@ def test_the_status_lists_each_start_and_each_new_start_makes_one_event() -> Non
     second = _status(moved, {"demo-0": restores["demo-0"], "demo-1": Restore("none")}, first)
     (event,) = restore_events(first, second)
     assert event.reason == "StartedEmpty" and "demo-1 started empty on n3" in event.message
-
-
-def test_each_container_start_is_asked_once_and_a_silent_one_a_few_times() -> None:
-    controller = ClusterController(kube=None, default_image="x")  # type: ignore[arg-type]
-    asked: list[tuple[str, list[int]]] = []
-    answers = iter([UNKNOWN] * 10)
-
-    def fake(address: str, ports: list[int]) -> Restore:
-        asked.append((address, ports))
-        return Restore("restored", 7) if address == "10.0.0.1" else next(answers)
-
-    controller.read_restore = fake  # type: ignore[method-assign]
-    pods = [
-        _pod("demo-0", "t1", host_ip="10.0.0.1", workers=2),
-        _pod("demo-1", "t1", host_ip="10.0.0.2"),
-        _pod("demo-2", "t1", host_ip="10.0.0.3", ready=False),  # not ready: not asked
+    # A pod not read yet is left out; with warm restart off there is nothing to list.
+    assert [a["pod"] for a in _status(pods, {"demo-0": restores["demo-0"]})["appliances"]] == [
+        "demo-0"
     ]
-    for _ in range(READ_ATTEMPTS + 2):
-        got = controller.restores_of(REF, pods)
-    assert got == {"demo-0": Restore("restored", 7), "demo-1": UNKNOWN}
-    assert asked.count(("10.0.0.1", [11211, 11212])) == 1
-    assert asked.count(("10.0.0.2", [11211])) == READ_ATTEMPTS
-    # A new container start of demo-0 is asked again.
-    pods[0] = _pod("demo-0", "t2", host_ip="10.0.0.1", workers=2)
-    controller.restores_of(REF, pods)
-    assert asked.count(("10.0.0.1", [11211, 11212])) == 2
+    assert not _status(pods, restores, warmRestart={"enabled": False}).get("appliances")
