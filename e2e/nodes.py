@@ -298,7 +298,8 @@ class NodePaths:
 
     @property
     def kubelet_root(self) -> Path:
-        return self.work / "kubelet"
+        # Its sockets (pod-resources, device and plugin registration) need a short path.
+        return self.run / "kubelet"
 
     @property
     def logs(self) -> Path:
