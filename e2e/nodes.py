@@ -30,6 +30,7 @@ import random
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -58,6 +59,14 @@ KUBELET_SYSCTLS = (
     "kernel/keys/root_maxbytes",
 )
 SANDBOX_IMAGE = "registry.k8s.io/pause:3.10.2"
+# On a node whose CPUs every pod shares (cpuManagerPolicy none), for the tests that need one:
+# only pods that tolerate it go there.
+SHARED_CPUS_TAINT = {
+    "key": "e2e.cache.appliance.io/shared-cpus",
+    "value": "true",
+    "effect": "NoSchedule",
+}
+MAX_NODES = 16  # 198.19.<s>.0/24 cut into one /28 of pod addresses per node
 
 
 class NodeError(RuntimeError):
@@ -80,6 +89,10 @@ class NodeSpec:
     zone: str
     rack: str
     labels: dict[str, str] = field(default_factory=dict)
+    # "static": exclusive CPUs for Guaranteed integer-CPU containers; "none": every pod
+    # shares every CPU (what a kubelet does unless told otherwise).
+    cpu_manager_policy: str = "static"
+    taints: list[dict[str, str]] = field(default_factory=list)
 
     def all_labels(self) -> dict[str, str]:
         return {ZONE_LABEL: self.zone, RACK_LABEL: self.rack, **self.labels}
@@ -88,8 +101,8 @@ class NodeSpec:
 def default_nodes(count: int, zones: int, racks_per_zone: int = 2) -> list[NodeSpec]:
     """``count`` nodes dealt round-robin over ``zones`` zones (zone-a, zone-b, ...) and, within
     a zone, over ``racks_per_zone`` racks (rack-a1, rack-a2, ...)."""
-    if not 1 <= count <= 8 or not 1 <= zones <= 26:
-        raise ValueError("1-8 nodes (one /27 of pod addresses each) in 1-26 zones")
+    if not 1 <= count <= MAX_NODES or not 1 <= zones <= 26:
+        raise ValueError(f"1-{MAX_NODES} nodes (a /28 of pod addresses each) in 1-26 zones")
     nodes = []
     for i in range(count):
         zone = chr(ord("a") + i % zones)
@@ -140,7 +153,7 @@ class Network:
         return f"{NETWORK_PREFIX}.{self.subnet}.{10 + index}"
 
     def pod_cidr(self, index: int) -> str:
-        return f"{POD_PREFIX}.{self.subnet}.{32 * (index - 1)}/27"
+        return f"{POD_PREFIX}.{self.subnet}.{16 * (index - 1)}/28"
 
     def netns(self, index: int) -> str:
         return f"{self.tag}-n{index}"
@@ -159,8 +172,9 @@ class Network:
     def destroy(self) -> None:
         run("ip", "link", "del", self.bridge, check=False)
 
-    def add_node(self, index: int, count: int) -> None:
-        """Node ``index``'s namespace, its veth on the bridge and the routes to its pods."""
+    def add_node(self, index: int, peers: Iterable[int]) -> None:
+        """Node ``index``'s namespace, its veth on the bridge, and routes to its pods from
+        this machine and from its ``peers`` (the other nodes), and from it to theirs."""
         ns, veth = self.netns(index), self.veth(index)
         if not Path(f"/run/netns/{ns}").exists():
             run("ip", "netns", "add", ns)
@@ -172,12 +186,17 @@ class Network:
         run("ip", "link", "set", "eth0", "up", netns=ns)
         # The node forwards for its pods (ptp routes each pod through the node's namespace).
         run("sysctl", "-qw", "net.ipv4.ip_forward=1", netns=ns)
-        for other in range(1, count + 1):
-            if other != index:
-                run(
-                    "ip", "route", "replace", self.pod_cidr(other),
-                    "via", self.node_ip(other), netns=ns,
-                )  # fmt: skip
+        for other in peers:
+            if other == index or not Path(f"/run/netns/{self.netns(other)}").exists():
+                continue
+            run(
+                "ip", "route", "replace", self.pod_cidr(other),
+                "via", self.node_ip(other), netns=ns,
+            )  # fmt: skip
+            run(
+                "ip", "route", "replace", self.pod_cidr(index),
+                "via", self.node_ip(index), netns=self.netns(other),
+            )  # fmt: skip
         run("ip", "route", "replace", self.pod_cidr(index), "via", self.node_ip(index))
 
     def remove_node(self, index: int) -> None:
@@ -196,7 +215,9 @@ def cgroup_hierarchies() -> list[Path]:
     found = []
     for line in Path("/proc/self/mounts").read_text().splitlines():
         _, mount, fstype, *_ = line.split()
-        if fstype == "cgroup":
+        # cgroup v1 hierarchies, and in hybrid mode the unified one beside them (runc makes
+        # the containers' cgroups there too).
+        if fstype in ("cgroup", "cgroup2"):
             found.append(Path(mount))
     return found
 
@@ -298,7 +319,8 @@ class NodePaths:
 
     @property
     def kubelet_root(self) -> Path:
-        return self.work / "kubelet"
+        # Its sockets (pod-resources, device and plugin registration) need a short path.
+        return self.run / "kubelet"
 
     @property
     def logs(self) -> Path:
@@ -418,8 +440,10 @@ def cni_config(network: Network, index: int, paths: NodePaths) -> str:
 SERVICE_CIDR_FOR_PODS = "10.96.0.0/16"
 
 
-def kubelet_config(address: str, paths: NodePaths, ca: Path, cgroup_root: str) -> dict:
-    return {
+def kubelet_config(
+    spec: NodeSpec, address: str, paths: NodePaths, ca: Path, cgroup_root: str
+) -> dict:
+    config = {
         "apiVersion": "kubelet.config.k8s.io/v1beta1",
         "kind": "KubeletConfiguration",
         "address": address,
@@ -438,7 +462,7 @@ def kubelet_config(address: str, paths: NodePaths, ca: Path, cgroup_root: str) -
         "cgroupsPerQOS": True,
         # This machine mounts cgroup v1; kubelet 1.36 refuses it unless told otherwise.
         "failCgroupV1": False,
-        "cpuManagerPolicy": "static",
+        "cpuManagerPolicy": spec.cpu_manager_policy,
         # The static policy keeps whole CPUs for the shared pool: 100m reserved rounds up to
         # one CPU (CPU 0 here), the other is handed out exclusively. Allocatable stays 1900m,
         # so a node takes a pinned 1-CPU appliance and small pods (the operator, helm test)
@@ -467,6 +491,9 @@ def kubelet_config(address: str, paths: NodePaths, ca: Path, cgroup_root: str) -
         "containerLogMaxSize": "10Mi",
         "maxPods": 30,
     }
+    if spec.taints:
+        config["registerWithTaints"] = spec.taints
+    return config
 
 
 def kube_proxy_config(spec: NodeSpec, network: Network, kubeconfig: Path) -> dict:
@@ -510,10 +537,12 @@ class NodeState:
 
 
 class Node:
-    def __init__(self, spec: NodeSpec, network: Network, count: int, work: Path, cluster) -> None:
+    def __init__(
+        self, spec: NodeSpec, network: Network, peers: list[int], work: Path, cluster
+    ) -> None:
         self.spec = spec
         self.network = network
-        self.count = count
+        self.peers = peers
         self.cluster = cluster
         self.address = network.node_ip(spec.index)
         self.netns = network.netns(spec.index)
@@ -552,7 +581,7 @@ class Node:
         p = self.paths
         for d in (p.work, p.run, p.logs, p.pod_logs, p.cni_conf, p.kubelet_root, p.bin):
             d.mkdir(parents=True, exist_ok=True)
-        self.network.add_node(self.spec.index, self.count)
+        self.network.add_node(self.spec.index, self.peers)
         make_cgroup(self.cgroup)
         make_cgroup(f"{self.cgroup}/system")
         runc_root = p.run / "runc"
@@ -568,7 +597,9 @@ class Node:
         self.cluster.node_kubeconfig(self.spec.name)  # issued before the kubelet needs it
 
         (p.work / "kubelet.yaml").write_text(
-            yaml.safe_dump(kubelet_config(self.address, p, self.cluster.pki.ca_cert, self.cgroup))
+            yaml.safe_dump(
+                kubelet_config(self.spec, self.address, p, self.cluster.pki.ca_cert, self.cgroup)
+            )
         )
         proxy_kubeconfig = self.cluster.kube_proxy_kubeconfig()
         (p.work / "kube-proxy.yaml").write_text(
@@ -659,19 +690,22 @@ class Nodes:
         self.work = work.resolve()
         self.network: Network = cluster.network
         self.state_file = self.work / "nodes.json"
-        self.nodes = [Node(s, self.network, len(specs), self.work / s.name, cluster) for s in specs]
+        peers = [s.index for s in specs]
+        self.nodes = [Node(s, self.network, peers, self.work / s.name, cluster) for s in specs]
         self.saved_sysctls: dict[str, str] = {}
+        self._state_lock = threading.Lock()
 
     def save_state(self) -> None:
-        self.work.mkdir(parents=True, exist_ok=True)
-        state = {
-            "subnet": self.network.subnet,
-            "sysctls": self.saved_sysctls,
-            "nodes": [asdict(n.state()) for n in self.nodes],
-        }
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
-        tmp.replace(self.state_file)
+        with self._state_lock:  # the nodes start in parallel threads
+            self.work.mkdir(parents=True, exist_ok=True)
+            state = {
+                "subnet": self.network.subnet,
+                "sysctls": self.saved_sysctls,
+                "nodes": [asdict(n.state()) for n in self.nodes],
+            }
+            tmp = self.state_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(state, indent=2))
+            tmp.replace(self.state_file)
 
     def start(self, images: Iterable[Path], timeout: float = 180.0) -> Nodes:
         bins = NodeBinaries.find()
@@ -708,6 +742,34 @@ class Nodes:
 
     def alive(self) -> bool:
         return all(n.alive() for n in self.nodes)
+
+    def add(self, spec: NodeSpec, images: Iterable[Path], timeout: float = 120.0) -> Node:
+        """One more node joins the running cluster (Ready when this returns)."""
+        if any(n.spec.index == spec.index or n.spec.name == spec.name for n in self.nodes):
+            raise NodeError(f"{spec.name} (index {spec.index}) is taken")
+        bins = NodeBinaries.find()
+        peers = [n.spec.index for n in self.nodes] + [spec.index]
+        node = Node(spec, self.network, peers, self.work / spec.name, self.cluster)
+        self.nodes.append(node)
+        self.cluster.node_kubeconfig(spec.name)
+        self._start_one(node, bins, list(images))
+        self.save_state()
+        wait_nodes_ready(self.cluster.api_client(), [spec.name], timeout)
+        return node
+
+    def remove(self, name: str) -> None:
+        """Stop a node (its pods first), remove its traces and its Node object."""
+        from kubernetes import client
+
+        node = self.node(name)
+        stop_node(node.state(), self.network)
+        self.nodes.remove(node)
+        self.save_state()
+        api = self.cluster.api_client()
+        try:
+            client.CoreV1Api(api).delete_node(name)
+        finally:
+            api.close()
 
     def failure_report(self, lines: int = 20) -> str:
         parts = []
@@ -776,8 +838,9 @@ def _try(fn, *args) -> str | None:
 
 
 def wait_nodes_ready(api_client, names: Iterable[str], timeout: float) -> None:
-    """Until every node is Ready and untainted (the node lifecycle controller removes its
-    not-ready taint), so the scheduler will place pods on it."""
+    """Until every node is Ready and has none of the taints Kubernetes itself puts on nodes
+    (node.kubernetes.io/not-ready and friends, which the node lifecycle controller removes),
+    so the scheduler will place pods on it; taints a node registered with stay."""
     from kubernetes import client
 
     from e2e.cluster import wait_for
@@ -792,11 +855,13 @@ def wait_nodes_ready(api_client, names: Iterable[str], timeout: float) -> None:
             if node is None:
                 return False
             conds = {c.type: c.status for c in node.status.conditions or []}
-            if conds.get("Ready") != "True" or node.spec.taints:
+            if conds.get("Ready") != "True":
+                return False
+            if any(t.key.startswith("node.kubernetes.io/") for t in node.spec.taints or []):
                 return False
         return True
 
-    wait_for(f"nodes {sorted(wanted)} to be Ready and untainted", ready, timeout, interval=0.5)
+    wait_for(f"nodes {sorted(wanted)} to be Ready", ready, timeout, interval=0.5)
 
 
 # ---- the pods' processes, as seen from this machine -------------------------------------------

@@ -78,6 +78,26 @@ def agent(cluster, api, built_image) -> Iterator[nodes.Nodes]:
         running.stop()
 
 
+@pytest.fixture
+def shared_cpu_node(agent, built_image) -> Iterator[str]:
+    """One more real node, for one test: its kubelet runs no CPU manager policy (`none`, the
+    kubelet's default), so every pod there shares every CPU, Guaranteed or not. Tainted
+    (nodes.SHARED_CPUS_TAINT) so that only pods tolerating it go there; removed afterwards."""
+    spec = nodes.NodeSpec(
+        "node-shared-cpus",
+        NODES + 1,
+        "zone-a",
+        "rack-shared",
+        cpu_manager_policy="none",
+        taints=[nodes.SHARED_CPUS_TAINT],
+    )
+    agent.add(spec, built_image.archives, START_TIMEOUT)
+    try:
+        yield spec.name
+    finally:
+        agent.remove(spec.name)
+
+
 @pytest.fixture(scope="session")
 def tools(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory with the pinned kubectl and helm, by those names."""

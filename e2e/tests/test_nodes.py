@@ -23,7 +23,13 @@ from kubernetes.client.exceptions import ApiException
 
 from e2e.appliance import pid_of, process_env
 from e2e.cluster import binary
-from e2e.nodes import NETWORK_PREFIX, RACK_LABEL, ZONE_LABEL, container_cgroup
+from e2e.nodes import (
+    NETWORK_PREFIX,
+    RACK_LABEL,
+    SHARED_CPUS_TAINT,
+    ZONE_LABEL,
+    container_cgroup,
+)
 
 HOST_IP_ENV = {"name": "HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}}
 
@@ -79,7 +85,13 @@ def kubectl(cluster, *args: str, check: bool = True) -> subprocess.CompletedProc
     return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=check)
 
 
-def test_nodes_are_kubelets_on_containerd_with_topology_and_heartbeats(api, agent):
+def _lease(leases, name: str):
+    with contextlib.suppress(ApiException):
+        return leases.read_namespaced_lease(name, "kube-node-lease")
+    return None
+
+
+def test_nodes_are_kubelets_on_containerd_with_topology_and_heartbeats(api, agent, eventually):
     """What `kubectl get nodes -o wide` shows: kubelet v1.36, containerd 2, an address of
     each node's own (not loopback), zone and rack labels; and fresh Leases."""
     core = client.CoreV1Api(api)
@@ -88,6 +100,7 @@ def test_nodes_are_kubelets_on_containerd_with_topology_and_heartbeats(api, agen
     assert {n.metadata.labels[ZONE_LABEL] for n in nodes.values()} == {"zone-a", "zone-b"}
     assert len({n.metadata.labels[RACK_LABEL] for n in nodes.values()}) == 4
     addresses = set()
+    leases = client.CoordinationV1Api(api)
     for name, node in nodes.items():
         info = node.status.node_info
         assert info.kubelet_version.startswith("v1.36."), info.kubelet_version
@@ -97,9 +110,12 @@ def test_nodes_are_kubelets_on_containerd_with_topology_and_heartbeats(api, agen
         assert internal.startswith(NETWORK_PREFIX + "."), internal
         addresses.add(internal)
         assert {c.type: c.status for c in node.status.conditions}["Ready"] == "True"
-        # The static CPU manager keeps CPU 0 for the system: one CPU to hand out here.
-        assert node.status.allocatable["cpu"] == str(int(node.status.capacity["cpu"]) - 1)
-        lease = client.CoordinationV1Api(api).read_namespaced_lease(name, "kube-node-lease")
+        # 100m kube-reserved (which the static CPU manager rounds up to CPU 0 for the shared
+        # pool): one whole CPU left to hand out exclusively here.
+        capacity = int(node.status.capacity["cpu"])
+        assert node.status.allocatable["cpu"] == f"{capacity * 1000 - 100}m"
+        # The kubelet's first lease may come a moment after its node turned Ready.
+        lease = eventually(f"the lease of {name}", lambda n=name: _lease(leases, n), 30)
         assert lease.spec.holder_identity == name
         age = datetime.now(UTC) - lease.spec.renew_time
         assert age.total_seconds() < 40, f"lease of {name} is {age} old"
@@ -409,6 +425,46 @@ def test_guaranteed_pod_gets_the_cpu_the_kubelet_reserved_for_it(
     state = json.loads(checkpoint.read_text())
     assert state["policyName"] == "static"
     assert state["entries"][pod.metadata.uid]["main"] == "1", state
+
+
+def test_a_node_without_the_static_cpu_manager_shares_every_cpu(
+    api, shared_cpu_node, namespace, eventually, image
+):
+    """The same Guaranteed pod on a kubelet with cpuManagerPolicy none may run on every CPU:
+    what an appliance gets when its node ignores pinning (the operator's Pinned condition
+    must tell that apart)."""
+    core = client.CoreV1Api(api)
+    resources = {"cpu": "1", "memory": "64Mi"}
+    core.create_namespaced_pod(
+        namespace,
+        {
+            "metadata": {"name": "unpinned"},
+            "spec": {
+                "hostNetwork": True,
+                "nodeSelector": {"kubernetes.io/hostname": shared_cpu_node},
+                "tolerations": [{"key": SHARED_CPUS_TAINT["key"], "operator": "Exists"}],
+                "containers": [
+                    {
+                        "name": "main",
+                        "image": image,
+                        "command": ["python3", "-c", "import time; time.sleep(600)"],
+                        "resources": {"limits": resources, "requests": resources},
+                    }
+                ],
+            },
+        },
+    )
+
+    def started():
+        p = core.read_namespaced_pod("unpinned", namespace)
+        statuses = p.status.container_statuses or []
+        return p if statuses and statuses[0].state.running else None
+
+    pod = eventually("the pod on the shared-CPU node to run", started, timeout=90)
+    assert pod.status.qos_class == "Guaranteed"
+    assert os.sched_getaffinity(pid_of(pod)) == os.sched_getaffinity(0)
+    node = core.read_node(shared_cpu_node)
+    assert [t.key for t in node.spec.taints or []] == [SHARED_CPUS_TAINT["key"]]
 
 
 def test_pods_reach_services_through_kube_proxy(api, agent, namespace, eventually, image):

@@ -302,7 +302,11 @@ def run(cluster, api, agent, chart, operator, tmp_path_factory) -> Iterator[Run]
                     "scrapeTimeout": "900ms",
                     "scrapeNamespaces": [namespace],
                 },
-                "serviceMonitor": {"enabled": True, "interval": INTERVAL},
+                "serviceMonitor": {
+                    "enabled": True,
+                    "interval": INTERVAL,
+                    "scrapeTimeout": "900ms",
+                },
                 "prometheusRule": {"enabled": True},
             }
         }

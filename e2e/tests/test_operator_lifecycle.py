@@ -67,7 +67,7 @@ def test_scale_up_down_and_beyond_the_nodes(caches, tools, cluster, operator):
     assert "didn't have free ports" in degraded[2], degraded  # the scheduler's own words
     assert ("Warning", "Unschedulable") in events_of(caches, name)
     # A condition, not a crash loop: the operator runs on and the 8 appliances serve.
-    assert operator.alive() and operator.live()
+    assert operator.ready(), "the operator stopped being Ready"
     for ep in endpoints(status):
         assert memcached_roundtrip(ep, "still-here", b"yes") == b"yes"
 
