@@ -25,6 +25,7 @@ from e2e.appliance import (
     memcached_roundtrip,
     stats,
 )
+from e2e.nodes import SHARED_CPUS_TAINT
 
 DEFAULT = product.EXAMPLES / "cachecluster.yaml"  # 3 appliances, every default
 TIMEOUT = 120
@@ -135,34 +136,22 @@ def test_the_example_cluster_reports_its_cpus_and_is_pinned(caches, tools, clust
     assert "PINNED" in listing.splitlines()[0] and "True" in listing.splitlines()[1]
 
 
-def cpu_manager_policies(caches) -> dict[str, str]:
-    """Each node's kubelet CPU manager policy, from the kubelet's own configz."""
-    policies = {}
-    for node in caches.node_labels():
-        try:
-            # Raw: the client would turn the JSON into a Python repr for a str return type.
-            raw = caches.core.connect_get_node_proxy_with_path(
-                node, "configz", _preload_content=False
-            ).data
-        except Exception as e:  # a node agent without configz: unknown
-            policies[node] = f"unknown ({e.__class__.__name__})"
-            continue
-        config = json.loads(raw)
-        policies[node] = config.get("kubeletconfig", {}).get("cpuManagerPolicy") or "none"
-    return policies
-
-
-def test_a_cluster_without_exclusive_cpus_is_not_pinned_and_names_its_pods(caches):
-    shared = sorted(n for n, p in cpu_manager_policies(caches).items() if p == "none")
-    if not shared:
-        pytest.skip(
-            "every node's kubelet runs the static CPU manager: Pinned=False needs a node "
-            "whose kubelet has cpuManagerPolicy none"
-        )
-    node = shared[0]
+def test_a_cluster_without_exclusive_cpus_is_not_pinned_and_names_its_pods(caches, shared_cpu_node):
+    """On a node whose kubelet runs no CPU manager policy (cpuManagerPolicy none), the
+    appliance may run on every CPU: Pinned is False and names it."""
+    node = shared_cpu_node
+    config = json.loads(
+        caches.core.connect_get_node_proxy_with_path(node, "configz", _preload_content=False).data
+    )
+    assert config["kubeletconfig"]["cpuManagerPolicy"] == "none", config["kubeletconfig"]
     manifest = load_manifest(DEFAULT)
     name = manifest["metadata"]["name"]
-    caches.create(manifest, replicas=1, nodeSelector={HOSTNAME_LABEL: node})
+    caches.create(
+        manifest,
+        replicas=1,
+        nodeSelector={HOSTNAME_LABEL: node},
+        tolerations=[{"key": SHARED_CPUS_TAINT["key"], "operator": "Exists"}],
+    )
     caches.wait_phase(name, "Ready", TIMEOUT, replicas=1)
     status = caches.wait(
         name,
