@@ -1,9 +1,9 @@
 """Certificates and kubeconfigs for the local e2e control plane, made with the openssl CLI.
 
 One CA signs everything: the API server's serving certificate, the client certificates of
-the admin, the controller manager, the scheduler and each node (the node agent talks as
-``system:node:<name>`` so the Node authorizer and NodeRestriction admission apply to it as
-they would to a kubelet). The service-account signing key is a separate RSA key pair.
+the admin, the controller manager, the scheduler, each kubelet (``system:node:<name>``, so
+the Node authorizer and NodeRestriction admission apply), kube-proxy and the API server
+towards the kubelets. The service-account signing key is a separate RSA key pair.
 """
 
 from __future__ import annotations

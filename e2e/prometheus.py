@@ -19,6 +19,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,61 +67,110 @@ def _relabel(rule: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+@dataclass(frozen=True)
+class _MonitorKind:
+    """How the Prometheus Operator turns one kind of monitor into scrape jobs."""
+
+    name: str  # podMonitor, serviceMonitor
+    role: str  # the kubernetes_sd role
+    endpoints: str  # where the monitor lists its endpoints
+    selected: str  # whose labels its selector matches: pod, service
+    port_label: str  # the meta label naming the target's port
+    targets: tuple[tuple[str, str], ...]  # meta label -> target label
+    drop_finished_pods: bool
+
+
+PODMONITOR = _MonitorKind(
+    "podMonitor",
+    "pod",
+    "podMetricsEndpoints",
+    "pod",
+    "__meta_kubernetes_pod_container_port_name",
+    (
+        ("__meta_kubernetes_namespace", "namespace"),
+        ("__meta_kubernetes_pod_container_name", "container"),
+        ("__meta_kubernetes_pod_name", "pod"),
+    ),
+    drop_finished_pods=True,
+)
+SERVICEMONITOR = _MonitorKind(
+    "serviceMonitor",
+    "endpoints",
+    "endpoints",
+    "service",
+    "__meta_kubernetes_endpoint_port_name",
+    (
+        ("__meta_kubernetes_namespace", "namespace"),
+        ("__meta_kubernetes_service_name", "service"),
+        ("__meta_kubernetes_pod_name", "pod"),
+    ),
+    drop_finished_pods=False,
+)
+
+
 def podmonitor_scrape_configs(
     podmonitor: Mapping[str, Any], kubernetes_sd: Mapping[str, Any]
 ) -> list[dict[str, Any]]:
     """The scrape jobs the Prometheus Operator makes of ``podmonitor``; ``kubernetes_sd``
     holds how to reach the API server (api_server, tls_config, ...)."""
-    meta, spec = podmonitor["metadata"], podmonitor["spec"]
+    return _scrape_configs(PODMONITOR, podmonitor, kubernetes_sd)
+
+
+def servicemonitor_scrape_configs(
+    servicemonitor: Mapping[str, Any], kubernetes_sd: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """The scrape jobs the Prometheus Operator makes of ``servicemonitor``: endpoints
+    discovery of the Services its selector picks, one job per endpoint port."""
+    return _scrape_configs(SERVICEMONITOR, servicemonitor, kubernetes_sd)
+
+
+def _scrape_configs(
+    kind: _MonitorKind, monitor: Mapping[str, Any], kubernetes_sd: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    meta, spec = monitor["metadata"], monitor["spec"]
     namespace, name = meta["namespace"], meta["name"]
-    sd: dict[str, Any] = {"role": "pod", **kubernetes_sd}
+    sd: dict[str, Any] = {"role": kind.role, **kubernetes_sd}
     selector = spec.get("namespaceSelector") or {}
     if not selector.get("any"):
         sd["namespaces"] = {"names": list(selector.get("matchNames") or [namespace])}
     if (spec.get("attachMetadata") or {}).get("node"):
         sd["attach_metadata"] = {"node": True}
     if spec["selector"].get("matchExpressions"):
-        raise PrometheusError("matchExpressions in a PodMonitor selector are not translated")
+        raise PrometheusError(f"matchExpressions in a {kind.name} selector are not translated")
 
     jobs = []
-    for i, endpoint in enumerate(spec["podMetricsEndpoints"]):
-        relabel: list[dict[str, Any]] = [
-            # Pods that ended are no targets.
-            {
-                "source_labels": ["__meta_kubernetes_pod_phase"],
-                "action": "drop",
-                "regex": "(Failed|Succeeded)",
-            }
-        ]
+    for i, endpoint in enumerate(spec[kind.endpoints]):
+        relabel: list[dict[str, Any]] = []
+        if kind.drop_finished_pods:  # pods that ended are no targets
+            relabel.append(
+                {
+                    "source_labels": ["__meta_kubernetes_pod_phase"],
+                    "action": "drop",
+                    "regex": "(Failed|Succeeded)",
+                }
+            )
         for key, value in sorted(spec["selector"].get("matchLabels", {}).items()):
+            label = f"__meta_kubernetes_{kind.selected}_label"
             relabel.append(
                 {
                     "source_labels": [
-                        f"__meta_kubernetes_pod_label_{_sanitize(key)}",
-                        f"__meta_kubernetes_pod_labelpresent_{_sanitize(key)}",
+                        f"{label}_{_sanitize(key)}",
+                        f"{label}present_{_sanitize(key)}",
                     ],
                     "action": "keep",
                     "regex": f"({value});true",
                 }
             )
         relabel.append(
-            {
-                "source_labels": ["__meta_kubernetes_pod_container_port_name"],
-                "action": "keep",
-                "regex": endpoint["port"],
-            }
+            {"source_labels": [kind.port_label], "action": "keep", "regex": endpoint["port"]}
         )
-        for source, target in (
-            ("__meta_kubernetes_namespace", "namespace"),
-            ("__meta_kubernetes_pod_container_name", "container"),
-            ("__meta_kubernetes_pod_name", "pod"),
-        ):
+        for source, target in kind.targets:
             relabel.append({"source_labels": [source], "target_label": target})
         relabel.append({"target_label": "job", "replacement": f"{namespace}/{name}"})
         relabel.append({"target_label": "endpoint", "replacement": endpoint["port"]})
         relabel += [_relabel(r) for r in endpoint.get("relabelings", [])]
         job: dict[str, Any] = {
-            "job_name": f"podMonitor/{namespace}/{name}/{i}",
+            "job_name": f"{kind.name}/{namespace}/{name}/{i}",
             "metrics_path": endpoint.get("path", "/metrics"),
             "kubernetes_sd_configs": [sd],
             "relabel_configs": relabel,
@@ -131,63 +181,6 @@ def podmonitor_scrape_configs(
             job["scrape_timeout"] = endpoint["scrapeTimeout"]
         if endpoint.get("metricRelabelings"):
             job["metric_relabel_configs"] = [_relabel(r) for r in endpoint["metricRelabelings"]]
-        jobs.append(job)
-    return jobs
-
-
-def servicemonitor_scrape_configs(
-    servicemonitor: Mapping[str, Any], kubernetes_sd: Mapping[str, Any]
-) -> list[dict[str, Any]]:
-    """The scrape jobs the Prometheus Operator makes of ``servicemonitor``: endpoints
-    discovery of the Services its selector picks, one job per endpoint port."""
-    meta, spec = servicemonitor["metadata"], servicemonitor["spec"]
-    namespace, name = meta["namespace"], meta["name"]
-    selector = spec.get("namespaceSelector") or {}
-    sd: dict[str, Any] = {"role": "endpoints", **kubernetes_sd}
-    if not selector.get("any"):
-        sd["namespaces"] = {"names": list(selector.get("matchNames") or [namespace])}
-    if spec["selector"].get("matchExpressions"):
-        raise PrometheusError("matchExpressions in a ServiceMonitor selector are not translated")
-    jobs = []
-    for i, endpoint in enumerate(spec["endpoints"]):
-        relabel: list[dict[str, Any]] = []
-        for key, value in sorted(spec["selector"].get("matchLabels", {}).items()):
-            relabel.append(
-                {
-                    "source_labels": [
-                        f"__meta_kubernetes_service_label_{_sanitize(key)}",
-                        f"__meta_kubernetes_service_labelpresent_{_sanitize(key)}",
-                    ],
-                    "action": "keep",
-                    "regex": f"({value});true",
-                }
-            )
-        relabel.append(
-            {
-                "source_labels": ["__meta_kubernetes_endpoint_port_name"],
-                "action": "keep",
-                "regex": endpoint["port"],
-            }
-        )
-        for source, target in (
-            ("__meta_kubernetes_namespace", "namespace"),
-            ("__meta_kubernetes_service_name", "service"),
-            ("__meta_kubernetes_pod_name", "pod"),
-        ):
-            relabel.append({"source_labels": [source], "target_label": target})
-        relabel.append({"target_label": "job", "replacement": f"{namespace}/{name}"})
-        relabel.append({"target_label": "endpoint", "replacement": endpoint["port"]})
-        relabel += [_relabel(r) for r in endpoint.get("relabelings", [])]
-        job: dict[str, Any] = {
-            "job_name": f"serviceMonitor/{namespace}/{name}/{i}",
-            "metrics_path": endpoint.get("path", "/metrics"),
-            "kubernetes_sd_configs": [sd],
-            "relabel_configs": relabel,
-        }
-        if endpoint.get("interval"):
-            job["scrape_interval"] = endpoint["interval"]
-        if endpoint.get("scrapeTimeout"):
-            job["scrape_timeout"] = endpoint["scrapeTimeout"]
         jobs.append(job)
     return jobs
 

@@ -176,7 +176,7 @@ def test_operator_runs_as_a_pod_from_the_image_with_its_mounted_token(api, chart
     assert pod.spec.service_account_name == product.SERVICE_ACCOUNT
     mounts = {m.mount_path for m in container.volume_mounts or []}
     assert "/var/run/secrets/kubernetes.io/serviceaccount" in mounts
-    # Not beside the cluster any more: the process runs in the pod's cgroup on its node.
+    # The process runs in the pod's cgroup on its node, with the in-cluster environment.
     env = process_env(operator.pid())
     assert env.get("KUBERNETES_SERVICE_HOST"), "in-cluster config comes from the pod's env"
     assert env.get("POD_ID") == pod.metadata.name

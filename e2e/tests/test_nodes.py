@@ -80,6 +80,21 @@ def is_ready(pod: client.V1Pod) -> bool:
     return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
 
 
+def sleeper(image: str, name: str, script: str, resources: dict | None = None, **spec) -> dict:
+    """A hostNetwork pod running ``script`` in the image's python3; with ``resources`` as
+    both its requests and limits (Guaranteed, for integer CPUs)."""
+    container: dict = {"name": "main", "image": image, "command": ["python3", "-c", script]}
+    if resources:
+        container["resources"] = {"limits": resources, "requests": resources}
+    return {
+        "metadata": {"name": name},
+        "spec": {"hostNetwork": True, "containers": [container], **spec},
+    }
+
+
+SLEEP = "import time; time.sleep(600)"
+
+
 def kubectl(cluster, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     argv = [str(binary("kubectl")), "--kubeconfig", str(cluster.kubeconfig), *args]
     return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=check)
@@ -394,23 +409,7 @@ def test_guaranteed_pod_gets_the_cpu_the_kubelet_reserved_for_it(
         pytest.skip("one CPU: nothing to pin exclusively")
     core = client.CoreV1Api(api)
     resources = {"cpu": "1", "memory": "64Mi"}
-    core.create_namespaced_pod(
-        namespace,
-        {
-            "metadata": {"name": "pinned"},
-            "spec": {
-                "hostNetwork": True,
-                "containers": [
-                    {
-                        "name": "main",
-                        "image": image,
-                        "command": ["python3", "-c", "import time; time.sleep(600)"],
-                        "resources": {"limits": resources, "requests": resources},
-                    }
-                ],
-            },
-        },
-    )
+    core.create_namespaced_pod(namespace, sleeper(image, "pinned", SLEEP, resources))
 
     def started():
         p = core.read_namespaced_pod("pinned", namespace)
@@ -435,25 +434,15 @@ def test_a_node_without_the_static_cpu_manager_shares_every_cpu(
     must tell that apart)."""
     core = client.CoreV1Api(api)
     resources = {"cpu": "1", "memory": "64Mi"}
-    core.create_namespaced_pod(
-        namespace,
-        {
-            "metadata": {"name": "unpinned"},
-            "spec": {
-                "hostNetwork": True,
-                "nodeSelector": {"kubernetes.io/hostname": shared_cpu_node},
-                "tolerations": [{"key": SHARED_CPUS_TAINT["key"], "operator": "Exists"}],
-                "containers": [
-                    {
-                        "name": "main",
-                        "image": image,
-                        "command": ["python3", "-c", "import time; time.sleep(600)"],
-                        "resources": {"limits": resources, "requests": resources},
-                    }
-                ],
-            },
-        },
+    unpinned = sleeper(
+        image,
+        "unpinned",
+        SLEEP,
+        resources,
+        nodeSelector={"kubernetes.io/hostname": shared_cpu_node},
+        tolerations=[{"key": SHARED_CPUS_TAINT["key"], "operator": "Exists"}],
     )
+    core.create_namespaced_pod(namespace, unpinned)
 
     def started():
         p = core.read_namespaced_pod("unpinned", namespace)
@@ -536,17 +525,6 @@ def test_pods_reach_services_through_kube_proxy(api, agent, namespace, eventuall
     assert logs.split() == ["200", "api", "ok"], logs
     pod_ip = core.read_namespaced_pod("client", namespace).status.pod_ip
     assert pod_ip and not pod_ip.startswith(NETWORK_PREFIX + "."), "not on the pod network"
-
-
-def sleeper(image: str, name: str, script: str, **spec) -> dict:
-    return {
-        "metadata": {"name": name},
-        "spec": {
-            "hostNetwork": True,
-            "containers": [{"name": "main", "image": image, "command": ["python3", "-c", script]}],
-            **spec,
-        },
-    }
 
 
 def test_deletion_escalates_to_sigkill_after_the_grace_period(
