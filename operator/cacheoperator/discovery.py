@@ -23,8 +23,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from cacheoperator.models import CacheClusterSpec, DiscoveryNode, DiscoveryStatus
-from cacheoperator.naming import ClusterRef, discovery_service_name, pod_host, statefulset_name
-from cacheoperator.placement import partition_sizes
+from cacheoperator.naming import ClusterRef, discovery_service_name, pod_host
+from cacheoperator.placement import pod_names
 from cacheoperator.status import pod_endpoints
 
 # The ConfigMap key, and where the pods find it (pods.py mounts it, the server polls it).
@@ -36,15 +36,6 @@ MEMBERSHIP_PATH = f"{MOUNT_DIR}/{MEMBERSHIP_KEY}"
 def discovery_endpoint(ref: ClusterRef, spec: CacheClusterSpec) -> str:
     """The one address a client is configured with: the discovery Service, worker 0's port."""
     return f"{discovery_service_name(ref.name)}.{ref.namespace}.svc:{spec.port}"
-
-
-def member_pods(cluster: str, spec: CacheClusterSpec) -> list[str]:
-    """The pods the spec asks for, in the membership's order (partition, then ordinal)."""
-    return [
-        f"{statefulset_name(cluster, partition)}-{ordinal}"
-        for partition, replicas in partition_sizes(spec)
-        for ordinal in range(replicas)
-    ]
 
 
 def members(
@@ -59,7 +50,7 @@ def members(
     for node in previous:
         before.setdefault(node.pod, []).append(node)
     out: list[DiscoveryNode] = []
-    for name in member_pods(ref.name, spec):
+    for name in pod_names(ref.name, spec):  # the membership's order
         pod = by_name.get(name)
         found = pod_endpoints(pod, {}) if pod is not None else []
         if not found:

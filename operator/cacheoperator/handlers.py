@@ -4,7 +4,9 @@ reconcile does lives in `reconcile.ClusterController`, which the handlers find i
 
 When: a CacheCluster is created, changed or found at start-up (with kopf's retries), and
 whenever one of its StatefulSets or pods changes, so the status follows the actual state
-(readiness, scheduling failures, pods moving) and edits to owned objects are undone.
+(readiness, scheduling failures, pods moving) and edits to owned objects are undone. A new
+pod that the placement gate holds (warm restart) is released from its own event, before
+the pass.
 No timers: kopf would add a finalizer for them, and then deleting a CacheCluster would
 hang whenever the operator is down. Children go away through garbage collection.
 """
@@ -86,7 +88,6 @@ def register(registry: kopf.OperatorRegistry) -> None:
         labels=CHILD_LABELS,
         registry=registry,
     )
-    @kopf.on.event("v1", "pods", id="pod-changed", labels=CHILD_LABELS, registry=registry)
     def child_changed(
         namespace: str,
         labels: Mapping[str, str],
@@ -100,3 +101,22 @@ def register(registry: kopf.OperatorRegistry) -> None:
             # Event handlers are not retried; the next event, or the cluster's own
             # handlers, will run the pass again.
             logger.warning("reconcile of %s/%s failed: %s", namespace, labels[LABEL_CLUSTER], exc)
+
+    @kopf.on.event("v1", "pods", id="pod-changed", labels=CHILD_LABELS, registry=registry)
+    def pod_changed(
+        type: str,
+        body: kopf.Body,
+        namespace: str,
+        labels: Mapping[str, str],
+        memo: kopf.Memo,
+        logger: logging.Logger,
+        **_: Any,
+    ) -> None:
+        # A new pod held by the placement gate (warm restart) is released first, at once:
+        # it waits for nothing else (gate.py). Then the pass, as for any child.
+        if type != "DELETED":
+            try:
+                memo.controller.release(body)
+            except Exception:  # e.g. the API server out of reach: the pass tries again
+                logger.exception("release of pod %s/%s failed", namespace, body["metadata"]["name"])
+        child_changed(namespace=namespace, labels=labels, memo=memo, logger=logger)

@@ -152,6 +152,21 @@ class Kube:
             if exc.status not in (404, 409):  # gone already, or replaced by a new object
                 raise
 
+    def patch(
+        self, resource: Resource, namespace: str, name: str, patch: dict[str, Any]
+    ) -> dict[str, Any]:
+        """A strategic merge patch (built-in kinds only): lists merge as their schema says,
+        e.g. a pod's scheduling gates by name."""
+        return (
+            self._request(
+                "PATCH",
+                resource.path(namespace, name),
+                body=patch,
+                content_type="application/strategic-merge-patch+json",
+            )
+            or {}
+        )
+
     def patch_status(
         self, resource: Resource, namespace: str, name: str, status: dict[str, Any]
     ) -> dict[str, Any]:

@@ -449,6 +449,31 @@ class ApplianceStart(_StatusModel):
     )
     restored_items: int | None = None
     reason: str | None = Field(None, description="Why the snapshot was refused.")
+    previous_node: str | None = Field(
+        None,
+        description=(
+            "Where the pod of this name ran before, when that was another node: its "
+            "snapshot stayed there, and it started here without it."
+        ),
+    )
+
+
+class LastNode(_StatusModel):
+    """The node where one appliance last ran ready: where its snapshot is, and where a new
+    pod of the same name is steered back to (warm restart)."""
+
+    pod: str
+    node: str
+    uid: str | None = Field(
+        None, description="The pod that ran there; a new pod of the same name is a new start."
+    )
+    previous_node: str | None = Field(
+        None,
+        description=(
+            "Where the pod before it ran, when that was another node (drained, lost, or "
+            "full): this one started without its snapshot."
+        ),
+    )
 
 
 class CacheClusterStatus(_StatusModel):
@@ -468,6 +493,13 @@ class CacheClusterStatus(_StatusModel):
     appliances: list[ApplianceStart] = Field(
         default_factory=list,
         description="Each ready appliance's last start: what it restored (warm restart).",
+    )
+    last_nodes: list[LastNode] = Field(
+        default_factory=list,
+        description=(
+            "With warm restart, the node each appliance last ran on, kept while its pod is "
+            "replaced: the operator steers the new pod back there, to its snapshot."
+        ),
     )
 
 

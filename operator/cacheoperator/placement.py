@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from cacheoperator.models import MAX_REPLICAS, CacheClusterSpec
-from cacheoperator.naming import LABEL_CLUSTER, LABEL_PARTITION, selector_labels
+from cacheoperator.naming import LABEL_CLUSTER, LABEL_PARTITION, selector_labels, statefulset_name
 
 HOSTNAME_KEY = "kubernetes.io/hostname"
 # Topology spread compares a zone's count with the *smallest* zone's. When there are fewer
@@ -147,3 +147,12 @@ def partition_sizes(spec: CacheClusterSpec) -> list[tuple[int | None, int]]:
     count = spec.placement.partition_count
     base, extra = divmod(spec.replicas, count)
     return [(p, base + (1 if p <= extra else 0)) for p in range(1, count + 1)]
+
+
+def pod_names(cluster: str, spec: CacheClusterSpec) -> list[str]:
+    """The pods the spec asks for, partition by partition, ordinal by ordinal."""
+    return [
+        f"{statefulset_name(cluster, partition)}-{ordinal}"
+        for partition, replicas in partition_sizes(spec)
+        for ordinal in range(replicas)
+    ]

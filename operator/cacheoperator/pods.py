@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 from cacheoperator.discovery import MEMBERSHIP_KEY, MEMBERSHIP_PATH, MOUNT_DIR
+from cacheoperator.gate import scheduling_gates
 from cacheoperator.models import CacheClusterSpec
 from cacheoperator.naming import (
     CONTAINER,
@@ -293,6 +294,9 @@ def pod_template(
     if spread:
         pod["topologySpreadConstraints"] = spread
     if spec.warm_restart.enabled:
+        # Held back from the scheduler until the operator has pointed it at the node of
+        # its snapshot (gate.py).
+        pod["schedulingGates"] = scheduling_gates()
         pod["initContainers"] = [warm_init_container(spec, image, namespace, cluster)]
     pod["containers"] = [container(spec, image, partition, namespace, cluster)]
     pod["volumes"] = [

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -24,10 +24,11 @@ from cacheoperator.discovery import (
     next_discovery,
     previous_discovery,
 )
+from cacheoperator.gate import GATE, home_node, is_gated, release_patch
 from cacheoperator.kube import CACHECLUSTERS, NODES, PODS, STATEFULSETS, Kube, KubeError
 from cacheoperator.metrics import OperatorMetrics
 from cacheoperator.models import CacheClusterSpec, Endpoint, InvalidSpec, parse_spec
-from cacheoperator.naming import ClusterRef, selector_string
+from cacheoperator.naming import LABEL_CLUSTER, ClusterRef, selector_string
 from cacheoperator.rollout import held_statefulsets
 from cacheoperator.scheduling import host_ports
 from cacheoperator.status import (
@@ -36,6 +37,7 @@ from cacheoperator.status import (
     compute_status,
     endpoints,
     invalid_status,
+    move_events,
     needs_host_port_pods,
     restore_events,
     transitions,
@@ -50,6 +52,12 @@ NODE_LABELS_TTL = 60.0
 # Pods that hold host ports, read (in all namespaces) only while a pod of some cluster
 # waits for a port; passes of several stuck clusters within this time share one read.
 HOST_PORT_PODS_TTL = 5.0
+# A pod that could not be released for a passing reason (the API server busy or out of
+# reach): its cluster gets another pass this many seconds later.
+RELEASE_RETRY = 5.0
+# Placement problems already posted as events, by (pod uid, reason): once each, not once
+# per pass that retries. Forgotten wholesale past this many.
+POSTED_PLACEMENT_PROBLEMS = 1000
 # Pods that are on a node and not finished: the ones whose host ports the scheduler counts.
 ON_A_NODE = "spec.nodeName!=,status.phase!=Succeeded,status.phase!=Failed"
 
@@ -136,6 +144,8 @@ class ClusterController:
         self._nodes: dict[str, tuple[float, dict[str, str]]] = {}
         self._host_port_pods: dict[str | None, tuple[float, list[dict[str, Any]]]] = {}
         self._cache_lock = threading.Lock()
+        self._posted: set[tuple[str, str]] = set()
+        self._retrying: set[tuple[str, str]] = set()  # clusters with a pass due (_pass_later)
 
     def reconcile(self, namespace: str, name: str) -> None:
         self.coalescer.run((namespace, name), lambda: self._pass(namespace, name))
@@ -144,6 +154,113 @@ class ClusterController:
         self.metrics.forget(namespace, name)
         if self.reports is not None:
             self.reports.forget(namespace, name)
+
+    def release(self, pod: Mapping[str, Any], cluster: Mapping[str, Any] | None = None) -> bool:
+        """Take the placement gate off a gated pod (gate.py), preferring the node where the
+        pod of its name last ran ready; True if this call released it. `cluster`: its
+        CacheCluster as just read, else read here. Two API calls (the read and one patch),
+        three when the API server refuses the preference and the pod goes without it. A pod
+        that cannot be released is logged and posted, and its cluster gets another pass
+        (which releases what it finds gated) after RELEASE_RETRY seconds when the failure
+        may pass."""
+        if not is_gated(pod):
+            return False
+        meta = pod["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        cluster_name = (meta.get("labels") or {}).get(LABEL_CLUSTER, "")
+        problem = ""
+        if cluster is None:
+            try:
+                cluster = self.kube.get(CACHECLUSTERS, namespace, cluster_name)
+            except KubeError as exc:
+                problem = f"cannot read CacheCluster {cluster_name}: {exc}"
+        node = home_node(cluster.get("status"), name) if cluster else None
+        try:
+            if node is not None:
+                try:
+                    self.kube.patch(PODS, namespace, name, release_patch(pod, node))
+                    log.info("%s/%s: released, to go back to node %s", namespace, name, node)
+                    return True
+                except KubeError as exc:
+                    if exc.status == 404 or exc.retryable:
+                        raise
+                    # Refused (422): the pod as the API server has it takes no such term.
+                    problem = f"the preference for node {node} was refused: {exc}"
+            self.kube.patch(PODS, namespace, name, release_patch(pod, None))
+        except KubeError as exc:
+            if exc.status == 404:  # gone meanwhile
+                return False
+            self._placement_problem(
+                pod,
+                cluster,
+                "GateNotRemoved",
+                f"{name} stays Pending: the operator cannot remove its scheduling gate {GATE}: "
+                f"{exc}",
+            )
+            if exc.retryable and cluster_name:
+                self._pass_later(namespace, cluster_name)
+            return False
+        if problem:
+            self._placement_problem(
+                pod,
+                cluster,
+                "NodeNotPreferred",
+                f"{name} was released without a preference for the node of its snapshot: {problem}",
+            )
+        else:
+            log.info("%s/%s: released (no node known for it)", namespace, name)
+        return True
+
+    def _pass_later(self, namespace: str, name: str) -> None:
+        """One more pass for the cluster in RELEASE_RETRY seconds (one waiting at a time),
+        and again while that pass fails for a reason that may pass."""
+        key = (namespace, name)
+        with self._cache_lock:
+            if key in self._retrying:
+                return
+            self._retrying.add(key)
+
+        def run() -> None:
+            with self._cache_lock:
+                self._retrying.discard(key)
+            try:
+                self.reconcile(namespace, name)
+            except Exception as exc:
+                log.warning("pass for %s/%s failed: %s", namespace, name, exc)
+                if not isinstance(exc, KubeError) or exc.retryable:
+                    self._pass_later(namespace, name)
+
+        timer = threading.Timer(RELEASE_RETRY, run)
+        timer.daemon = True
+        timer.start()
+
+    def release_gated(self, pods: Sequence[Mapping[str, Any]], cluster: Mapping[str, Any]) -> None:
+        """Release the gated pods a pass sees. Each pod's own event releases it as a rule;
+        this catches one whose release failed (an API error), or raced with a pass."""
+        for pod in pods:
+            if is_gated(pod):
+                self.release(pod, cluster)
+
+    def _placement_problem(
+        self, pod: Mapping[str, Any], cluster: Mapping[str, Any] | None, reason: str, message: str
+    ) -> None:
+        """Log it, and post it once per pod: on the CacheCluster, or the pod if that is
+        unreadable."""
+        meta = pod["metadata"]
+        log.warning("%s/%s: %s", meta["namespace"], meta["name"], message)
+        key = (str(meta.get("uid") or meta["name"]), reason)
+        with self._cache_lock:
+            if key in self._posted:
+                return
+            if len(self._posted) >= POSTED_PLACEMENT_PROBLEMS:
+                self._posted.clear()
+            self._posted.add(key)
+        # (Listed pods come without their kind, which an event's object needs.)
+        target = cluster or {"apiVersion": "v1", "kind": "Pod", **pod}
+        try:
+            self.post_event(target, Event("Warning", reason, message))
+        except Exception as exc:  # an event is worth less than the pass that posts it
+            log.warning("cannot post event %s: %s", reason, exc)
 
     def _pass(self, namespace: str, name: str) -> Outcome | None:
         body = self.kube.get(CACHECLUSTERS, namespace, name)
@@ -174,11 +291,13 @@ class ClusterController:
         except InvalidSpec as exc:
             # Leave the running pods alone: a typo in an edit must not take the cache down.
             log.warning("%s/%s: invalid spec: %s", ref.namespace, ref.name, exc)
+            observed = self.observe(ref)
+            self.release_gated(observed.pods, body)
             status = invalid_status(
                 cluster=ref.name,
                 generation=generation,
                 problems=exc.problems,
-                observed=self.observe(ref),
+                observed=observed,
                 previous=previous,
                 now=now,
                 discovery=published,
@@ -200,6 +319,7 @@ class ClusterController:
                 raise
             apply_error = str(exc)  # e.g. a nodeSelector key the API server rejects
         observed = self.observe(ref)
+        self.release_gated(observed.pods, body)
         discovery = published
         if apply_error is None:
             nodes = members(ref, spec, observed.pods, published.nodes if published else ())
@@ -325,7 +445,11 @@ class ClusterController:
     def _report(
         self, ref: ClusterRef, result: str, previous: Mapping[str, Any], status: dict[str, Any]
     ) -> Outcome:
-        events = transitions(previous, status) + restore_events(previous, status)
+        events = (
+            transitions(previous, status)
+            + move_events(previous, status)
+            + restore_events(previous, status)
+        )
         outcome = Outcome(result=result, status=status, events=events)
         if status != previous:
             self.kube.patch_status(CACHECLUSTERS, ref.namespace, ref.name, status)

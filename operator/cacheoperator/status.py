@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cacheoperator.appliances import ApplianceReport, Reading, Restore, pod_restores
+from cacheoperator.gate import last_nodes, moved_from, recorded_nodes
 from cacheoperator.models import (
     DEFAULT_RACK_KEY,
     DEFAULT_ZONE_KEY,
@@ -23,10 +24,11 @@ from cacheoperator.models import (
     Condition,
     DiscoveryStatus,
     Endpoint,
+    LastNode,
 )
 from cacheoperator.naming import CONTAINER, LABEL_PARTITION, selector_string, statefulset_name
 from cacheoperator.pinning import NOT_EXCLUSIVE, PINNING_OFF, pinned_condition
-from cacheoperator.placement import partition_sizes
+from cacheoperator.placement import partition_sizes, pod_names
 from cacheoperator.quantity import format_bytes
 from cacheoperator.scheduling import (
     PORTS_TAKEN,
@@ -194,9 +196,12 @@ def started_at(pod: Mapping[str, Any], container: str = CONTAINER) -> str | None
 
 
 def appliance_starts(
-    pods: Sequence[Mapping[str, Any]], restores: Mapping[str, Restore]
+    pods: Sequence[Mapping[str, Any]],
+    restores: Mapping[str, Restore],
+    nodes: Sequence[LastNode] = (),
 ) -> list[ApplianceStart]:
-    """The warm-restart outcome of each ready pod, in endpoint order."""
+    """The warm-restart outcome of each ready pod, in endpoint order, with the node its
+    predecessor ran on when that was another (`nodes`: status.lastNodes)."""
     ready = sorted(
         (p for p in pods if is_ready(p)),
         key=lambda p: (_partition(p) or 0, _ordinal(_pod_name(p)), _pod_name(p)),
@@ -214,6 +219,7 @@ def appliance_starts(
                 warm_restart=restore.result,
                 restored_items=restore.items if restore.result == "restored" else None,
                 reason=restore.reason or None,
+                previous_node=moved_from(nodes, pod),
             )
         )
     return out
@@ -575,6 +581,14 @@ def compute_status(
     pinned = pinned_condition(spec.pinning, pods, workers, observed.readings)
     # The same reports say what each pod's cache came through its start with.
     restores = pod_restores(workers, observed.readings) if spec.warm_restart.enabled else {}
+    # Where each appliance's snapshot is: a replaced pod is steered back there (gate.py).
+    nodes = (
+        last_nodes(
+            recorded_nodes(previous), [p for p in pods if is_ready(p)], pod_names(cluster, spec)
+        )
+        if spec.warm_restart.enabled
+        else []
+    )
     status = CacheClusterStatus(
         phase=phase,
         replicas=len(pods),
@@ -589,7 +603,8 @@ def compute_status(
         ],
         endpoints=eps,
         discovery=discovery,
-        appliances=appliance_starts(pods, restores),
+        appliances=appliance_starts(pods, restores, nodes),
+        last_nodes=nodes,
     )
     return status.model_dump(by_alias=True, exclude_none=True)
 
@@ -631,6 +646,8 @@ def invalid_status(
         ],
         endpoints=endpoints(pods, observed.node_labels),
         discovery=discovery,
+        # Kept as they were, like the pods: a replaced pod still goes back to its node.
+        last_nodes=recorded_nodes(previous),
     )
     return status.model_dump(by_alias=True, exclude_none=True)
 
@@ -652,6 +669,12 @@ def restore_events(previous: Mapping[str, Any] | None, current: Mapping[str, Any
         elif result == "refused":
             message = f"{pod} refused its snapshot ({a.get('reason', '?')}) and started empty"
             events.append(Event("Warning", "SnapshotRefused", message))
+        elif a.get("previousNode"):
+            message = (
+                f"{pod} started empty on {a.get('node') or 'its node'}: its snapshot is on "
+                f"{a['previousNode']}, where it ran before"
+            )
+            events.append(Event("Normal", "StartedEmpty", message))
         else:
             message = (
                 f"{pod} started empty on {a.get('node') or 'its node'}: no snapshot there (a "
@@ -659,6 +682,23 @@ def restore_events(previous: Mapping[str, Any] | None, current: Mapping[str, Any
             )
             events.append(Event("Normal", "StartedEmpty", message))
     return events
+
+
+def move_events(previous: Mapping[str, Any] | None, current: Mapping[str, Any]) -> list[Event]:
+    """One event per appliance that came back on another node than the one it ran on (its
+    node drained, lost or full), when the status first records it: the cache it had stays
+    behind (whether or not the operator can read what the appliance restored)."""
+    seen = {(e.pod, e.uid) for e in recorded_nodes(previous)}
+    return [
+        Event(
+            "Warning",
+            "Moved",
+            f"{e.pod} runs on {e.node} now, not on {e.previous_node} where it ran before: "
+            "its snapshot stayed there, so it started without it",
+        )
+        for e in recorded_nodes(current)
+        if e.previous_node and (e.pod, e.uid) not in seen
+    ]
 
 
 def transitions(previous: Mapping[str, Any] | None, current: Mapping[str, Any]) -> list[Event]:

@@ -429,6 +429,8 @@ def test_warm_restart_is_on_by_default_with_a_node_directory_per_pod():
         "add": ["CHOWN", "DAC_OVERRIDE", "FOWNER"],
     }
     assert init["resources"]["requests"] == init["resources"]["limits"]  # still Guaranteed
+    # New pods wait for the operator to point them at their snapshot's node (gate.py).
+    assert pod["schedulingGates"] == [{"name": "cache.appliance.io/placement"}]
 
 
 @pytest.mark.parametrize("memory, grace", [("1Gi", 41), ("8Gi", 116), ("64Gi", 718)])
@@ -446,6 +448,7 @@ def test_warm_restart_off_leaves_no_trace_in_the_pod():
     container = server_container(sts)
     assert "CACHESERVER_MEMORY_FILE" not in env_of(container)
     assert "initContainers" not in pod and "startupProbe" not in container
+    assert "schedulingGates" not in pod  # nothing to come back to: the scheduler decides
     assert all("hostPath" not in v for v in pod["volumes"])
     assert pod["terminationGracePeriodSeconds"] == 30
 
