@@ -195,6 +195,8 @@ ALLOWED = [
     ("create", "configmaps"),
     ("create", "poddisruptionbudgets.policy"),
     ("watch", "pods"),
+    # Warm restart: to release a replaced pod's scheduling gate with its previous node.
+    ("patch", "pods"),
     ("get", "nodes"),
     ("create", "events"),
     ("patch", "events.events.k8s.io"),
