@@ -279,6 +279,13 @@ def remove_cgroup(rel: str) -> None:
                 d.rmdir()
 
 
+def _is_mount_point(path: Path) -> bool:
+    target = str(path.resolve())
+    return any(
+        line.split()[1] == target for line in Path("/proc/self/mounts").read_text().splitlines()
+    )
+
+
 def unmount_under(*prefixes: Path) -> None:
     """Lazily unmount every mount point under the given directories, deepest first."""
     wanted = [str(p.resolve()) + "/" for p in prefixes]
@@ -337,6 +344,11 @@ class NodePaths:
     @property
     def bin(self) -> Path:
         return self.work / "bin"
+
+    @property
+    def mount_ns(self) -> Path:
+        """The node's mount namespace, kept by a bind mount of its /proc file here."""
+        return self.run / "mnt"
 
 
 @dataclass
@@ -567,13 +579,8 @@ class Node:
             str(top / self.cgroup / "system" / "cgroup.procs") for top in cgroup_hierarchies()
         ]
         joins = "".join(f'echo $$ > "{f}"; ' for f in procs_files)
-        wrapped = [
-            "sh",
-            "-c",
-            f'{joins}exec nsenter --net=/run/netns/{self.netns} "$@"',
-            name,
-            *argv,
-        ]
+        enter = f"nsenter --mount={self.paths.mount_ns} --net=/run/netns/{self.netns}"
+        wrapped = ["sh", "-c", f'{joins}exec {enter} "$@"', name, *argv]
         rec, _ = procs.start(name, wrapped, self.paths.logs / f"{name}.log", env=env)
         self.records.append(rec)
 
@@ -582,6 +589,7 @@ class Node:
         for d in (p.work, p.run, p.logs, p.pod_logs, p.cni_conf, p.kubelet_root, p.bin):
             d.mkdir(parents=True, exist_ok=True)
         self.network.add_node(self.spec.index, self.peers)
+        self._make_mount_namespace()
         make_cgroup(self.cgroup)
         make_cgroup(f"{self.cgroup}/system")
         runc_root = p.run / "runc"
@@ -605,6 +613,25 @@ class Node:
         (p.work / "kube-proxy.yaml").write_text(
             yaml.safe_dump(kube_proxy_config(self.spec, self.network, proxy_kubeconfig))
         )
+
+    def _make_mount_namespace(self) -> None:
+        """A mount namespace of the node's own (a slave of this machine's: it sees the host's
+        mounts, the host does not see the node's), with a /dev/shm of its own: node-local
+        memory, as each real machine has, for what pods keep there (warm-restart snapshots
+        in hostPath volumes). The kubelet's and containerd's mounts stay inside it too."""
+        ns = self.paths.mount_ns
+        if ns.exists() and _is_mount_point(ns):
+            return
+        # The file that keeps a namespace must not be on a shared mount: make the node's run
+        # directory a private mount of its own.
+        run("mount", "--bind", str(self.paths.run), str(self.paths.run))
+        run("mount", "--make-private", str(self.paths.run))
+        ns.touch()
+        run("unshare", f"--mount={ns}", "--propagation", "slave", "true")
+        run(
+            "nsenter", f"--mount={ns}", "mount", "-t", "tmpfs",
+            "-o", "mode=1777,size=2g", f"shm-{self.spec.name}", "/dev/shm",
+        )  # fmt: skip
 
     def start_runtime(self, bins: NodeBinaries) -> None:
         p = self.paths

@@ -24,7 +24,7 @@ from pymemcache.client.base import Client
 from pymemcache.client.rendezvous import RendezvousHash
 
 from e2e import product
-from e2e.appliance import endpoints, load_manifest
+from e2e.appliance import endpoints, kubectl, load_manifest
 
 DEFAULT = product.EXAMPLES / "cachecluster.yaml"  # 3 appliances, warm restart on by default
 KEYS = 3000
@@ -149,3 +149,53 @@ def test_a_rollout_keeps_the_cache_of_every_appliance(caches):
         assert end - start <= ONE_RESTART, f"{server} failed for {end - start:.1f}s"
     for ((_, end1), s1), ((start2, _), s2) in pairwise(spans):
         assert s1 == s2 or start2 >= end1 - 1.0, f"{s1} and {s2} were down at the same time"
+
+
+def test_an_appliance_drained_off_its_node_starts_empty_elsewhere_and_says_so(
+    caches, tools, cluster
+):
+    """Node memory is node-local (each e2e node has a /dev/shm of its own): an appliance whose
+    node is cordoned and whose pod is replaced starts on another node without its snapshot,
+    and the status and events say where the snapshot stayed."""
+    manifest = load_manifest(DEFAULT)
+    name = manifest["metadata"]["name"]
+    caches.create(manifest, replicas=1)
+    status = caches.wait_phase(name, "Ready", TIMEOUT, replicas=1)
+    (ep,) = endpoints(status)
+    client = Client((ep.address, ep.port), connect_timeout=2, timeout=2, default_noreply=False)
+    try:
+        for i in range(100):
+            assert client.set(f"drained:{i}", value_of(i))
+    finally:
+        client.close()
+    (pod,) = caches.live_pods(name)
+    node = pod.spec.node_name
+    kubectl(tools, cluster, "cordon", node)
+    try:
+        # A graceful stop: the server writes its snapshot to its node's memory.
+        kubectl(tools, cluster, "delete", "pod", "-n", caches.namespace, pod.metadata.name)
+
+        def moved(s: dict) -> bool:
+            pods = caches.live_pods(name)
+            return (
+                s.get("phase") == "Ready"
+                and len(pods) == 1
+                and pods[0].metadata.uid != pod.metadata.uid
+                and any(a.get("previousNode") == node for a in s.get("appliances") or [])
+            )
+
+        status = caches.wait(name, "the appliance Ready on another node", moved, TIMEOUT)
+    finally:
+        kubectl(tools, cluster, "uncordon", node)
+    (start,) = status["appliances"]
+    assert start["node"] != node and start["warmRestart"] == "none", start
+    (ep,) = endpoints(status)
+    client = Client((ep.address, ep.port), connect_timeout=2, timeout=2)
+    try:
+        assert client.get("drained:0") is None, "a snapshot left on another node was used"
+    finally:
+        client.close()
+    events = caches.core.list_namespaced_event(
+        caches.namespace, field_selector=f"involvedObject.name={name}"
+    )
+    assert ("Warning", "Moved") in [(e.type, e.reason) for e in events.items]
