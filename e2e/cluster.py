@@ -520,7 +520,12 @@ def _cmd_up(args: argparse.Namespace) -> int:
     try:
         specs = nodes.default_nodes(args.nodes, args.zones)
         print(f"starting {len(specs)} nodes (kubelet, containerd, kube-proxy) ...", flush=True)
-        nodes.Nodes(cluster, specs, state_dir / "nodes").start(built.archives, args.timeout)
+        started_nodes = nodes.Nodes(cluster, specs, state_dir / "nodes")
+        try:
+            started_nodes.start(built.archives, args.timeout)
+        except BaseException:
+            print(started_nodes.failure_report())
+            raise
         _link_tools(state_dir, cluster)
         product.install(cluster, state_dir, built.ref, args.timeout)
     except BaseException:

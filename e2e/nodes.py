@@ -119,6 +119,10 @@ class Network:
     """The bridge every node of one cluster hangs off, and the addresses derived from it."""
 
     subnet: int  # s in 198.18.<s>.0/24
+    # Nodes start in parallel: their namespaces and routes are set up one at a time, each
+    # routing to and from the nodes set up before it.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _ready: set[int] = field(default_factory=set, repr=False, compare=False)
 
     @classmethod
     def pick(cls) -> Network:
@@ -175,6 +179,11 @@ class Network:
     def add_node(self, index: int, peers: Iterable[int]) -> None:
         """Node ``index``'s namespace, its veth on the bridge, and routes to its pods from
         this machine and from its ``peers`` (the other nodes), and from it to theirs."""
+        with self._lock:
+            self._add_node(index, [p for p in peers if p in self._ready])
+            self._ready.add(index)
+
+    def _add_node(self, index: int, peers: list[int]) -> None:
         ns, veth = self.netns(index), self.veth(index)
         if not Path(f"/run/netns/{ns}").exists():
             run("ip", "netns", "add", ns)
@@ -187,7 +196,7 @@ class Network:
         # The node forwards for its pods (ptp routes each pod through the node's namespace).
         run("sysctl", "-qw", "net.ipv4.ip_forward=1", netns=ns)
         for other in peers:
-            if other == index or not Path(f"/run/netns/{self.netns(other)}").exists():
+            if other == index:
                 continue
             run(
                 "ip", "route", "replace", self.pod_cidr(other),
@@ -200,6 +209,7 @@ class Network:
         run("ip", "route", "replace", self.pod_cidr(index), "via", self.node_ip(index))
 
     def remove_node(self, index: int) -> None:
+        self._ready.discard(index)
         run("ip", "route", "del", self.pod_cidr(index), check=False)
         run("ip", "link", "del", self.veth(index), check=False)
         run("ip", "netns", "del", self.netns(index), check=False)
@@ -874,21 +884,33 @@ def wait_nodes_ready(api_client, names: Iterable[str], timeout: float) -> None:
 
     core = client.CoreV1Api(api_client)
     wanted = set(names)
+    last: dict[str, str] = {}
 
     def ready() -> bool:
         nodes = {n.metadata.name: n for n in core.list_node().items}
-        for name in wanted:
+        for name in sorted(wanted):
             node = nodes.get(name)
             if node is None:
-                return False
-            conds = {c.type: c.status for c in node.status.conditions or []}
-            if conds.get("Ready") != "True":
-                return False
-            if any(t.key.startswith("node.kubernetes.io/") for t in node.spec.taints or []):
-                return False
-        return True
+                last[name] = "not registered"
+                continue
+            conds = {c.type: c for c in node.status.conditions or []}
+            taints = [
+                t.key for t in node.spec.taints or [] if t.key.startswith("node.kubernetes.io/")
+            ]
+            ready_cond = conds.get("Ready")
+            if ready_cond is None or ready_cond.status != "True":
+                why = f"{ready_cond.reason}: {ready_cond.message}" if ready_cond else "no status"
+                last[name] = f"not Ready ({why})"
+            elif taints:
+                last[name] = f"tainted {taints}"
+            else:
+                last.pop(name, None)
+        return not last and set(nodes) >= wanted
 
-    wait_for(f"nodes {sorted(wanted)} to be Ready", ready, timeout, interval=0.5)
+    try:
+        wait_for(f"nodes {sorted(wanted)} to be Ready", ready, timeout, interval=0.5)
+    except Exception as e:
+        raise NodeError(f"{e}; {last}") from None
 
 
 # ---- the pods' processes, as seen from this machine -------------------------------------------
