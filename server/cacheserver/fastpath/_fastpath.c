@@ -30,13 +30,14 @@
 #include <sys/socket.h>
 #include <time.h>
 
-/* The item layout of cacheserver/storage/item.py: a <QIIIB header (cas, exptime, flags,
- * bumped, meta), then the reply suffix. fastpath/__init__.py checks these against it. */
-#define HEADER_SIZE 21
+/* The item layout of cacheserver/storage/item.py: a <QIIIBB header (cas, exptime, flags,
+ * bumped, meta, marks), then the reply suffix. fastpath/__init__.py checks these against it. */
+#define HEADER_SIZE 22
 #define EXPTIME_AT 8
 #define FLAGS_AT 12
 #define BUMPED_AT 16
 #define META_AT 20
+#define MARKS_AT 21
 #define FETCHED 0x80
 #define BUMP_INTERVAL 60      /* storage/store.py: a hit moves an item at most this often */
 #define MAX_RELATIVE_EXPTIME (60 * 60 * 24 * 30) /* protocol/commands.py */
@@ -363,8 +364,10 @@ static int set_one(Engine *e, const char *k, Py_ssize_t klen, unsigned long long
         p[EXPTIME_AT + i] = (unsigned char)(exptime >> (8 * i));
         p[FLAGS_AT + i] = (unsigned char)(flags >> (8 * i));
     }
-    memset(p + BUMPED_AT, 0, 4); /* not yet moved by a hit */
+    for (int i = 0; i < 4; i++) /* stored now: memcached's last access time */
+        p[BUMPED_AT + i] = (unsigned char)((unsigned long long)e->now >> (8 * i));
     p[META_AT] = (unsigned char)(HEADER_SIZE + slen);
+    p[MARKS_AT] = 0;
     memcpy(p + HEADER_SIZE, suffix, slen);
     memcpy(p + HEADER_SIZE + slen, data, nbytes);
     memcpy(p + HEADER_SIZE + slen + nbytes, "\r\n", 2);
@@ -418,6 +421,8 @@ static Py_ssize_t run_requests(Engine *e, const char *buf, Py_ssize_t len, OutBu
         if (eol == NULL)
             return pos; /* a partial line: the session keeps it */
         const char *end = (eol - line > 1 && eol[-1] == '\r') ? eol - 1 : eol;
+        if (memchr(line, '\0', end - line) != NULL)
+            return pos; /* memcached ends the line at a NUL: the Python path does too */
         int ntok = 0;
         const char *p = line;
         while (p < end) {
@@ -1037,6 +1042,7 @@ PyMODINIT_FUNC PyInit__fastpath(void) {
     if (PyModule_AddIntConstant(m, "HEADER_SIZE", HEADER_SIZE) < 0
         || PyModule_AddIntConstant(m, "BUMPED_AT", BUMPED_AT) < 0
         || PyModule_AddIntConstant(m, "META_AT", META_AT) < 0
+        || PyModule_AddIntConstant(m, "MARKS_AT", MARKS_AT) < 0
         || PyModule_AddIntConstant(m, "FETCHED", FETCHED) < 0
         || PyModule_AddIntConstant(m, "BUMP_INTERVAL", BUMP_INTERVAL) < 0
         || PyModule_AddIntConstant(m, "MAX_RELATIVE_EXPTIME", MAX_RELATIVE_EXPTIME) < 0

@@ -9,10 +9,11 @@ layer owns the framing of data blocks.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from cacheserver.metrics.counters import Counters
-from cacheserver.protocol.numbers import parse_i32, parse_u32, parse_u64
+from cacheserver.protocol.meta import Meta
+from cacheserver.protocol.numbers import I32_MAX, parse_i32, parse_u32, parse_u64
+from cacheserver.protocol.request import StorageRequest
 from cacheserver.storage import Outcome, Store
 from cacheserver.storage.item import HEADER_SIZE, value_response, value_response_with_cas
 
@@ -49,21 +50,10 @@ _OUTCOME_LINES = {
     Outcome.NO_MEMORY: NO_MEMORY,
 }
 
-STORAGE_COMMANDS = frozenset((b"set", b"add", b"replace", b"append", b"prepend", b"cas"))
+# Commands followed by a data block (ms is the meta protocol's set).
+STORAGE_COMMANDS = frozenset((b"set", b"add", b"replace", b"append", b"prepend", b"cas", b"ms"))
 
-
-@dataclass(slots=True)
-class StorageRequest:
-    """A parsed storage command line waiting for its data block."""
-
-    command: bytes
-    key: bytes
-    flags: int
-    exptime: int  # absolute, as the store keeps it
-    nbytes: int
-    unique: int
-    noreply: bool
-    swallow: bytes | None = None  # set when the data is to be read and discarded: the reply
+__all__ = ["STORAGE_COMMANDS", "Commands", "StorageRequest"]
 
 
 class Commands:
@@ -97,6 +87,17 @@ class Commands:
             b"stats": self.stats,
             b"shutdown": self.shutdown,
         }
+        # The meta protocol (ms, which has a data block, goes through parse_storage).
+        self.meta = Meta(store, counters, self.absolute_exptime)
+        self._line_handlers.update(
+            {
+                b"mg": self.meta.mg,
+                b"md": self.meta.md,
+                b"ma": self.meta.ma,
+                b"mn": self.meta.mn,
+                b"me": self.meta.me,
+            }
+        )
 
     @staticmethod
     def outcome_line(outcome: Outcome) -> bytes:
@@ -207,6 +208,8 @@ class Commands:
     def parse_storage(self, tokens: list[bytes]) -> StorageRequest | bytes:
         """Parse a storage command line: a request awaiting data, or an immediate reply."""
         command = tokens[0]
+        if command == b"ms":
+            return self.meta.parse_set(tokens)
         is_cas = command == b"cas"
         ntokens = len(tokens)
         if ntokens not in ((6, 7) if is_cas else (5, 6)):
@@ -226,7 +229,8 @@ class Commands:
             if parsed is None:
                 return b"" if noreply else BAD_FORMAT
             unique = parsed
-        if nbytes < 0:
+        if not 0 <= nbytes <= I32_MAX - 2:
+            # memcached refuses these lengths at once (above, it would wait for the data).
             return b"" if noreply else BAD_FORMAT
         request = StorageRequest(
             command, key, flags, self.absolute_exptime(exptime), nbytes, unique, noreply
@@ -240,6 +244,8 @@ class Commands:
 
     def complete_storage(self, request: StorageRequest, data: bytes, terminator: bytes) -> bytes:
         """Run a storage command once its data block (and the two bytes after it) arrived."""
+        if request.meta is not None:
+            return self.meta.complete_set(request, data, terminator)
         if request.swallow is not None:
             return request.swallow
         if terminator != b"\r\n":

@@ -41,6 +41,7 @@ CONFIG_GET_CLUSTER = [b"get", b"cluster"]
 # answer over UDP without letting a forged source address amplify traffic.
 UDP_SAFE_COMMANDS = (
     frozenset((b"get", b"gets", b"gat", b"gats", b"touch", b"delete", b"incr", b"decr", b"version"))
+    | frozenset((b"mg", b"md", b"ma", b"mn", b"me"))
     | STORAGE_COMMANDS
 )
 
@@ -161,7 +162,10 @@ class TextSession:
                 self._keep_partial_line(data[pos:])
                 return
             end = eol - 1 if eol - pos > 1 and data[eol - 1] == 13 else eol
-            tokens = data[pos:end].split(b" ")
+            line = data[pos:end]
+            if b"\x00" in line:  # memcached reads a command line as a C string: up to a NUL
+                line = line[: line.index(b"\x00")]
+            tokens = line.split(b" ")
             pos = eol + 1
             if b"" in tokens:
                 tokens = [t for t in tokens if t]
