@@ -2,8 +2,9 @@
 
 Each step is sent on its own, followed by ``version`` as a sentinel so the reply to the step
 can be cut out exactly (noreply steps answer nothing). Replies must be byte-equal, except the
-version string and, where the servers legitimately differ, the steps listed in
-``KNOWN_DIFFERENCES`` (each with the reason).
+version string and what ``normalize`` masks: CAS values (each server counts its own) and
+times (remaining TTLs, seconds since the last access), which depend on when the second ticks.
+The meta protocol's session (test_meta_differential.py) runs on the same machinery.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import pytest
 
 from servers import RunningServer, start_cacheserver, start_memcached
 
-Step = bytes | Callable[[dict[str, int]], bytes]
+# A step is the bytes to send, or a function that makes them given ``cas(key)``: the CAS
+# value the server being tested holds for a key (read with gets).
+Step = bytes | Callable[[Callable[[bytes], int]], bytes]
 SENTINEL = b"version\r\n"
 VERSION_LINE = re.compile(rb"VERSION [^\r\n]*\r\n$")
 
@@ -97,12 +100,12 @@ def _script() -> list[Step]:
         b"get rel\r\n",
         # -- cas
         b"set c 0 0 1\r\na\r\n",
-        lambda ctx: b"cas c 0 0 1 %d\r\nb\r\n" % ctx["cas:c"],
-        lambda ctx: b"cas c 0 0 1 %d\r\nb\r\n" % (ctx["cas:c"] + 1000),
+        lambda cas: b"cas c 0 0 1 %d\r\nb\r\n" % cas(b"c"),
+        lambda cas: b"cas c 0 0 1 %d\r\nb\r\n" % (cas(b"c") + 1000),
         b"cas nothere 0 0 1 1\r\nb\r\n",
         b"cas c 0 0 1 abc\r\nb\r\n",
         b"cas c 0 0 1\r\n",
-        lambda ctx: b"cas c 0 0 1 %d noreply\r\nq\r\nget c\r\n" % ctx["cas:c"],
+        lambda cas: b"cas c 0 0 1 %d noreply\r\nq\r\nget c\r\n" % cas(b"c"),
         # -- incr / decr
         b"set n 0 0 2\r\n10\r\n",
         b"incr n 5\r\n",
@@ -187,7 +190,7 @@ def _script() -> list[Step]:
     ]
 
 
-def _exchange(sock: socket.socket, payload: bytes) -> bytes:
+def exchange(sock: socket.socket, payload: bytes) -> bytes:
     sock.sendall(payload + SENTINEL)
     data = b""
     while not VERSION_LINE.search(data):
@@ -198,47 +201,69 @@ def _exchange(sock: socket.socket, payload: bytes) -> bytes:
     return VERSION_LINE.sub(b"", data)
 
 
-def _run_script(server: RunningServer) -> list[tuple[bytes, bytes]]:
-    ctx: dict[str, int] = {}
-    results: list[tuple[bytes, bytes]] = []
+Replies = list[tuple[bytes, bytes]]
+
+
+def run_script(server: RunningServer, script: list[Step]) -> Replies:
+    results: Replies = []
     with socket.create_connection(server.address, timeout=10) as sock:
-        for step in _script():
-            if callable(step):
-                cas_reply = _exchange(sock, b"gets c\r\n")
-                ctx["cas:c"] = int(cas_reply.split(b"\r\n")[0].split()[-1])
-                payload = step(ctx)
-            else:
-                payload = step
-            results.append((payload, _exchange(sock, payload)))
+
+        def cas(key: bytes) -> int:
+            return int(exchange(sock, b"gets %s\r\n" % key).split(b"\r\n")[0].split()[-1])
+
+        for step in script:
+            payload = step(cas) if callable(step) else step
+            results.append((payload, exchange(sock, payload)))
     return results
 
 
-def _normalize(reply: bytes) -> bytes:
-    # CAS uniques are each server's own counter: compare their presence, not their value.
-    return re.sub(rb"^(VALUE \S+ \d+ \d+) \d+\r$", rb"\1 <cas>\r", reply, flags=re.M)
+_META_STATUS = re.compile(rb"^(HD|VA \d+|EN|NF|NS|EX)((?: \S+)*)\r$", re.M)
+_META_TIMES = re.compile(rb" ([ctl])\d+")
+_METADATA = re.compile(rb"\b(exp|la|cas)=(?!-1\b)-?\d+")
 
 
-@pytest.fixture(scope="module", params=["compiled", "python"])
-def both(request) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]:
-    """memcached's replies and cacheserver's, with its compiled fast path and without."""
-    mc = start_memcached("-I", "1m")
-    cs = start_cacheserver("-I", "1m", *(["--python-only"] if request.param == "python" else []))
+def normalize(reply: bytes) -> bytes:
+    """Mask what legitimately differs: CAS values (each server counts its own) and times."""
+    reply = re.sub(rb"^(VALUE \S+ \d+ \d+) \d+\r$", rb"\1 <cas>\r", reply, flags=re.M)
+    # Meta replies: c<cas>, t<seconds left> (but not t-1: never expires), l<seconds idle>.
+    reply = _META_STATUS.sub(
+        lambda m: m.group(1) + _META_TIMES.sub(rb" \1<n>", m.group(2)) + b"\r", reply
+    )
+    # me and lru_crawler metadump: exp=, la=, cas= (but not exp=-1: never expires).
+    return _METADATA.sub(rb"\1=<n>", reply)
+
+
+def differential(script: list[Step], *args: str, python_only: bool) -> tuple[Replies, Replies]:
+    """memcached's replies and cacheserver's to one script, both started with ``args``."""
+    mc = start_memcached(*args)
+    cs = start_cacheserver(*args, *(["--python-only"] if python_only else []))
     try:
-        return _run_script(mc), _run_script(cs)
+        return run_script(mc, script), run_script(cs, script)
     finally:
         mc.stop()
         cs.stop()
 
 
+def mismatches(expected: Replies, actual: Replies) -> str:
+    """The steps whose replies differ (empty when none do), for an assertion message."""
+    assert len(expected) == len(actual)
+    return "\n".join(
+        f"request {req[:80]!r}\n  memcached:   {exp[:300]!r}\n  cacheserver: {got[:300]!r}"
+        for (req, exp), (_, got) in zip(expected, actual, strict=True)
+        if normalize(exp) != normalize(got)
+    )
+
+
+@pytest.fixture(scope="module", params=["compiled", "python"])
+def both(request) -> tuple[Replies, Replies]:
+    """memcached's replies and cacheserver's, with its compiled fast path and without."""
+    return differential(_script(), "-I", "1m", python_only=request.param == "python")
+
+
 def test_every_reply_is_byte_equal_to_memcached(both) -> None:
     expected, actual = both
-    assert len(expected) == len(actual)
-    mismatches = [
-        f"request {req[:80]!r}\n  memcached:   {exp[:200]!r}\n  cacheserver: {got[:200]!r}"
-        for (req, exp), (_, got) in zip(expected, actual, strict=True)
-        if _normalize(exp) != _normalize(got)
-    ]
-    assert not mismatches, "\n".join(mismatches)
+    differences = mismatches(expected, actual)
+    assert not differences, differences
 
 
 def test_script_exercised_every_reply_kind(both) -> None:

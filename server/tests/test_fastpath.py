@@ -84,7 +84,11 @@ NUMBERS = [b"0", b"1", b"5", b"007", b"100", b"-1", b"4294967295", b"4294967296"
 
 # set twice: plain sets are most of real traffic and the fast path's other half.
 KINDS = ["get", "multiget", "set", "set", "noreply", "gets", "incr", "delete", "touch", "flush"]
-KINDS += ["junk", "blank", "config"]
+KINDS += ["junk", "blank", "config", "mg", "mg", "ms", "ms", "meta"]
+MG_FLAGS = [b"v", b"k", b"s", b"f", b"t", b"c", b"h", b"l", b"q", b"u", b"O1", b"T5", b"N30"]
+MG_FLAGS += [b"R30", b"b", b"x", b"T"]
+MS_FLAGS = [b"T5", b"T-1", b"F3", b"q", b"c", b"k", b"MA", b"ME", b"MP", b"MR", b"I", b"C1", b"b"]
+META_OTHER = [b"mn", b"md %s q", b"md %s I T5", b"md %s C1", b"ma %s N0 J1 v", b"ma %s q", b"me %s"]
 
 
 @st.composite
@@ -124,6 +128,18 @@ def request_line(draw: st.DrawFn) -> bytes:
         return b"flush_all" + draw(st.sampled_from([b"", b" 1"])) + eol
     if kind == "config":
         return b"config get cluster" + eol
+    if kind == "mg":
+        flags = draw(st.lists(st.sampled_from(MG_FLAGS), unique=True, max_size=6))
+        return b" ".join((b"mg", key, *flags)) + eol
+    if kind == "ms":
+        value = draw(st.binary(max_size=20))
+        size = len(value) if draw(st.integers(0, 9)) else len(value) + draw(st.integers(-2, 2))
+        flags = draw(st.lists(st.sampled_from(MS_FLAGS), unique=True, max_size=4))
+        line = b" ".join((b"ms", key, b"%d" % max(size, 0), *flags))
+        return line + eol + value + b"\r\n"
+    if kind == "meta":
+        form = draw(st.sampled_from(META_OTHER))
+        return (form % key if b"%s" in form else form) + eol
     if kind == "junk":
         return draw(st.binary(max_size=30)) + eol
     return eol
