@@ -48,12 +48,13 @@ class Side:
         # As a TCP connection of an appliance: `get AmazonElastiCache:cluster` is discovery.
         discovery = ClusterConfig("unused", clock=clock)
         discovery.serve(Membership(3, (Node("a.h.ns.svc", "10.0.0.1", 11211),)))
-        self.session = TextSession(Commands(self.store, self.counters, "test"), discovery=discovery)
+        self.commands = Commands(self.store, self.counters, "test")
+        self.session = TextSession(self.commands, discovery=discovery)
         self.engine = None
         if compiled:
             # `make test` builds the extension: a missing one is a broken install, not a skip.
             assert AVAILABLE, "the compiled fast path was not built (pip install -e . does it)"
-            self.engine = make_engine(self.store, self.counters, LatencyHistogram())
+            self.engine = make_engine(self.store, self.counters, LatencyHistogram(), self.commands)
 
     def feed(self, data: bytes) -> bytes:
         session = self.session
@@ -71,6 +72,7 @@ class Side:
             store._cas,
             store.stats,
             self.counters.as_dict(),
+            self.commands.prefix_stats.dump(),  # stats detail: counted on both paths
         )
 
 
@@ -89,6 +91,8 @@ MG_FLAGS = [b"v", b"k", b"s", b"f", b"t", b"c", b"h", b"l", b"q", b"u", b"O1", b
 MG_FLAGS += [b"R30", b"b", b"x", b"T"]
 MS_FLAGS = [b"T5", b"T-1", b"F3", b"q", b"c", b"k", b"MA", b"ME", b"MP", b"MR", b"I", b"C1", b"b"]
 META_OTHER = [b"mn", b"md %s q", b"md %s I T5", b"md %s C1", b"ma %s N0 J1 v", b"ma %s q", b"me %s"]
+# stats detail on: the compiled path steps aside so that every key is counted.
+META_OTHER += [b"stats detail on", b"stats detail off"]
 
 
 @st.composite

@@ -117,7 +117,8 @@ static PyObject *counter_attrs[C_COUNT];
 static PyObject *s_items, *s_cas, *s_bytes_used, *s_capacity, *s_flush_at, *s_max_item_size,
     *s_clock, *s_stats, *s_total_items, *s_evict_to, *s_observe, *s_pending, *s_buffer,
     *s_request, *s_closing, *s_seen_tick, *s_tick, *s_serve_event, *s_continue, *s_send,
-    *s_close, *s_reclaimed, *s_expired_unfetched, *s_get_expired, *s_answer, *s_send_reply;
+    *s_close, *s_reclaimed, *s_expired_unfetched, *s_get_expired, *s_answer, *s_send_reply,
+    *s_detail;
 
 typedef struct {
     PyObject_HEAD
@@ -125,6 +126,7 @@ typedef struct {
     PyObject *items;       /* the store's dict: key -> item bytes, in LRU order */
     PyObject *counters;
     PyObject *latency;
+    PyObject *commands;    /* the protocol's Commands, or None: read for stats detail */
     Py_ssize_t item_overhead;
     /* TCP */
     int epfd;
@@ -141,6 +143,7 @@ typedef struct {
     long long bytes_used, capacity, max_item_size, total_items_delta;
     long long now;         /* int(store._clock()) when the wake-up began */
     int flush_pending, shadow_dirty;
+    int python_only;       /* stats detail is on: the Python path counts every key */
     long long deltas[C_COUNT];
     unsigned long reads;
     double samples[MAX_SAMPLES];
@@ -195,6 +198,14 @@ static int sync_in(Engine *e) {
     e->now = (long long)seconds;
     e->cas = (unsigned long long)cas;
     e->flush_pending = flush_at != 0;
+    e->python_only = 0;
+    if (e->commands != NULL && e->commands != Py_None) {
+        PyObject *detail = PyObject_GetAttr(e->commands, s_detail);
+        if (detail == NULL)
+            return -1;
+        e->python_only = detail != Py_None;
+        Py_DECREF(detail);
+    }
     e->shadow_dirty = 0;
     return 0;
 }
@@ -415,6 +426,8 @@ static Py_ssize_t run_requests(Engine *e, const char *buf, Py_ssize_t len, OutBu
     Py_ssize_t pos = 0;
     const char *tok[MAX_TOKENS];
     Py_ssize_t tlen[MAX_TOKENS];
+    if (e->python_only)
+        return 0;
     while (pos < len) {
         const char *line = buf + pos;
         const char *eol = memchr(line, '\n', len - pos);
@@ -904,11 +917,11 @@ static PyObject *Engine_run(Engine *e, PyObject *arg) {
 /* -- type and module ------------------------------------------------------------------------ */
 
 static int Engine_init(Engine *e, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"store", "counters", "latency", "item_overhead", NULL};
-    PyObject *store, *counters, *latency;
+    static char *kwlist[] = {"store", "counters", "latency", "item_overhead", "commands", NULL};
+    PyObject *store, *counters, *latency, *commands = Py_None;
     Py_ssize_t overhead;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOn", kwlist, &store, &counters, &latency,
-                                     &overhead))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOn|O", kwlist, &store, &counters, &latency,
+                                     &overhead, &commands))
         return -1;
     PyObject *items = PyObject_GetAttr(store, s_items);
     if (items == NULL)
@@ -925,6 +938,8 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kwds) {
     Py_XSETREF(e->counters, counters);
     Py_INCREF(latency);
     Py_XSETREF(e->latency, latency);
+    Py_INCREF(commands);
+    Py_XSETREF(e->commands, commands);
     e->item_overhead = overhead;
     e->epfd = e->udp_fd = -1;
     if (e->rbuf == NULL && (e->rbuf = PyMem_Malloc(READ_SIZE)) == NULL) {
@@ -939,6 +954,7 @@ static int Engine_traverse(Engine *e, visitproc visit, void *arg) {
     Py_VISIT(e->items);
     Py_VISIT(e->counters);
     Py_VISIT(e->latency);
+    Py_VISIT(e->commands);
     Py_VISIT(e->connections);
     Py_VISIT(e->tcp);
     Py_VISIT(e->udp);
@@ -951,6 +967,7 @@ static int Engine_clear(Engine *e) {
     Py_CLEAR(e->items);
     Py_CLEAR(e->counters);
     Py_CLEAR(e->latency);
+    Py_CLEAR(e->commands);
     Py_CLEAR(e->connections);
     Py_CLEAR(e->tcp);
     Py_CLEAR(e->udp);
@@ -988,7 +1005,8 @@ static PyTypeObject EngineType = {
     .tp_name = "cacheserver.fastpath._fastpath.Engine",
     .tp_basicsize = sizeof(Engine),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "Engine(store, counters, latency, item_overhead): one worker's fast path.",
+    .tp_doc = "Engine(store, counters, latency, item_overhead, commands=None): one worker's "
+              "fast path.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Engine_init,
     .tp_traverse = (traverseproc)Engine_traverse,
@@ -1032,6 +1050,7 @@ PyMODINIT_FUNC PyInit__fastpath(void) {
     INTERN(s_get_expired, "get_expired");
     INTERN(s_answer, "_answer");
     INTERN(s_send_reply, "_send_reply");
+    INTERN(s_detail, "detail");
     for (int i = 0; i < C_COUNT; i++)
         INTERN(counter_attrs[i], counter_names[i]);
     if (PyType_Ready(&EngineType) < 0)

@@ -125,6 +125,11 @@ class Store:
         items[key] = item
         return item
 
+    def lru_items(self) -> list[tuple[bytes, bytes]]:
+        """Every item (expired ones not yet reclaimed too), least recently used first."""
+        self._apply_pending_flush(self.now())
+        return list(self._items.items())
+
     def peek(self, key: bytes) -> bytes | None:
         """The live item for ``key`` without counting a hit (memcached's DONT_UPDATE)."""
         return self._live(key, self.now())
