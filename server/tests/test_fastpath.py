@@ -330,3 +330,31 @@ def test_udp_datagram_with_several_requests_as_the_python_path(
     assert reassemble(udp_exchange(compiled, payload)) == reassemble(
         udp_exchange(python_only, payload)
     )
+
+
+def test_the_compiled_path_answers_mg_ms_and_mn_itself() -> None:
+    """The meta requests a meta-only client sends most (mg, ms in set mode, a quiet batch
+    closed by mn) run in C, with the Python path's replies."""
+    clock = Clock()
+    python, compiled = Side(clock, False, 1 << 20), Side(clock, True, 1 << 20)
+    data = b"".join(
+        [
+            b"ms k 2 T5 F3 c k O1\r\nab\r\n",
+            b"ms q 1 q\r\nx\r\n",
+            b"mg k v s f t c h l k O2\r\n",
+            b"mg k v q\r\nmg nope v q k\r\nmg nope k O3\r\nmn\r\n",
+            b"mg k u h\r\n",
+        ]
+    )
+    assert compiled.engine is not None
+    replies, done = compiled.engine.run(data)
+    assert done == len(data)
+    assert replies == python.feed(data)
+    assert replies.startswith(b"HD c1 kk O1\r\nVA 2 s2 f3 t5 c1 h0 l0 kk O2\r\nab\r\n")
+    assert compiled.visible_state() == python.visible_state()
+    # What the compiled path leaves to Python: errors, base64 keys, TTL changes, other modes,
+    # and items with meta marks (a stale one here).
+    compiled.feed(b"md k I\r\n")
+    leftovers = [b"mg k v v\r\n", b"mg k2 T10\r\n", b"mg Zm9v b\r\n", b"ms k 1 MA\r\nx\r\n"]
+    for leftover in [*leftovers, b"mg k v\r\n"]:
+        assert compiled.engine.run(leftover) == (b"", 0), leftover
