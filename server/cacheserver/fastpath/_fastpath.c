@@ -424,17 +424,28 @@ done:
 #define META_MAX_WORDS 20   /* meta.py: MAX_WORDS */
 #define META_MAX_OPAQUE 32  /* meta.py: MAX_OPAQUE_LENGTH */
 
-/* Whether every flag of a meta request is one the fast path answers: each letter in
- * ``allowed`` at most once, alone (``v``, not ``v1``), but O with its token and T and F with
- * digits. Anything else, errors included, is the Python path's. */
-static int meta_flags_plain(const char *const *tok, const Py_ssize_t *tlen, int from, int ntok,
-                            const char *allowed) {
-    unsigned char seen[128] = {0};
+/* A meta flag letter as a bit (the letters the fast path answers are all ASCII letters). */
+static inline unsigned long long flag_bit(unsigned char c) {
+    if (c >= 'a' && c <= 'z')
+        return 1ULL << (c - 'a');
+    if (c >= 'A' && c <= 'Z')
+        return 1ULL << (26 + c - 'A');
+    return 0;
+}
+#define FLAG(c) flag_bit((unsigned char)(c))
+
+/* The flags of a meta request as bits, when every one is a flag the fast path answers: each
+ * letter of ``allowed`` at most once, alone (``v``, not ``v1``), but O with its token and T
+ * and F with digits. 0 otherwise (anything else, errors included, is the Python path's). */
+static unsigned long long meta_flags_plain(const char *const *tok, const Py_ssize_t *tlen,
+                                           int from, int ntok, unsigned long long allowed) {
+    unsigned long long seen = 1ULL << 63; /* never a letter: "no flags" is not 0 */
     for (int i = from; i < ntok; i++) {
         unsigned char c = (unsigned char)tok[i][0];
-        if (c >= 128 || seen[c] || strchr(allowed, c) == NULL)
+        unsigned long long bit = flag_bit(c);
+        if (!(bit & allowed) || (seen & bit))
             return 0;
-        seen[c] = 1;
+        seen |= bit;
         if (c == 'O') {
             if (tlen[i] > META_MAX_OPAQUE)
                 return 0;
@@ -445,13 +456,29 @@ static int meta_flags_plain(const char *const *tok, const Py_ssize_t *tlen, int 
             return 0;
         }
     }
-    return 1;
+    return seen;
+}
+
+/* Decimal digits of v at p; returns the end. */
+static char *put_u64(char *p, unsigned long long v) {
+    char digits[20];
+    int n = 0;
+    do {
+        digits[n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    while (n)
+        *p++ = digits[--n];
+    return p;
 }
 
 static int out_u64(OutBuf *out, char flag, unsigned long long v) {
     if (out_reserve(out, 24) < 0)
         return -1;
-    out->len += snprintf(out->data + out->len, 24, " %c%llu", flag, v);
+    char *p = out->data + out->len;
+    *p++ = ' ';
+    *p++ = flag;
+    out->len = put_u64(p, v) - out->data;
     return 0;
 }
 
@@ -470,17 +497,10 @@ static int meta_echo(const char *const *tok, const Py_ssize_t *tlen, int from, i
     return 0;
 }
 
-static int has_flag(const char *const *tok, int from, int ntok, char c) {
-    for (int i = from; i < ntok; i++)
-        if (tok[i][0] == c)
-            return 1;
-    return 0;
-}
-
 /* mg with the flags v k s f t c h l O q u (Meta.mg). 1 answered, 0 for the Python path
  * (an item with meta marks: stale, recache token, base64 key), -1 error. */
 static int mg_one(Engine *e, const char *const *tok, const Py_ssize_t *tlen, int ntok,
-                  OutBuf *out) {
+                  unsigned long long flagbits, OutBuf *out) {
     const char *k = tok[1];
     Py_ssize_t klen = tlen[1];
     PyObject *key = PyBytes_FromStringAndSize(k, klen);
@@ -506,7 +526,7 @@ static int mg_one(Engine *e, const char *const *tok, const Py_ssize_t *tlen, int
             Py_CLEAR(item);
         }
     }
-    int quiet = has_flag(tok, 2, ntok, 'q');
+    int quiet = (flagbits & FLAG('q')) != 0;
     e->deltas[C_CMD_GET]++;
     if (item == NULL) {
         e->deltas[C_GET_MISSES]++;
@@ -526,11 +546,16 @@ static int mg_one(Engine *e, const char *const *tok, const Py_ssize_t *tlen, int
     unsigned long long cas = 0;
     for (int i = 7; i >= 0; i--)
         cas = (cas << 8) | raw[i];
-    int value = has_flag(tok, 2, ntok, 'v');
+    int value = (flagbits & FLAG('v')) != 0;
     if (out_reserve(out, 24) < 0)
         goto done;
-    out->len += value ? snprintf(out->data + out->len, 24, "VA %zd", nbytes)
-                      : snprintf(out->data + out->len, 24, "HD");
+    if (value) {
+        memcpy(out->data + out->len, "VA ", 3);
+        out->len = put_u64(out->data + out->len + 3, (unsigned long long)nbytes) - out->data;
+    } else {
+        memcpy(out->data + out->len, "HD", 2);
+        out->len += 2;
+    }
     for (int i = 2; i < ntok; i++) {
         int r = 0;
         switch (tok[i][0]) {
@@ -567,7 +592,7 @@ static int mg_one(Engine *e, const char *const *tok, const Py_ssize_t *tlen, int
                                                           size - data_at) < 0))
         goto done;
     /* The hit, as Store.amend(hit=True): fetched, and moved at most once per interval. */
-    if (!has_flag(tok, 2, ntok, 'u')
+    if (!(flagbits & FLAG('u'))
         && (!(raw[META_AT] & FETCHED) || e->now - (long long)bumped >= BUMP_INTERVAL)) {
         PyObject *moved = PyBytes_FromStringAndSize((const char *)raw, size);
         if (moved == NULL)
@@ -683,9 +708,13 @@ static Py_ssize_t run_requests(Engine *e, const char *buf, Py_ssize_t len, OutBu
             if (ntok >= META_MAX_WORDS || ntok < 2 || tlen[1] > KEY_MAX_LENGTH || e->flush_pending)
                 return pos;
             if (tok[0][1] == 'g') {
-                if (!meta_flags_plain(tok, tlen, 2, ntok, "vkcfstqOhlu"))
+                unsigned long long flagbits = meta_flags_plain(
+                    tok, tlen, 2, ntok,
+                    FLAG('v') | FLAG('k') | FLAG('c') | FLAG('f') | FLAG('s') | FLAG('t')
+                        | FLAG('q') | FLAG('O') | FLAG('h') | FLAG('l') | FLAG('u'));
+                if (!flagbits)
                     return pos;
-                int r = mg_one(e, tok, tlen, ntok, out);
+                int r = mg_one(e, tok, tlen, ntok, flagbits, out);
                 if (r <= 0)
                     return r < 0 ? -1 : pos;
                 pos = next;
@@ -696,8 +725,10 @@ static Py_ssize_t run_requests(Engine *e, const char *buf, Py_ssize_t len, OutBu
             if (tok[0][1] == 's' && ntok >= 3) { /* ms in set mode: Meta.complete_set */
                 long long nbytes = parse_small(tok[2], tlen[2]);
                 long long flags = 0, exptime = 0;
-                if (nbytes < 0 || (unsigned long long)nbytes > I32_MAX - 2
-                    || !meta_flags_plain(tok, tlen, 3, ntok, "TFqOkc"))
+                unsigned long long flagbits = meta_flags_plain(
+                    tok, tlen, 3, ntok,
+                    FLAG('T') | FLAG('F') | FLAG('q') | FLAG('O') | FLAG('k') | FLAG('c'));
+                if (nbytes < 0 || (unsigned long long)nbytes > I32_MAX - 2 || !flagbits)
                     return pos;
                 for (int i = 3; i < ntok; i++) {
                     if (tok[i][0] == 'T')
@@ -719,7 +750,7 @@ static Py_ssize_t run_requests(Engine *e, const char *buf, Py_ssize_t len, OutBu
                 if (set_one(e, tok[1], klen, (unsigned long long)flags, (unsigned int)exptime,
                             buf + next, nbytes) < 0)
                     return -1;
-                if (!has_flag(tok, 3, ntok, 'q')) {
+                if (!(flagbits & FLAG('q'))) {
                     if (out_put(out, "HD", 2) < 0)
                         return -1;
                     for (int i = 3; i < ntok; i++) {
