@@ -236,7 +236,11 @@ def main() -> None:
         help="also run cacheserver --python-only (the server without its compiled fast path)",
     )
     args = parser.parse_args()
-    for tool in ("memcached", "memcaslap", "cc", "taskset"):
+    only = set(args.only.split(","))
+    tools = ["memcached", "taskset"] + ([] if LOADGEN.exists() else ["cc"])
+    if only & {"W1", "W2", "W3"}:
+        tools.append("memcaslap")  # the others use bench/loadgen.c
+    for tool in tools:
         if shutil.which(tool) is None:
             sys.exit(f"compare.py: {tool} not found (scripts/bootstrap.sh installs it)")
     build_loadgen()
@@ -244,7 +248,6 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     cpus = sorted(os.sched_getaffinity(0))
     server_cpu, client_cpu = (cpus[0], cpus[1]) if len(cpus) >= 2 else (None, None)
-    only = set(args.only.split(","))
     conns = args.idle_connections + 100
 
     print(f"# cacheserver vs memcached, {datetime.date.today()} on {platform.node()}")
