@@ -124,6 +124,9 @@ def _meta_script() -> list[Step]:
         b"ms k -1\r\nzz\r\n",
         b"ms k 2147483646\r\n",
         b"ms k 2 x\r\nzz\r\n",
+        b"ms k 2 E5\r\nzz\r\n",  # no E flag in 1.6.18
+        b"ms viv 2 N30 I\r\nzz\r\n",  # accepted, and without a CAS nothing to do
+        b"mg viv t v\r\n",
         b"ms k 2 T1 T2\r\nzz\r\n",
         b"ms k 2\r\nzzz\r\n",
         b"ms k 2 q\r\nzzz\r\n",
@@ -153,6 +156,7 @@ def _meta_script() -> list[Step]:
         b"ma n MI v\r\n",
         b"ma n MX v\r\n",
         b"ma n MXY v\r\n",
+        b"ma n E1\r\n",
         b"ma n Dabc\r\n",
         b"ma n Jabc N0\r\n",
         b"ma n N0 J5 D-1\r\n",
