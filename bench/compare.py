@@ -8,6 +8,10 @@ Workloads (the field reports', scaled to this machine):
   W3  multi-get, 16 keys per request (memcaslap -d 16)
   W4  1:1 get/set, 100-byte values, 16 requests per packet, few to many connections (loadgen)
   W5  10,000 idle connections: resident memory per connection
+  W6  the meta protocol, 90% mg / 10% ms, 100-byte values, 64 connections, one request at a
+      time each (loadgen meta)
+  W7  the meta protocol's quiet batch: 16 "mg <key> v q" closed by "mn", pipelined, 50
+      connections (loadgen metaq; the 16 gets count as operations)
 
 Loopback only; every run is bounded in time. Usage: python bench/compare.py [--seconds 5]
 """
@@ -164,11 +168,17 @@ def memcaslap(
 
 
 def loadgen(
-    port: int, seconds: int, client_cpu: int | None, conns: int
+    port: int,
+    seconds: int,
+    client_cpu: int | None,
+    conns: int,
+    depth: int = 16,
+    mode: str = "text",
 ) -> Callable[[], tuple[float, float, float, int]]:
     def run() -> tuple[float, float, float, int]:
         taskset = ["taskset", "-c", str(client_cpu)] if client_cpu is not None else []
-        cmd = [*taskset, str(LOADGEN), HOST, str(port), str(conns), str(seconds), "16", "100"]
+        cmd = [*taskset, str(LOADGEN), HOST, str(port), str(conns), str(seconds), str(depth)]
+        cmd += ["100", "10000", mode]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60).stdout
         values = dict(item.split("=") for item in out.split())
         if int(values.get("errors", "0")):
@@ -214,7 +224,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=5, help="length of each run")
     parser.add_argument("--repeat", type=int, default=3, help="runs per server and workload")
     parser.add_argument("--idle-connections", type=int, default=10_000)
-    parser.add_argument("--only", default="W1,W2,W3,W4,W5", help="comma-separated workloads")
+    parser.add_argument("--only", default="W1,W2,W3,W4,W5,W6,W7", help="comma-separated workloads")
     parser.add_argument(
         "--baseline",
         type=Path,
@@ -226,7 +236,11 @@ def main() -> None:
         help="also run cacheserver --python-only (the server without its compiled fast path)",
     )
     args = parser.parse_args()
-    for tool in ("memcached", "memcaslap", "cc", "taskset"):
+    only = set(args.only.split(","))
+    tools = ["memcached", "taskset"] + ([] if LOADGEN.exists() else ["cc"])
+    if only & {"W1", "W2", "W3"}:
+        tools.append("memcaslap")  # the others use bench/loadgen.c
+    for tool in tools:
         if shutil.which(tool) is None:
             sys.exit(f"compare.py: {tool} not found (scripts/bootstrap.sh installs it)")
     build_loadgen()
@@ -234,7 +248,6 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     cpus = sorted(os.sched_getaffinity(0))
     server_cpu, client_cpu = (cpus[0], cpus[1]) if len(cpus) >= 2 else (None, None)
-    only = set(args.only.split(","))
     conns = args.idle_connections + 100
 
     print(f"# cacheserver vs memcached, {datetime.date.today()} on {platform.node()}")
@@ -282,6 +295,20 @@ def main() -> None:
                         lambda s, c=c: loadgen(s.port, args.seconds, client_cpu, c),
                     )
                 )
+        if "W6" in only:
+            workloads.append(
+                (
+                    "W6 meta 90/10 mg/ms, 64 conns",
+                    lambda s: loadgen(s.port, args.seconds, client_cpu, 64, 1, "meta"),
+                )
+            )
+        if "W7" in only:
+            workloads.append(
+                (
+                    "W7 meta quiet mg x16 + mn, 50 conns",
+                    lambda s: loadgen(s.port, args.seconds, client_cpu, 50, 17, "metaq"),
+                )
+            )
         print("| workload | server | ops/s | median µs | p99 µs | CPU s / M req | ratio ops/s |")
         print("|---|---|---:|---:|---:|---:|---:|")
         for label, make in workloads:

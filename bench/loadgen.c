@@ -1,12 +1,19 @@
 /*
- * loadgen: a small memtier-style load generator for the memcached text protocol (workload W4).
+ * loadgen: a small memtier-style load generator for memcached's text and meta protocols
+ * (workloads W4, W6, W7).
  *
- * Each connection sends a batch of D pipelined requests in one write (1:1 get/set on random
- * keys, fixed-size values), waits for all D replies, records the batch's round trip, and
- * repeats until the time is up. One thread, epoll, non-blocking sockets: cheap enough that
- * the server, not the client, is what gets measured.
+ * Each connection sends a batch of D pipelined requests in one write, waits for all the
+ * replies, records the batch's round trip, and repeats until the time is up. MODE says what
+ * a batch is:
+ *   text   1:1 get/set on random keys, fixed-size values
+ *   meta   90% "mg <key> v", 10% "ms <key> <size> T0"
+ *   metaq  D-1 quiet gets ("mg <key> v q": a miss answers nothing) closed by "mn"; the
+ *          D-1 gets count as operations
+ * One thread, epoll, non-blocking sockets: cheap enough that the server, not the client, is
+ * what gets measured.
  *
  * usage: loadgen HOST PORT CONNECTIONS SECONDS [DEPTH=16] [VALUE_SIZE=100] [KEYS=10000]
+ *        [MODE=text]
  * prints: ops=N seconds=S ops_per_sec=R median_us=M p99_us=P errors=E
  */
 #define _GNU_SOURCE
@@ -33,6 +40,7 @@ struct conn {
     char rbuf[RBUF];
     size_t rlen;
     int pending;      /* replies still expected for the batch in flight */
+    int batch_ops;    /* metaq: the gets the batch in flight counts for */
     double sent_at;
 };
 
@@ -50,7 +58,8 @@ static unsigned long long xorshift(void) {
     return rng_state;
 }
 
-static int depth = 16, value_size = 100, keys = 10000;
+enum { TEXT, META, METAQ };
+static int depth = 16, value_size = 100, keys = 10000, mode = TEXT;
 static char *value;
 static double *lat;
 static size_t nlat;
@@ -67,14 +76,22 @@ static void build_batch(struct conn *c) {
     size_t n = 0;
     for (int i = 0; i < depth; i++) {
         unsigned long k = xorshift() % keys;
-        if (i % 2 == 0)
+        if (mode == METAQ)
+            n += i == depth - 1 ? sprintf(c->wbuf + n, "mn\r\n")
+                                : sprintf(c->wbuf + n, "mg key:%08lu v q\r\n", k);
+        else if (mode == META && xorshift() % 10 == 0)
+            n += sprintf(c->wbuf + n, "ms key:%08lu %d T0\r\n%s\r\n", k, value_size, value);
+        else if (mode == META)
+            n += sprintf(c->wbuf + n, "mg key:%08lu v\r\n", k);
+        else if (i % 2 == 0)
             n += sprintf(c->wbuf + n, "set key:%08lu 0 0 %d\r\n%s\r\n", k, value_size, value);
         else
             n += sprintf(c->wbuf + n, "get key:%08lu\r\n", k);
     }
     c->wlen = n;
     c->woff = 0;
-    c->pending = depth;
+    c->pending = mode == METAQ ? 1 : depth; /* metaq: the batch is done at MN */
+    c->batch_ops = depth - 1;
     c->sent_at = now_us();
 }
 
@@ -86,6 +103,14 @@ static int parse_replies(struct conn *c) {
         char *eol = memmem(c->rbuf + pos, c->rlen - pos, "\r\n", 2);
         if (!eol) break;
         size_t linelen = eol - (c->rbuf + pos);
+        if (linelen > 3 && memcmp(c->rbuf + pos, "VA ", 3) == 0) {
+            /* VA bytes flags...: a meta hit, its data block follows */
+            size_t need = linelen + 2 + (size_t)atol(c->rbuf + pos + 3) + 2;
+            if (c->rlen - pos < need) break;
+            pos += need;
+            if (mode != METAQ) done++;
+            continue;
+        }
         if (linelen > 6 && memcmp(c->rbuf + pos, "VALUE ", 6) == 0) {
             /* VALUE key flags bytes: skip the data block and wait for END */
             char line[512];
@@ -100,7 +125,10 @@ static int parse_replies(struct conn *c) {
             continue;
         }
         if (!(linelen == 3 && memcmp(c->rbuf + pos, "END", 3) == 0) &&
-            !(linelen == 6 && memcmp(c->rbuf + pos, "STORED", 6) == 0))
+            !(linelen == 6 && memcmp(c->rbuf + pos, "STORED", 6) == 0) &&
+            !(linelen == 2 && (memcmp(c->rbuf + pos, "HD", 2) == 0 ||
+                               memcmp(c->rbuf + pos, "EN", 2) == 0 ||
+                               memcmp(c->rbuf + pos, "MN", 2) == 0)))
             errors++;
         pos += linelen + 2;
         done++;
@@ -112,7 +140,7 @@ static int parse_replies(struct conn *c) {
 
 int main(int argc, char **argv) {
     if (argc < 5) {
-        fprintf(stderr, "usage: %s HOST PORT CONNECTIONS SECONDS [DEPTH] [VALUE_SIZE] [KEYS]\n", argv[0]);
+        fprintf(stderr, "usage: %s HOST PORT CONNECTIONS SECONDS [DEPTH] [VALUE_SIZE] [KEYS] [MODE]\n", argv[0]);
         return 2;
     }
     const char *host = argv[1];
@@ -121,7 +149,15 @@ int main(int argc, char **argv) {
     if (argc > 5) depth = atoi(argv[5]);
     if (argc > 6) value_size = atoi(argv[6]);
     if (argc > 7) keys = atoi(argv[7]);
-    if (nconns < 1 || depth < 1 || value_size < 0 || keys < 1 || seconds <= 0) {
+    if (argc > 8) {
+        if (strcmp(argv[8], "meta") == 0) mode = META;
+        else if (strcmp(argv[8], "metaq") == 0) mode = METAQ;
+        else if (strcmp(argv[8], "text") != 0) {
+            fprintf(stderr, "loadgen: MODE is text, meta or metaq\n");
+            return 2;
+        }
+    }
+    if (nconns < 1 || depth < (mode == METAQ ? 2 : 1) || value_size < 0 || keys < 1 || seconds <= 0) {
         fprintf(stderr, "loadgen: bad arguments\n");
         return 2;
     }
@@ -172,8 +208,9 @@ int main(int argc, char **argv) {
                     c->rlen += r;
                     int done = parse_replies(c);
                     c->pending -= done;
-                    ops += done;
+                    ops += mode == METAQ ? 0 : done;
                     if (c->pending <= 0) {
+                        ops += mode == METAQ ? c->batch_ops : 0;
                         if (nlat < MAX_LAT_SAMPLES) lat[nlat++] = now_us() - c->sent_at;
                         build_batch(c);
                         ssize_t w = write(c->fd, c->wbuf, c->wlen);

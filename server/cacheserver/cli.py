@@ -142,6 +142,27 @@ _OPTIONS: list[tuple[tuple[str, ...], str, Callable[[str], Any], Any, str]] = [
         "restore them from it at start; with -t N, worker i uses FILE.i",
     ),
     (
+        ("-F", "--disable-flush-all"),
+        "disable_flush_all",
+        _flag,
+        False,
+        "refuse flush_all (CLIENT_ERROR flush_all not allowed), as memcached's -F",
+    ),
+    (
+        ("-A", "--enable-shutdown"),
+        "enable_shutdown",
+        _flag,
+        False,
+        "let the shutdown command stop the server (shutdown graceful: as SIGUSR1)",
+    ),
+    (
+        ("-X", "--disable-dumping"),
+        "disable_dumping",
+        _flag,
+        False,
+        "refuse stats cachedump and lru_crawler metadump, as memcached's -X",
+    ),
+    (
         ("--python-only",),
         "python_only",
         _flag,

@@ -40,6 +40,9 @@ class Settings:
     # Where a fatal reason goes for Kubernetes (written only if the file exists).
     termination_log: str = "/dev/termination-log"
     memory_file: str = ""  # -e: warm-restart snapshot (see warm.py), "" is off
+    disable_flush_all: bool = False  # -F: flush_all is refused
+    enable_shutdown: bool = False  # -A: the shutdown command stops the server
+    disable_dumping: bool = False  # -X: no stats cachedump, no lru_crawler metadump
 
     @property
     def memory_limit_bytes(self) -> int:

@@ -11,6 +11,8 @@ import asyncio
 import logging
 import os
 import signal
+from collections.abc import Callable
+from functools import partial
 
 from prometheus_client import CollectorRegistry
 
@@ -61,15 +63,28 @@ class Worker:
             max_item_size=settings.max_item_size,
         )
         self.counters = Counters()
+        # Told of cache_memlimit's new size after the store (the memory layer's shrinker).
+        self.memlimit_listeners: list[Callable[[int], None]] = []
         self.report = StatsReport(settings, self.store, self.counters, VERSION)
-        self.commands = Commands(self.store, self.counters, VERSION, self.report)
+        self.commands = Commands(
+            self.store,
+            self.counters,
+            VERSION,
+            self.report,
+            flush_enabled=not settings.disable_flush_all,
+            dump_enabled=not settings.disable_dumping,
+            on_shutdown=partial(_shutdown, workers) if settings.enable_shutdown else None,
+            on_memlimit=self.set_memlimit,
+        )
         # ElastiCache's auto discovery, when the operator gave a membership file.
         self.discovery = ClusterConfig(settings.cluster_config) if settings.cluster_config else None
         latency = LatencyHistogram()
         # One compiled fast path per worker, shared by its TCP and UDP servers; None when it
         # was not built or --python-only asks for the Python path alone.
         self.engine = (
-            None if settings.python_only else make_engine(self.store, self.counters, latency)
+            None
+            if settings.python_only
+            else make_engine(self.store, self.counters, latency, self.commands)
         )
         self.tcp = TCPServer(
             self.commands,
@@ -96,6 +111,10 @@ class Worker:
         self.registry.register(self.collector)
         self._servers: list[asyncio.Server] = []
         self.udp = UDPServer(self.commands, self.counters, settings.udp_allow_all, self.engine)
+        self.report.conns = lambda: (
+            self.tcp.conns_lines(SWEEP_PERIOD)
+            + self.udp.conns_lines(int(self.tcp.tick * SWEEP_PERIOD))
+        )
         self._ticker: asyncio.TimerHandle | None = None
         self._stopped = asyncio.Event()
         self._save_on_stop = False
@@ -110,6 +129,12 @@ class Worker:
             )
             self.report.extra_general.append(self.warm.stats_fields)
             self.collector.extra.append(self.warm.metrics)
+
+    def set_memlimit(self, nbytes: int) -> None:
+        """cache_memlimit: resize the store (evicting down to a smaller size at once)."""
+        self.store.set_capacity(nbytes)
+        for listener in self.memlimit_listeners:
+            listener(nbytes)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -174,3 +199,10 @@ class Worker:
         if self.warm is not None and self._save_on_stop:
             self.warm.save(self.store)
         log.info("stopped (pid %d)", os.getpid())
+
+
+def _shutdown(workers: int, graceful: bool) -> None:
+    """The shutdown command (-A): stop as SIGINT does, or with ``graceful`` as SIGUSR1 does
+    (which keeps the cache with -e); with -t N the supervisor stops every worker."""
+    sig = signal.SIGUSR1 if graceful else signal.SIGINT
+    os.kill(os.getppid() if workers > 1 else os.getpid(), sig)

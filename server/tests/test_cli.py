@@ -41,6 +41,16 @@ def test_flags_and_environment() -> None:
     assert parse_settings(["-p", "14000"], env).port == 14000  # a flag wins
 
 
+def test_memcached_switches_for_flush_shutdown_and_dumps() -> None:
+    s = parse_settings([], {})
+    assert not (s.disable_flush_all or s.enable_shutdown or s.disable_dumping)
+    s = parse_settings(["-F", "-A", "-X"], {})
+    assert s.disable_flush_all and s.enable_shutdown and s.disable_dumping
+    env = {"CACHESERVER_DISABLE_FLUSH_ALL": "true", "CACHESERVER_ENABLE_SHUTDOWN": "yes"}
+    s = parse_settings([], env)
+    assert s.disable_flush_all and s.enable_shutdown and not s.disable_dumping
+
+
 @pytest.mark.parametrize(
     ("argv", "env", "message"),
     [

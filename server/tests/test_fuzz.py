@@ -1,4 +1,5 @@
-"""Property test: random and mutated request bytes over a real connection.
+"""Property test: random and mutated request bytes (text and meta protocol) over a real
+connection.
 
 Whatever arrives, the server stays up, every byte it sends back is a well-formed reply (or it
 closes the connection cleanly), and data stored before the fuzzing is still intact.
@@ -36,14 +37,31 @@ CORPUS = [
     b"stats items\r\n",
     b"version\r\n",
     b"set fz5 0 0 20000\r\n" + b"v" * 20000 + b"\r\n",
+    # The meta protocol: every command, most flags, base64 keys, quiet batches.
+    b"mg fz1 v k s f t c h l O123\r\n",
+    b"mg fz1 R30 N30 T10 v q u\r\n",
+    b"ms fz1 5 T100 F3 c k O9\r\nhello\r\n",
+    b"ms fz2 2 ME q\r\nab\r\nms fz2 2 MA C1\r\ncd\r\nmn\r\n",
+    b"ms fz3 3 MP I C7 b\r\nabc\r\n",
+    b"md fz1 I T30 q O1 k\r\n",
+    b"md fz2 C5 k\r\n",
+    b"ma fz4 N0 J10 D3 MD v c t k\r\n",
+    b"ma fz4 q\r\nmn\r\n",
+    b"me fz1\r\n",
+    b"mg Zm9v b v k\r\nme Zm9v b\r\n",
+    b"mn\r\n",
 ]
 
 SIMPLE_LINE = re.compile(
     rb"^(STORED|NOT_STORED|EXISTS|NOT_FOUND|DELETED|TOUCHED|END|OK|RESET|ERROR|\d+"
     rb"|VERSION \S+|STAT \S+ [^\r\n]*|ERROR: shutdown not enabled"
-    rb"|CLIENT_ERROR [^\r\n]+|SERVER_ERROR [^\r\n]+)$"
+    rb"|CLIENT_ERROR [^\r\n]+|SERVER_ERROR [^\r\n]+"
+    rb"|(HD|EN|NF|NS|EX)( \S+)*|MN"
+    rb"|ME \S+ exp=-?\d+ la=\d+ cas=\d+ fetch=(yes|no) cls=\d+ size=\d+)$"
 )
+# A data block follows: its length is the third group of a VALUE line, the first of a VA line.
 VALUE_LINE = re.compile(rb"^VALUE (\S+) (\d+) (\d+)( \d+)?$")
+META_VALUE_LINE = re.compile(rb"^VA (\d+)( \S+)*$")
 
 
 def assert_well_formed(stream: bytes) -> None:
@@ -55,8 +73,9 @@ def assert_well_formed(stream: bytes) -> None:
         line = stream[pos:eol]
         pos = eol + 2
         value = VALUE_LINE.match(line)
-        if value:
-            nbytes = int(value.group(3))
+        meta = META_VALUE_LINE.match(line)
+        if value or meta:
+            nbytes = int(value.group(3)) if value else int(meta.group(1))
             assert stream[pos + nbytes : pos + nbytes + 2] == b"\r\n", "data block length"
             pos += nbytes + 2
         else:

@@ -85,3 +85,32 @@ def test_a_reply_limit_holds_requests_back_until_asked_to_go_on() -> None:
     assert b"".join(replies) == one * 5 + b"NOT_FOUND\r\n"
     assert not limited.idle  # the partial "get v" is still waiting for its end of line
     assert limited.feed(b"\r\n") == one
+
+
+def test_cache_memlimit_resizes_the_store_and_evicts_down_to_it() -> None:
+    store = Store(capacity=64 << 20)
+    told: list[int] = []
+    commands = Commands(store, Counters(), "test", on_memlimit=told.append)
+    session = TextSession(commands)
+    assert session.feed(b"cache_memlimit 16\r\n") == b"OK\r\n"
+    assert told == [16 << 20]
+    # Without a listener, the store itself is resized: a smaller size evicts at once.
+    session = new_session()
+    value = b"v" * 100_000
+    for i in range(100):
+        session.feed(b"set k%d 0 0 %d\r\n%s\r\n" % (i, len(value), value))
+    store = session._commands.store
+    assert store.curr_items == 100
+    assert session.feed(b"cache_memlimit 8 noreply\r\n") == b""
+    assert store.capacity == 8 << 20
+    assert store.bytes_used <= store.capacity and store.curr_items < 100
+
+
+def test_stats_detail_counts_every_path_of_get_and_set() -> None:
+    session = new_session()
+    session.feed(b"stats detail on\r\n")
+    session.feed(b"set a:1 0 0 1\r\nx\r\nset a:2 0 0 1 noreply\r\ny\r\nadd a:3 0 0 1\r\nz\r\n")
+    session.feed(b"get a:1\r\nget a:1 a:9\r\ngets a:2\r\ndelete a:3\r\ndelete a:3\r\n")
+    assert session.feed(b"stats detail dump\r\n") == (
+        b"PREFIX a get 4 hit 3 set 3 del 2\r\nEND\r\n"
+    )

@@ -18,6 +18,7 @@ from cacheserver.storage.store import BUMP_INTERVAL
 if TYPE_CHECKING:
     from cacheserver.metrics.counters import Counters
     from cacheserver.metrics.latency import LatencyHistogram
+    from cacheserver.protocol.commands import Commands
     from cacheserver.storage import Store
 
 try:
@@ -34,6 +35,7 @@ if _fastpath is not None:
         _item.HEADER_SIZE,
         _item.BUMPED_AT,
         _item.META_AT,
+        _item.MARKS_AT,
         _item.FETCHED,
         BUMP_INTERVAL,
         MAX_RELATIVE_EXPTIME,
@@ -44,6 +46,7 @@ if _fastpath is not None:
         _fastpath.HEADER_SIZE,
         _fastpath.BUMPED_AT,
         _fastpath.META_AT,
+        _fastpath.MARKS_AT,
         _fastpath.FETCHED,
         _fastpath.BUMP_INTERVAL,
         _fastpath.MAX_RELATIVE_EXPTIME,
@@ -60,7 +63,14 @@ Engine = None if _fastpath is None else _fastpath.Engine
 AVAILABLE = Engine is not None
 
 
-def make_engine(store: Store, counters: Counters, latency: LatencyHistogram) -> Any | None:
+def make_engine(
+    store: Store,
+    counters: Counters,
+    latency: LatencyHistogram,
+    commands: Commands | None = None,
+) -> Any | None:
+    """The fast path for one worker; with ``commands``, it steps aside while ``stats detail``
+    is on (the Python path counts every key then, as memcached does)."""
     if Engine is None:
         return None
-    return Engine(store, counters, latency, _item.ITEM_OVERHEAD)
+    return Engine(store, counters, latency, _item.ITEM_OVERHEAD, commands)

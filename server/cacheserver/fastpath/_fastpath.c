@@ -30,13 +30,14 @@
 #include <sys/socket.h>
 #include <time.h>
 
-/* The item layout of cacheserver/storage/item.py: a <QIIIB header (cas, exptime, flags,
- * bumped, meta), then the reply suffix. fastpath/__init__.py checks these against it. */
-#define HEADER_SIZE 21
+/* The item layout of cacheserver/storage/item.py: a <QIIIBB header (cas, exptime, flags,
+ * bumped, meta, marks), then the reply suffix. fastpath/__init__.py checks these against it. */
+#define HEADER_SIZE 22
 #define EXPTIME_AT 8
 #define FLAGS_AT 12
 #define BUMPED_AT 16
 #define META_AT 20
+#define MARKS_AT 21
 #define FETCHED 0x80
 #define BUMP_INTERVAL 60      /* storage/store.py: a hit moves an item at most this often */
 #define MAX_RELATIVE_EXPTIME (60 * 60 * 24 * 30) /* protocol/commands.py */
@@ -116,7 +117,8 @@ static PyObject *counter_attrs[C_COUNT];
 static PyObject *s_items, *s_cas, *s_bytes_used, *s_capacity, *s_flush_at, *s_max_item_size,
     *s_clock, *s_stats, *s_total_items, *s_evict_to, *s_observe, *s_pending, *s_buffer,
     *s_request, *s_closing, *s_seen_tick, *s_tick, *s_serve_event, *s_continue, *s_send,
-    *s_close, *s_reclaimed, *s_expired_unfetched, *s_get_expired, *s_answer, *s_send_reply;
+    *s_close, *s_reclaimed, *s_expired_unfetched, *s_get_expired, *s_answer, *s_send_reply,
+    *s_detail;
 
 typedef struct {
     PyObject_HEAD
@@ -124,6 +126,7 @@ typedef struct {
     PyObject *items;       /* the store's dict: key -> item bytes, in LRU order */
     PyObject *counters;
     PyObject *latency;
+    PyObject *commands;    /* the protocol's Commands, or None: read for stats detail */
     Py_ssize_t item_overhead;
     /* TCP */
     int epfd;
@@ -140,6 +143,7 @@ typedef struct {
     long long bytes_used, capacity, max_item_size, total_items_delta;
     long long now;         /* int(store._clock()) when the wake-up began */
     int flush_pending, shadow_dirty;
+    int python_only;       /* stats detail is on: the Python path counts every key */
     long long deltas[C_COUNT];
     unsigned long reads;
     double samples[MAX_SAMPLES];
@@ -194,6 +198,14 @@ static int sync_in(Engine *e) {
     e->now = (long long)seconds;
     e->cas = (unsigned long long)cas;
     e->flush_pending = flush_at != 0;
+    e->python_only = 0;
+    if (e->commands != NULL && e->commands != Py_None) {
+        PyObject *detail = PyObject_GetAttr(e->commands, s_detail);
+        if (detail == NULL)
+            return -1;
+        e->python_only = detail != Py_None;
+        Py_DECREF(detail);
+    }
     e->shadow_dirty = 0;
     return 0;
 }
@@ -363,8 +375,10 @@ static int set_one(Engine *e, const char *k, Py_ssize_t klen, unsigned long long
         p[EXPTIME_AT + i] = (unsigned char)(exptime >> (8 * i));
         p[FLAGS_AT + i] = (unsigned char)(flags >> (8 * i));
     }
-    memset(p + BUMPED_AT, 0, 4); /* not yet moved by a hit */
+    for (int i = 0; i < 4; i++) /* stored now: memcached's last access time */
+        p[BUMPED_AT + i] = (unsigned char)((unsigned long long)e->now >> (8 * i));
     p[META_AT] = (unsigned char)(HEADER_SIZE + slen);
+    p[MARKS_AT] = 0;
     memcpy(p + HEADER_SIZE, suffix, slen);
     memcpy(p + HEADER_SIZE + slen, data, nbytes);
     memcpy(p + HEADER_SIZE + slen + nbytes, "\r\n", 2);
@@ -405,6 +419,200 @@ done:
     return rc;
 }
 
+/* -- the meta protocol's mg, ms and mn (protocol/meta.py defines them) ---------------------- */
+
+#define META_MAX_WORDS 20   /* meta.py: MAX_WORDS */
+#define META_MAX_OPAQUE 32  /* meta.py: MAX_OPAQUE_LENGTH */
+
+/* A meta flag letter as a bit (the letters the fast path answers are all ASCII letters). */
+static inline unsigned long long flag_bit(unsigned char c) {
+    if (c >= 'a' && c <= 'z')
+        return 1ULL << (c - 'a');
+    if (c >= 'A' && c <= 'Z')
+        return 1ULL << (26 + c - 'A');
+    return 0;
+}
+#define FLAG(c) flag_bit((unsigned char)(c))
+
+/* The flags of a meta request as bits, when every one is a flag the fast path answers: each
+ * letter of ``allowed`` at most once, alone (``v``, not ``v1``), but O with its token and T
+ * and F with digits. 0 otherwise (anything else, errors included, is the Python path's). */
+static unsigned long long meta_flags_plain(const char *const *tok, const Py_ssize_t *tlen,
+                                           int from, int ntok, unsigned long long allowed) {
+    unsigned long long seen = 1ULL << 63; /* never a letter: "no flags" is not 0 */
+    for (int i = from; i < ntok; i++) {
+        unsigned char c = (unsigned char)tok[i][0];
+        unsigned long long bit = flag_bit(c);
+        if (!(bit & allowed) || (seen & bit))
+            return 0;
+        seen |= bit;
+        if (c == 'O') {
+            if (tlen[i] > META_MAX_OPAQUE)
+                return 0;
+        } else if (c == 'T' || c == 'F') {
+            if (parse_small(tok[i] + 1, tlen[i] - 1) < 0)
+                return 0;
+        } else if (tlen[i] != 1) {
+            return 0;
+        }
+    }
+    return seen;
+}
+
+/* Decimal digits of v at p; returns the end. */
+static char *put_u64(char *p, unsigned long long v) {
+    char digits[20];
+    int n = 0;
+    do {
+        digits[n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    while (n)
+        *p++ = digits[--n];
+    return p;
+}
+
+static int out_u64(OutBuf *out, char flag, unsigned long long v) {
+    if (out_reserve(out, 24) < 0)
+        return -1;
+    char *p = out->data + out->len;
+    *p++ = ' ';
+    *p++ = flag;
+    out->len = put_u64(p, v) - out->data;
+    return 0;
+}
+
+/* The O and k flags, echoed in the client's order (what a miss and a store answer). */
+static int meta_echo(const char *const *tok, const Py_ssize_t *tlen, int from, int ntok,
+                     const char *key, Py_ssize_t klen, OutBuf *out) {
+    for (int i = from; i < ntok; i++) {
+        if (tok[i][0] == 'O') {
+            if (out_put(out, " ", 1) < 0 || out_put(out, tok[i], tlen[i]) < 0)
+                return -1;
+        } else if (tok[i][0] == 'k') {
+            if (out_put(out, " k", 2) < 0 || out_put(out, key, klen) < 0)
+                return -1;
+        }
+    }
+    return 0;
+}
+
+/* mg with the flags v k s f t c h l O q u (Meta.mg). 1 answered, 0 for the Python path
+ * (an item with meta marks: stale, recache token, base64 key), -1 error. */
+static int mg_one(Engine *e, const char *const *tok, const Py_ssize_t *tlen, int ntok,
+                  unsigned long long flagbits, OutBuf *out) {
+    const char *k = tok[1];
+    Py_ssize_t klen = tlen[1];
+    PyObject *key = PyBytes_FromStringAndSize(k, klen);
+    if (key == NULL)
+        return -1;
+    PyObject *item = PyDict_GetItemWithError(e->items, key);
+    if (item == NULL && PyErr_Occurred()) {
+        Py_DECREF(key);
+        return -1;
+    }
+    int rc = -1;
+    Py_XINCREF(item);
+    if (item != NULL) {
+        const unsigned char *raw = (const unsigned char *)PyBytes_AS_STRING(item);
+        if (raw[MARKS_AT]) {
+            rc = 0;
+            goto done;
+        }
+        unsigned int exptime = le32(raw + EXPTIME_AT);
+        if (exptime && (long long)exptime <= e->now) { /* Store.peek's expiry */
+            if (drop_expired(e, key, item) < 0)
+                goto done;
+            Py_CLEAR(item);
+        }
+    }
+    int quiet = (flagbits & FLAG('q')) != 0;
+    e->deltas[C_CMD_GET]++;
+    if (item == NULL) {
+        e->deltas[C_GET_MISSES]++;
+        if (!quiet && (out_put(out, "EN", 2) < 0 || meta_echo(tok, tlen, 2, ntok, k, klen, out) < 0
+                       || out_put(out, "\r\n", 2) < 0))
+            goto done;
+        rc = 1;
+        goto done;
+    }
+    e->deltas[C_GET_HITS]++;
+    const unsigned char *raw = (const unsigned char *)PyBytes_AS_STRING(item);
+    Py_ssize_t size = PyBytes_GET_SIZE(item);
+    Py_ssize_t data_at = raw[META_AT] & 0x7F;
+    Py_ssize_t nbytes = size - data_at - 2;
+    unsigned int exptime = le32(raw + EXPTIME_AT), flags = le32(raw + FLAGS_AT);
+    unsigned int bumped = le32(raw + BUMPED_AT);
+    unsigned long long cas = 0;
+    for (int i = 7; i >= 0; i--)
+        cas = (cas << 8) | raw[i];
+    int value = (flagbits & FLAG('v')) != 0;
+    if (out_reserve(out, 24) < 0)
+        goto done;
+    if (value) {
+        memcpy(out->data + out->len, "VA ", 3);
+        out->len = put_u64(out->data + out->len + 3, (unsigned long long)nbytes) - out->data;
+    } else {
+        memcpy(out->data + out->len, "HD", 2);
+        out->len += 2;
+    }
+    for (int i = 2; i < ntok; i++) {
+        int r = 0;
+        switch (tok[i][0]) {
+        case 's':
+            r = out_u64(out, 's', (unsigned long long)nbytes);
+            break;
+        case 't':
+            r = exptime == 0 ? out_put(out, " t-1", 4)
+                             : out_u64(out, 't', (unsigned int)((long long)exptime - e->now));
+            break;
+        case 'c':
+            r = out_u64(out, 'c', cas);
+            break;
+        case 'f':
+            r = out_u64(out, 'f', flags);
+            break;
+        case 'l':
+            r = out_u64(out, 'l', (unsigned int)(e->now - (long long)bumped));
+            break;
+        case 'h':
+            r = out_put(out, (raw[META_AT] & FETCHED) ? " h1" : " h0", 3);
+            break;
+        case 'O':
+            r = out_put(out, " ", 1) < 0 ? -1 : out_put(out, tok[i], tlen[i]);
+            break;
+        case 'k':
+            r = out_put(out, " k", 2) < 0 ? -1 : out_put(out, k, klen);
+            break;
+        }
+        if (r < 0)
+            goto done;
+    }
+    if (out_put(out, "\r\n", 2) < 0 || (value && out_put(out, (const char *)raw + data_at,
+                                                          size - data_at) < 0))
+        goto done;
+    /* The hit, as Store.amend(hit=True): fetched, and moved at most once per interval. */
+    if (!(flagbits & FLAG('u'))
+        && (!(raw[META_AT] & FETCHED) || e->now - (long long)bumped >= BUMP_INTERVAL)) {
+        PyObject *moved = PyBytes_FromStringAndSize((const char *)raw, size);
+        if (moved == NULL)
+            goto done;
+        unsigned char *b = (unsigned char *)PyBytes_AS_STRING(moved);
+        for (int i = 0; i < 4; i++)
+            b[BUMPED_AT + i] = (unsigned char)((unsigned long long)e->now >> (8 * i));
+        b[META_AT] |= FETCHED;
+        int failed = PyDict_DelItem(e->items, key) < 0 || PyDict_SetItem(e->items, key, moved) < 0;
+        Py_DECREF(moved);
+        if (failed)
+            goto done;
+    }
+    rc = 1;
+done:
+    Py_XDECREF(item);
+    Py_DECREF(key);
+    return rc;
+}
+
 /* Run the requests at the start of buf that the fast path knows, appending their replies to
  * out. Returns the offset of the first request left for the Python session (len when none
  * is), or -1 with a Python error set. */
@@ -412,12 +620,16 @@ static Py_ssize_t run_requests(Engine *e, const char *buf, Py_ssize_t len, OutBu
     Py_ssize_t pos = 0;
     const char *tok[MAX_TOKENS];
     Py_ssize_t tlen[MAX_TOKENS];
+    if (e->python_only)
+        return 0;
     while (pos < len) {
         const char *line = buf + pos;
         const char *eol = memchr(line, '\n', len - pos);
         if (eol == NULL)
             return pos; /* a partial line: the session keeps it */
         const char *end = (eol - line > 1 && eol[-1] == '\r') ? eol - 1 : eol;
+        if (memchr(line, '\0', end - line) != NULL)
+            return pos; /* memcached ends the line at a NUL: the Python path does too */
         int ntok = 0;
         const char *p = line;
         while (p < end) {
@@ -485,6 +697,76 @@ static Py_ssize_t run_requests(Engine *e, const char *buf, Py_ssize_t len, OutBu
                 return -1;
             pos = data_end + 2;
             continue;
+        }
+        if (tlen[0] == 2 && tok[0][0] == 'm') {
+            if (tok[0][1] == 'n') { /* mn: the end of a quiet batch */
+                if (out_put(out, "MN\r\n", 4) < 0)
+                    return -1;
+                pos = next;
+                continue;
+            }
+            if (ntok >= META_MAX_WORDS || ntok < 2 || tlen[1] > KEY_MAX_LENGTH || e->flush_pending)
+                return pos;
+            if (tok[0][1] == 'g') {
+                unsigned long long flagbits = meta_flags_plain(
+                    tok, tlen, 2, ntok,
+                    FLAG('v') | FLAG('k') | FLAG('c') | FLAG('f') | FLAG('s') | FLAG('t')
+                        | FLAG('q') | FLAG('O') | FLAG('h') | FLAG('l') | FLAG('u'));
+                if (!flagbits)
+                    return pos;
+                int r = mg_one(e, tok, tlen, ntok, flagbits, out);
+                if (r <= 0)
+                    return r < 0 ? -1 : pos;
+                pos = next;
+                if (out->len > REPLY_LIMIT)
+                    return pos;
+                continue;
+            }
+            if (tok[0][1] == 's' && ntok >= 3) { /* ms in set mode: Meta.complete_set */
+                long long nbytes = parse_small(tok[2], tlen[2]);
+                long long flags = 0, exptime = 0;
+                unsigned long long flagbits = meta_flags_plain(
+                    tok, tlen, 3, ntok,
+                    FLAG('T') | FLAG('F') | FLAG('q') | FLAG('O') | FLAG('k') | FLAG('c'));
+                if (nbytes < 0 || (unsigned long long)nbytes > I32_MAX - 2 || !flagbits)
+                    return pos;
+                for (int i = 3; i < ntok; i++) {
+                    if (tok[i][0] == 'T')
+                        exptime = parse_small(tok[i] + 1, tlen[i] - 1);
+                    else if (tok[i][0] == 'F')
+                        flags = parse_small(tok[i] + 1, tlen[i] - 1);
+                }
+                Py_ssize_t klen = tlen[1];
+                Py_ssize_t data_end = next + nbytes;
+                if ((unsigned long long)flags > U32_MAX || (unsigned long long)exptime > I32_MAX
+                    || data_end + 2 > len || buf[data_end] != '\r' || buf[data_end + 1] != '\n'
+                    || MEMCACHED_ITEM_OVERHEAD + klen + (flags ? 4 : 0) + nbytes + 2
+                           > e->max_item_size
+                    || klen + HEADER_SIZE + 32 + nbytes + e->item_overhead > e->capacity)
+                    return pos;
+                if (exptime && exptime <= MAX_RELATIVE_EXPTIME)
+                    exptime += e->now;
+                e->deltas[C_CMD_SET]++;
+                if (set_one(e, tok[1], klen, (unsigned long long)flags, (unsigned int)exptime,
+                            buf + next, nbytes) < 0)
+                    return -1;
+                if (!(flagbits & FLAG('q'))) {
+                    if (out_put(out, "HD", 2) < 0)
+                        return -1;
+                    for (int i = 3; i < ntok; i++) {
+                        char c = tok[i][0];
+                        if ((c == 'O' || c == 'k') && meta_echo(tok, tlen, i, i + 1, tok[1], klen,
+                                                                out) < 0)
+                            return -1;
+                        if (c == 'c' && out_u64(out, 'c', e->cas) < 0)
+                            return -1;
+                    }
+                    if (out_put(out, "\r\n", 2) < 0)
+                        return -1;
+                }
+                pos = data_end + 2;
+                continue;
+            }
         }
         return pos;
     }
@@ -899,11 +1181,11 @@ static PyObject *Engine_run(Engine *e, PyObject *arg) {
 /* -- type and module ------------------------------------------------------------------------ */
 
 static int Engine_init(Engine *e, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"store", "counters", "latency", "item_overhead", NULL};
-    PyObject *store, *counters, *latency;
+    static char *kwlist[] = {"store", "counters", "latency", "item_overhead", "commands", NULL};
+    PyObject *store, *counters, *latency, *commands = Py_None;
     Py_ssize_t overhead;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOn", kwlist, &store, &counters, &latency,
-                                     &overhead))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOn|O", kwlist, &store, &counters, &latency,
+                                     &overhead, &commands))
         return -1;
     PyObject *items = PyObject_GetAttr(store, s_items);
     if (items == NULL)
@@ -920,6 +1202,8 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kwds) {
     Py_XSETREF(e->counters, counters);
     Py_INCREF(latency);
     Py_XSETREF(e->latency, latency);
+    Py_INCREF(commands);
+    Py_XSETREF(e->commands, commands);
     e->item_overhead = overhead;
     e->epfd = e->udp_fd = -1;
     if (e->rbuf == NULL && (e->rbuf = PyMem_Malloc(READ_SIZE)) == NULL) {
@@ -934,6 +1218,7 @@ static int Engine_traverse(Engine *e, visitproc visit, void *arg) {
     Py_VISIT(e->items);
     Py_VISIT(e->counters);
     Py_VISIT(e->latency);
+    Py_VISIT(e->commands);
     Py_VISIT(e->connections);
     Py_VISIT(e->tcp);
     Py_VISIT(e->udp);
@@ -946,6 +1231,7 @@ static int Engine_clear(Engine *e) {
     Py_CLEAR(e->items);
     Py_CLEAR(e->counters);
     Py_CLEAR(e->latency);
+    Py_CLEAR(e->commands);
     Py_CLEAR(e->connections);
     Py_CLEAR(e->tcp);
     Py_CLEAR(e->udp);
@@ -983,7 +1269,8 @@ static PyTypeObject EngineType = {
     .tp_name = "cacheserver.fastpath._fastpath.Engine",
     .tp_basicsize = sizeof(Engine),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "Engine(store, counters, latency, item_overhead): one worker's fast path.",
+    .tp_doc = "Engine(store, counters, latency, item_overhead, commands=None): one worker's "
+              "fast path.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Engine_init,
     .tp_traverse = (traverseproc)Engine_traverse,
@@ -1027,6 +1314,7 @@ PyMODINIT_FUNC PyInit__fastpath(void) {
     INTERN(s_get_expired, "get_expired");
     INTERN(s_answer, "_answer");
     INTERN(s_send_reply, "_send_reply");
+    INTERN(s_detail, "detail");
     for (int i = 0; i < C_COUNT; i++)
         INTERN(counter_attrs[i], counter_names[i]);
     if (PyType_Ready(&EngineType) < 0)
@@ -1037,6 +1325,7 @@ PyMODINIT_FUNC PyInit__fastpath(void) {
     if (PyModule_AddIntConstant(m, "HEADER_SIZE", HEADER_SIZE) < 0
         || PyModule_AddIntConstant(m, "BUMPED_AT", BUMPED_AT) < 0
         || PyModule_AddIntConstant(m, "META_AT", META_AT) < 0
+        || PyModule_AddIntConstant(m, "MARKS_AT", MARKS_AT) < 0
         || PyModule_AddIntConstant(m, "FETCHED", FETCHED) < 0
         || PyModule_AddIntConstant(m, "BUMP_INTERVAL", BUMP_INTERVAL) < 0
         || PyModule_AddIntConstant(m, "MAX_RELATIVE_EXPTIME", MAX_RELATIVE_EXPTIME) < 0

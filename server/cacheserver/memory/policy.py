@@ -103,6 +103,10 @@ class ShrinkController:
         self._previous: tuple[float, int, int] | None = None
         self._growth = 0
 
+    def set_max_capacity(self, nbytes: int) -> None:
+        """A new planned capacity (the cache_memlimit command): calm periods grow to it."""
+        self.max_capacity = nbytes
+
     def next_interval(self, now: float) -> float:
         """Seconds until the next check: short while on alert."""
         alert = now - self._last_alert < self.policy.alert_hold

@@ -4,7 +4,7 @@ worker (its store, its `stats` answers and its Prometheus collector)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -66,6 +66,7 @@ class _Worker(Protocol):
     store: Any
     report: Any
     collector: Any
+    memlimit_listeners: list[Callable[[int], None]]
 
 
 def attach(worker: _Worker, limit: MemoryLimit, plan: MemoryPlan, shards: int = 1) -> Shrinker:
@@ -75,6 +76,8 @@ def attach(worker: _Worker, limit: MemoryLimit, plan: MemoryPlan, shards: int = 
     worker.report.extra_settings.append(plan.settings)
     worker.report.extra_general.append(shrinker.stats_fields)
     worker.collector.extra.append(lambda: memory_metrics(shrinker))
+    # cache_memlimit sets the capacity the shrinker grows back to after pressure.
+    worker.memlimit_listeners.append(shrinker.controller.set_max_capacity)
     return shrinker
 
 

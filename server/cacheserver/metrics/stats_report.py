@@ -1,5 +1,6 @@
-"""The ``stats`` command's answers (general, settings, items, slabs, reset), memcached's field
-names with this server's honest values. Read only when a client asks."""
+"""The ``stats`` command's answers (general, settings, items, slabs, sizes, conns, reset),
+memcached's field names with this server's honest values. Read only when a client asks.
+(``stats detail`` and ``stats cachedump`` are the protocol layer's: commands.py.)"""
 
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ class StatsReport:
         # Extra `stats settings` lines from other layers (memory sizing adds its own).
         self.extra_settings: list[Callable[[], StatLines]] = []
         self.extra_general: list[Callable[[], StatLines]] = []
+        # `stats conns`: (fd, name, value) of every socket, from the network layer.
+        self.conns: Callable[[], list[tuple[int, str, str]]] | None = None
 
     def __call__(self, sub: bytes) -> bytes | None:
         if sub == b"":
@@ -47,6 +50,12 @@ class StatsReport:
             return format_stats(self.items_lines())
         if sub == b"slabs":
             return format_stats(self.slabs_lines())
+        if sub == b"sizes":
+            # memcached keeps an item size histogram only with -o track_sizes.
+            return format_stats([("sizes_status", "disabled")])
+        if sub == b"conns" and self.conns is not None:
+            lines = sorted(self.conns(), key=lambda line: line[0])  # by fd, as memcached
+            return format_stats((f"{fd}:{name}", value) for fd, name, value in lines)
         if sub == b"reset":
             self.reset()
             return b"RESET\r\n"
@@ -142,7 +151,9 @@ class StatsReport:
             ("binding_protocol", "ascii"),
             ("item_size_max", st.max_item_size),
             ("idle_timeout", st.idle_timeout),
-            ("flush_enabled", "yes"),
+            ("flush_enabled", "no" if st.disable_flush_all else "yes"),
+            ("dump_enabled", "no" if st.disable_dumping else "yes"),
+            ("shutdown_command", "yes" if st.enable_shutdown else "no"),
             ("udp_allow_all", "yes" if st.udp_allow_all else "no"),
             ("metrics_port", st.metrics_port),
         ]

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from cacheserver.metrics.counters import Counters
 from cacheserver.metrics.latency import SAMPLE_MASK, LatencyHistogram
+from cacheserver.network import format_address
 from cacheserver.protocol.commands import Commands
 from cacheserver.protocol.session import TCP_REPLY_LIMIT, TextSession
 
@@ -73,6 +74,7 @@ class TCPServer:
         self.idle_timeout = idle_timeout
         self.latency = latency if latency is not None else LatencyHistogram()
         self.tick = 0
+        self.current_fd = -1  # the connection whose requests are being run (stats conns)
         self.connections: dict[int, Connection] = {}
         self._epoll = select.epoll()
         self._listener: socket.socket | None = None
@@ -150,6 +152,7 @@ class TCPServer:
             return
         data = bytes(self._view[:n])
         conn.seen_tick = self.tick
+        self.current_fd = fd
         counters = self.counters
         counters.bytes_read += n
         latency = self.latency
@@ -165,6 +168,7 @@ class TCPServer:
     def _continue(self, fd: int, conn: Connection, head: bytes, rest: bytes) -> None:
         """The compiled path ran the requests that gave ``head`` and leaves ``rest`` (already
         counted as read) to the session."""
+        self.current_fd = fd
         self._reply(fd, conn, head + conn.feed(rest))
 
     def _reply(self, fd: int, conn: Connection, out: bytes) -> None:
@@ -221,6 +225,38 @@ class TCPServer:
         self.counters.curr_connections -= 1
 
     # -- housekeeping --------------------------------------------------------------------------
+
+    def conns_lines(self, period: float) -> list[tuple[int, str, str]]:
+        """``stats conns``: the listening socket and every client, as memcached lists them
+        (fd, name, value); ``period``: the seconds of one sweep tick."""
+        lines: list[tuple[int, str, str]] = []
+        if self._listener is not None:
+            fd = self._listener.fileno()
+            lines += [
+                (fd, "addr", format_address("tcp", self._listener.getsockname())),
+                (fd, "state", "conn_listening"),
+                (fd, "secs_since_last_cmd", str(int(self.tick * period))),
+            ]
+        for fd, conn in self.connections.items():
+            try:
+                peer, local = conn.sock.getpeername(), conn.sock.getsockname()
+            except OSError:
+                continue
+            if fd == self.current_fd:
+                state = "conn_parse_cmd"
+            elif conn.pending:
+                state = "conn_mwrite"
+            elif not conn.idle and conn._request is not None:
+                state = "conn_swallow" if conn._request.swallow is not None else "conn_nread"
+            else:
+                state = "conn_read"
+            lines += [
+                (fd, "addr", format_address("tcp", peer)),
+                (fd, "listen_addr", format_address("tcp", local)),
+                (fd, "state", state),
+                (fd, "secs_since_last_cmd", str(int((self.tick - conn.seen_tick) * period))),
+            ]
+        return lines
 
     def sweep(self, period: float) -> None:
         """Called every ``period`` seconds: close connections idle for the timeout or longer.

@@ -14,6 +14,7 @@ import struct
 from typing import Any
 
 from cacheserver.metrics.counters import Counters
+from cacheserver.network import format_address
 from cacheserver.protocol.commands import Commands
 from cacheserver.protocol.session import UDP_SAFE_COMMANDS, TextSession
 
@@ -72,6 +73,18 @@ class UDPServer:
             self._engine.attach_udp(sock.fileno(), self)
             self._loop.add_reader(sock.fileno(), self._engine.serve_udp)
         return sock
+
+    def conns_lines(self, uptime: int) -> list[tuple[int, str, str]]:
+        """``stats conns``: the UDP socket, as memcached lists an idle UDP connection."""
+        if self._sock is None:
+            return []
+        fd = self._sock.fileno()
+        return [
+            (fd, "UDP", "UDP"),
+            (fd, "addr", format_address("udp", self._sock.getsockname())),
+            (fd, "state", "conn_read"),
+            (fd, "secs_since_last_cmd", str(uptime)),
+        ]
 
     def close(self) -> None:
         if self._sock is not None and self._loop is not None:

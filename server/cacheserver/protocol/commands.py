@@ -9,10 +9,13 @@ layer owns the framing of data blocks.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from cacheserver.metrics.counters import Counters
-from cacheserver.protocol.numbers import parse_i32, parse_u32, parse_u64
+from cacheserver.metrics.prefix_stats import PrefixStats
+from cacheserver.protocol.dumps import cachedump, metadump, parse_classes
+from cacheserver.protocol.meta import Meta
+from cacheserver.protocol.numbers import I32_MAX, parse_i32, parse_u32, parse_u64
+from cacheserver.protocol.request import StorageRequest
 from cacheserver.storage import Outcome, Store
 from cacheserver.storage.item import HEADER_SIZE, value_response, value_response_with_cas
 
@@ -38,6 +41,16 @@ DELETE_USAGE = b"CLIENT_ERROR bad command line format.  Usage: delete <key> [nor
 TOO_LARGE = b"SERVER_ERROR object too large for cache\r\n"
 NO_MEMORY = b"SERVER_ERROR out of memory storing object\r\n"
 SHUTDOWN_DISABLED = b"ERROR: shutdown not enabled\r\n"
+SHUTDOWN_BAD_MODE = b"CLIENT_ERROR invalid shutdown mode\r\n"
+FLUSH_DISABLED = b"CLIENT_ERROR flush_all not allowed\r\n"
+BAD_LINE = b"CLIENT_ERROR bad command line\r\n"
+ILLEGAL_SLAB = b"CLIENT_ERROR Illegal slab id\r\n"
+CACHEDUMP_DISABLED = b"CLIENT_ERROR stats cachedump not allowed\r\n"
+DETAIL_USAGE = b"CLIENT_ERROR usage: stats detail on|off|dump\r\n"
+METADUMP_DISABLED = b"ERROR metadump not allowed\r\n"
+BAD_CLASS = b"BADCLASS invalid class id\r\n"
+MEMLIMIT_TOO_SMALL = b"MEMLIMIT_TOO_SMALL cannot set maxbytes to less than 8m\r\n"
+MEMLIMIT_NOT_BYTES = b"MEMLIMIT_ADJUST_FAILED input value is megabytes not bytes\r\n"
 NOREPLY = b"noreply"
 
 _OUTCOME_LINES = {
@@ -49,21 +62,10 @@ _OUTCOME_LINES = {
     Outcome.NO_MEMORY: NO_MEMORY,
 }
 
-STORAGE_COMMANDS = frozenset((b"set", b"add", b"replace", b"append", b"prepend", b"cas"))
+# Commands followed by a data block (ms is the meta protocol's set).
+STORAGE_COMMANDS = frozenset((b"set", b"add", b"replace", b"append", b"prepend", b"cas", b"ms"))
 
-
-@dataclass(slots=True)
-class StorageRequest:
-    """A parsed storage command line waiting for its data block."""
-
-    command: bytes
-    key: bytes
-    flags: int
-    exptime: int  # absolute, as the store keeps it
-    nbytes: int
-    unique: int
-    noreply: bool
-    swallow: bytes | None = None  # set when the data is to be read and discarded: the reply
+__all__ = ["STORAGE_COMMANDS", "Commands", "StorageRequest"]
 
 
 class Commands:
@@ -75,12 +77,27 @@ class Commands:
         counters: Counters,
         version: str,
         stats_report: Callable[[bytes], bytes | None] | None = None,
+        *,
+        flush_enabled: bool = True,
+        dump_enabled: bool = True,
+        on_shutdown: Callable[[bool], None] | None = None,
+        on_memlimit: Callable[[int], None] | None = None,
     ) -> None:
+        """``flush_enabled`` (memcached's -F turns it off), ``dump_enabled`` (-X: no cachedump
+        or metadump), ``on_shutdown`` (-A: called with graceful=True/False by shutdown),
+        ``on_memlimit`` (cache_memlimit's new size in bytes; default: the store's capacity)."""
         self.store = store
         self.counters = counters
         self.version_line = b"VERSION %s\r\n" % version.encode()
         self.verbosity = 0
         self._stats_report = stats_report
+        self.flush_enabled = flush_enabled
+        self.dump_enabled = dump_enabled
+        self.on_shutdown = on_shutdown
+        self.on_memlimit = on_memlimit or store.set_capacity
+        # stats detail: the counters, and whether they are being kept (None: off).
+        self.prefix_stats = PrefixStats()
+        self.detail: PrefixStats | None = None
         self._line_handlers: dict[bytes, Callable[[list[bytes]], bytes]] = {
             b"get": self.get,
             b"bget": self.get,
@@ -95,8 +112,20 @@ class Commands:
             b"version": self.version,
             b"verbosity": self.verbosity_cmd,
             b"stats": self.stats,
-            b"shutdown": self.shutdown,
+            b"cache_memlimit": self.cache_memlimit,
+            b"lru_crawler": self.lru_crawler,
         }
+        # The meta protocol (ms, which has a data block, goes through parse_storage).
+        self.meta = Meta(store, counters, self.absolute_exptime)
+        self._line_handlers.update(
+            {
+                b"mg": self.meta.mg,
+                b"md": self.meta.md,
+                b"ma": self.meta.ma,
+                b"mn": self.meta.mn,
+                b"me": self.meta.me,
+            }
+        )
 
     @staticmethod
     def outcome_line(outcome: Outcome) -> bytes:
@@ -148,6 +177,7 @@ class Commands:
             return self._get_many(tokens, first)
         store = self.store
         counters = self.counters
+        detail = self.detail
         fmt = value_response_with_cas if with_cas else value_response
         parts: list[bytes] = []
         for key in tokens[first:]:
@@ -157,6 +187,8 @@ class Commands:
             if exptime is None:
                 counters.cmd_get += 1
                 item = store.get(key)
+                if detail is not None:
+                    detail.record_get(key, item is not None)
                 if item is None:
                     counters.get_misses += 1
                     continue
@@ -164,6 +196,8 @@ class Commands:
             else:
                 counters.cmd_touch += 1
                 item = store.touch(key, exptime)
+                if detail is not None:
+                    detail.record_get(key, item is not None)
                 if item is None:
                     counters.touch_misses += 1
                     continue
@@ -178,6 +212,7 @@ class Commands:
         """Plain get of one or more keys: the multi-get path, kept free of per-key calls
         beyond the store lookup, with the counters added once at the end."""
         get = self.store.get
+        detail = self.detail
         parts: list[bytes] = []
         hits = looked_up = 0
         reply = None
@@ -188,6 +223,8 @@ class Commands:
                 break
             looked_up += 1
             item = get(key)
+            if detail is not None:
+                detail.record_get(key, item is not None)
             if item is not None:
                 hits += 1
                 parts += (b"VALUE ", key, item[HEADER_SIZE:])
@@ -207,6 +244,8 @@ class Commands:
     def parse_storage(self, tokens: list[bytes]) -> StorageRequest | bytes:
         """Parse a storage command line: a request awaiting data, or an immediate reply."""
         command = tokens[0]
+        if command == b"ms":
+            return self.meta.parse_set(tokens)
         is_cas = command == b"cas"
         ntokens = len(tokens)
         if ntokens not in ((6, 7) if is_cas else (5, 6)):
@@ -226,8 +265,11 @@ class Commands:
             if parsed is None:
                 return b"" if noreply else BAD_FORMAT
             unique = parsed
-        if nbytes < 0:
+        if not 0 <= nbytes <= I32_MAX - 2:
+            # memcached refuses these lengths at once (above, it would wait for the data).
             return b"" if noreply else BAD_FORMAT
+        if self.detail is not None:
+            self.detail.record_set(key)
         request = StorageRequest(
             command, key, flags, self.absolute_exptime(exptime), nbytes, unique, noreply
         )
@@ -240,6 +282,8 @@ class Commands:
 
     def complete_storage(self, request: StorageRequest, data: bytes, terminator: bytes) -> bytes:
         """Run a storage command once its data block (and the two bytes after it) arrived."""
+        if request.meta is not None:
+            return self.meta.complete_set(request, data, terminator)
         if request.swallow is not None:
             return request.swallow
         if terminator != b"\r\n":
@@ -290,8 +334,10 @@ class Commands:
                 return b"" if noreply else DELETE_USAGE
         key = tokens[1]
         if len(key) > KEY_MAX_LENGTH:
-            reply = BAD_FORMAT
-        elif self.store.delete(key):
+            return b"" if noreply else BAD_FORMAT
+        if self.detail is not None:
+            self.detail.record_delete(key)
+        if self.store.delete(key):
             self.counters.delete_hits += 1
             reply = DELETED
         else:
@@ -358,6 +404,8 @@ class Commands:
             return ERROR
         noreply = tokens[-1] == NOREPLY
         self.counters.cmd_flush += 1
+        if not self.flush_enabled:  # -F; memcached still counts the attempt
+            return b"" if noreply else FLUSH_DISABLED
         delay = 0
         if ntokens != (2 if noreply else 1):
             parsed = parse_i32(tokens[1])
@@ -380,11 +428,82 @@ class Commands:
         self.verbosity = min(level, 2)
         return b"" if noreply else OK
 
-    def shutdown(self, tokens: list[bytes]) -> bytes:
-        return SHUTDOWN_DISABLED
+    def shutdown(self, tokens: list[bytes]) -> bytes | None:
+        """With -A: stop the server (``shutdown graceful``: as SIGUSR1 does, keeping the cache
+        with -e). None means "close this connection, no reply"."""
+        if self.on_shutdown is None:
+            return SHUTDOWN_DISABLED
+        if len(tokens) == 1:
+            self.on_shutdown(False)
+            return None
+        if len(tokens) == 2 and tokens[1] == b"graceful":
+            self.on_shutdown(True)
+            return None
+        return SHUTDOWN_BAD_MODE
+
+    def cache_memlimit(self, tokens: list[bytes]) -> bytes:
+        """Resize the store (megabytes); a smaller size evicts down to it at once."""
+        if len(tokens) not in (2, 3):
+            return ERROR
+        noreply = tokens[-1] == NOREPLY
+        megabytes = parse_u32(tokens[1])
+        if megabytes is None:
+            reply = ERROR
+        elif megabytes < 8:
+            reply = MEMLIMIT_TOO_SMALL
+        elif megabytes > 1_000_000_000:
+            reply = MEMLIMIT_NOT_BYTES
+        else:
+            self.on_memlimit(megabytes * 1024 * 1024)
+            reply = OK
+        return b"" if noreply else reply
+
+    def lru_crawler(self, tokens: list[bytes]) -> bytes:
+        """``lru_crawler metadump <all|hash|classes>``: every live item's metadata, the
+        listing key-dumping tools read. The crawler's other controls are not offered."""
+        if len(tokens) == 3 and tokens[1] == b"metadump":
+            if not self.dump_enabled:
+                return METADUMP_DISABLED
+            classes = parse_classes(tokens[2])
+            if classes == set():
+                return BAD_CLASS
+            store = self.store
+            return metadump(store.lru_items(), self.meta.slabs, classes, store.now())
+        return ERROR
 
     def stats(self, tokens: list[bytes]) -> bytes:
+        sub = tokens[1] if len(tokens) > 1 else b""
+        if sub == b"detail":
+            return self._stats_detail(tokens[2] if len(tokens) > 2 else b"")
+        if sub == b"cachedump":
+            return self._cachedump(tokens)
         if self._stats_report is None:
             return ERROR
+        if sub == b"reset":
+            self.prefix_stats.clear()
         report = self._stats_report(b" ".join(tokens[1:]))
         return ERROR if report is None else report
+
+    def _stats_detail(self, what: bytes) -> bytes:
+        if what == b"on":
+            self.detail = self.prefix_stats
+            return OK
+        if what == b"off":
+            self.detail = None
+            return OK
+        if what == b"dump":
+            return self.prefix_stats.dump()
+        return DETAIL_USAGE
+
+    def _cachedump(self, tokens: list[bytes]) -> bytes:
+        if not self.dump_enabled:
+            return CACHEDUMP_DISABLED
+        if len(tokens) < 4:
+            return BAD_LINE
+        clsid = parse_u32(tokens[2])
+        limit = parse_u32(tokens[3])
+        if clsid is None or limit is None:
+            return BAD_FORMAT
+        if clsid > 63:
+            return ILLEGAL_SLAB
+        return cachedump(self.store.lru_items(), self.meta.slabs, clsid, limit)

@@ -32,6 +32,9 @@ MAX_LINE = 2048
 # server buffer without bound.
 MAX_MULTIGET_LINE = 2 * 1024 * 1024
 UDP_REFUSED = b"SERVER_ERROR command not allowed over UDP\r\n"
+METADUMP_PIPELINED = b"ERROR cannot pipeline other commands before metadump\r\n"
+# Commands whose replies memcached sends before it reads the next request.
+FLUSHING_COMMANDS = frozenset((b"get", b"gets", b"gat", b"gats", b"bget", b"mn"))
 # A TCP client's replies built in one go, at most (about): see TextSession's reply_limit.
 TCP_REPLY_LIMIT = 4 * 1024 * 1024
 # ElastiCache's auto-discovery request (answered only where the session has a ClusterConfig).
@@ -41,6 +44,7 @@ CONFIG_GET_CLUSTER = [b"get", b"cluster"]
 # answer over UDP without letting a forged source address amplify traffic.
 UDP_SAFE_COMMANDS = (
     frozenset((b"get", b"gets", b"gat", b"gats", b"touch", b"delete", b"incr", b"decr", b"version"))
+    | frozenset((b"mg", b"md", b"ma", b"mn", b"me"))
     | STORAGE_COMMANDS
 )
 
@@ -150,6 +154,10 @@ class TextSession:
         n = len(data)
         limit = self._reply_limit
         discovery = self._discovery
+        detail = commands.detail  # stats detail's prefix counters while they are on
+        # Replies before this index are as good as sent: memcached writes a get's reply (and
+        # mn's) at once, and only a metadump behind unsent replies is refused.
+        flushed = 0
         size = 0  # bytes of retrieval replies so far (the only ones that can be large)
         while pos < n:
             if limit is not None and size > limit:
@@ -161,7 +169,10 @@ class TextSession:
                 self._keep_partial_line(data[pos:])
                 return
             end = eol - 1 if eol - pos > 1 and data[eol - 1] == 13 else eol
-            tokens = data[pos:end].split(b" ")
+            line = data[pos:end]
+            if b"\x00" in line:  # memcached reads a command line as a C string: up to a NUL
+                line = line[: line.index(b"\x00")]
+            tokens = line.split(b" ")
             pos = eol + 1
             if b"" in tokens:
                 tokens = [t for t in tokens if t]
@@ -186,6 +197,8 @@ class TextSession:
                     continue
                 counters.cmd_get += 1
                 item = store.get(key)
+                if detail is not None:
+                    detail.record_get(key, item is not None)
                 if item is None:
                     counters.get_misses += 1
                     out.append(END)
@@ -194,6 +207,7 @@ class TextSession:
                     reply = b"VALUE " + key + item[HEADER_SIZE:] + END
                     out.append(reply)
                     size += len(reply)
+                flushed = len(out)
                 continue
             if command == b"set" and ntokens == 5:
                 key, flags_token, exptime_token, nbytes_token = tokens[1:]
@@ -216,6 +230,8 @@ class TextSession:
                         and not store.too_large(key, flags, nbytes)
                     ):
                         counters.cmd_set += 1
+                        if detail is not None:
+                            detail.record_set(key)
                         if exptime:
                             exptime = commands.absolute_exptime(exptime)
                         # The reply suffix can reuse the request's own digits when they are
@@ -237,14 +253,34 @@ class TextSession:
             if command in STORAGE_COMMANDS:
                 pos = self._storage(tokens, data, pos, out)
                 continue
+            if (
+                command == b"lru_crawler"
+                and len(out) > flushed
+                and len(tokens) == 3
+                and tokens[1] == b"metadump"
+                and commands.dump_enabled
+            ):
+                # memcached streams a metadump from another thread: it refuses one that
+                # would overtake replies of the same read still waiting to be sent.
+                out.append(METADUMP_PIPELINED)
+                continue
             handler = commands.handler(command)
             if handler is not None:
                 reply = handler(tokens)
                 out.append(reply)
                 size += len(reply)
+                detail = commands.detail
+                if command in FLUSHING_COMMANDS:
+                    flushed = len(out)
             elif command == b"quit":
                 self.closing = True
                 return
+            elif command == b"shutdown":
+                reply = commands.shutdown(tokens)
+                if reply is None:  # the server is stopping: close without a reply
+                    self.closing = True
+                    return
+                out.append(reply)
             elif command == b"config" and discovery is not None:
                 reply = discovery.config_get() if tokens[1:] == CONFIG_GET_CLUSTER else ERROR
                 out.append(reply)

@@ -4,24 +4,33 @@ An item is one immutable ``bytes`` object, so a stored key costs exactly two Pyt
 (the key and the item) plus its dict slot. That keeps memory per item close to memcached's
 (see docs/benchmarks.md). Layout::
 
-    cas:u64 | exptime:u32 | flags:u32 | bumped:u32 | meta:u8
+    cas:u64 | exptime:u32 | flags:u32 | bumped:u32 | meta:u8 | marks:u8
     | b" <flags> <nbytes>\\r\\n" | data | b"\\r\\n"
 
-``bumped`` is when a hit last moved the item to the LRU's recent end (0: never). ``meta``
-holds the offset of ``data`` in its low 7 bits and the "fetched" bit on top (for the
-evicted_unfetched / expired_unfetched counters). The pre-formatted suffix lets a get hit be
-answered with one slice: ``b"VALUE " + key + item[HEADER_SIZE:]``.
+``bumped`` is when the item was stored or a hit last moved it to the LRU's recent end
+(memcached's "last access" time, which the meta protocol reports). ``meta`` holds the offset
+of ``data`` in its low 7 bits and the "fetched" bit on top (for the evicted_unfetched /
+expired_unfetched counters). ``marks`` are the meta protocol's per-item bits: the key came
+base64-encoded, the item was invalidated (stale), a client was already told to recache it.
+The pre-formatted suffix lets a get hit be answered with one slice:
+``b"VALUE " + key + item[HEADER_SIZE:]``.
 """
 
 from __future__ import annotations
 
 import struct
 
-_HEADER = struct.Struct("<QIIIB")
-HEADER_SIZE = _HEADER.size  # 21
+_HEADER = struct.Struct("<QIIIBB")
+HEADER_SIZE = _HEADER.size  # 22
+EXPTIME_AT = 8
 BUMPED_AT = 16
-META_AT = HEADER_SIZE - 1
+META_AT = 20
+MARKS_AT = 21
 FETCHED = 0x80
+# The marks (memcached's ITEM_KEY_BINARY, ITEM_STALE and ITEM_TOKEN_SENT).
+KEY_BINARY = 0x01
+STALE = 0x02
+TOKEN_SENT = 0x04
 _OFFSET_MASK = 0x7F
 NEVER = 0  # exptime meaning "does not expire"
 
@@ -36,13 +45,16 @@ def make_item(
     data: bytes,
     fetched: bool = False,
     suffix: bytes | None = None,
+    now: int = 0,
+    marks: int = 0,
 ) -> bytes:
-    """Build an item; ``data`` is the value without its trailing CRLF. ``suffix``, when the
-    caller has it already, is ``b" <flags> <len(data)>\r\n"`` exactly."""
+    """Build an item stored at ``now``; ``data`` is the value without its trailing CRLF.
+    ``suffix``, when the caller has it already, is ``b" <flags> <len(data)>\r\n"`` exactly."""
     if suffix is None:
         suffix = b" %d %d\r\n" % (flags, len(data))
     meta = (HEADER_SIZE + len(suffix)) | (FETCHED if fetched else 0)
-    return b"".join((_HEADER.pack(cas, exptime, flags, 0, meta), suffix, data, b"\r\n"))
+    header = _HEADER.pack(cas, exptime, flags, now, meta, marks)
+    return b"".join((header, suffix, data, b"\r\n"))
 
 
 def item_cas(item: bytes) -> int:
@@ -77,9 +89,13 @@ def item_bumped(item: bytes) -> int:
     return _BUMPED.unpack_from(item, BUMPED_AT)[0]
 
 
+def item_marks(item: bytes) -> int:
+    return item[MARKS_AT]
+
+
 def with_fetched(item: bytes) -> bytes:
     """A copy with the fetched bit set."""
-    return b"".join((item[:META_AT], bytes((item[META_AT] | FETCHED,)), item[HEADER_SIZE:]))
+    return b"".join((item[:META_AT], bytes((item[META_AT] | FETCHED,)), item[MARKS_AT:]))
 
 
 def as_bumped(item: bytes, now: int) -> bytes:
@@ -89,15 +105,28 @@ def as_bumped(item: bytes, now: int) -> bytes:
             item[:BUMPED_AT],
             _BUMPED.pack(now),
             bytes((item[META_AT] | FETCHED,)),
-            item[HEADER_SIZE:],
+            item[MARKS_AT:],
         )
     )
 
 
-def with_header(item: bytes, cas: int, exptime: int) -> bytes:
-    """A copy with a new CAS and exptime, the value and flags unchanged."""
-    _, _, flags, bumped, meta = _HEADER.unpack_from(item)
-    return _HEADER.pack(cas, exptime, flags, bumped, meta) + item[HEADER_SIZE:]
+def with_header(
+    item: bytes, cas: int, exptime: int, marks: int | None = None, bumped: int | None = None
+) -> bytes:
+    """A copy with a new CAS and exptime (and marks, last access), the value and flags
+    unchanged."""
+    _, _, flags, old_bumped, meta, old_marks = _HEADER.unpack_from(item)
+    return (
+        _HEADER.pack(
+            cas,
+            exptime,
+            flags,
+            old_bumped if bumped is None else bumped,
+            meta,
+            old_marks if marks is None else marks,
+        )
+        + item[HEADER_SIZE:]
+    )
 
 
 def value_response(key: bytes, item: bytes) -> bytes:

@@ -10,7 +10,7 @@ Written as a stream of chunks (``write``), read back through ``read(offset, size
 
 A block's payload is its items' key lengths (one byte each), their item lengths (u32 each),
 the keys, then the items (``storage/item.py``'s bytes, unchanged: CAS, absolute exptime,
-flags, fetched bit). Whole arrays per block rather than a header per record: writing and
+flags, fetched bit, meta marks). Whole arrays per block rather than a header per record: writing and
 reading then run in C (``bytes.join``, ``map``, ``itertools.accumulate``) with one Python
 step per block, not per item.
 
@@ -38,13 +38,20 @@ from dataclasses import asdict, dataclass
 from itertools import accumulate, repeat
 from operator import itemgetter
 
-from cacheserver.storage.item import BUMPED_AT, FETCHED, HEADER_SIZE, ITEM_OVERHEAD, META_AT
+from cacheserver.storage.item import (
+    BUMPED_AT,
+    FETCHED,
+    HEADER_SIZE,
+    ITEM_OVERHEAD,
+    MARKS_AT,
+    META_AT,
+)
 
 MAGIC = b"CSNAP\x00\r\n"
 END_MAGIC = b"CSNAPEND"
 FORMAT = 1
 # What the items' bytes mean; a reader with another layout cannot use them.
-LAYOUT = [HEADER_SIZE, BUMPED_AT, META_AT, FETCHED, ITEM_OVERHEAD]
+LAYOUT = [HEADER_SIZE, BUMPED_AT, META_AT, MARKS_AT, FETCHED, ITEM_OVERHEAD]
 BLOCK_BYTES = 16 << 20  # keys and items per block, about
 
 _PREFIX = struct.Struct("<8sIII")

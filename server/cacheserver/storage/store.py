@@ -20,14 +20,18 @@ from enum import Enum, auto
 from cacheserver.storage.item import (
     BUMPED_AT,
     FETCHED,
+    HEADER_SIZE,
     ITEM_OVERHEAD,
     META_AT,
     NEVER,
+    STALE,
+    TOKEN_SENT,
     as_bumped,
     item_cost,
     item_data,
     item_fetched,
     make_item,
+    pack_header,
     unpack_header,
     with_fetched,
     with_header,
@@ -121,6 +125,57 @@ class Store:
         items[key] = item
         return item
 
+    def lru_items(self) -> list[tuple[bytes, bytes]]:
+        """Every item (expired ones not yet reclaimed too), least recently used first."""
+        self._apply_pending_flush(self.now())
+        return list(self._items.items())
+
+    def peek(self, key: bytes) -> bytes | None:
+        """The live item for ``key`` without counting a hit (memcached's DONT_UPDATE)."""
+        return self._live(key, self.now())
+
+    def amend(
+        self,
+        key: bytes,
+        item: bytes,
+        *,
+        exptime: int | None = None,
+        marks: int | None = None,
+        cas: int | None = None,
+        hit: bool = False,
+    ) -> bytes:
+        """Rewrite the header of ``item``, the live item of ``key`` (its value unchanged), and
+        with ``hit`` count a hit as ``get`` does: mark it fetched and move it to the LRU's
+        recent end at most once per ``BUMP_INTERVAL``. Returns the new item."""
+        old_cas, old_exptime, flags, bumped, meta, old_marks = unpack_header(item)
+        moved = False
+        if hit:
+            now = self.now()
+            if not (meta & FETCHED and now - bumped < BUMP_INTERVAL):
+                bumped = now
+                moved = True
+            meta |= FETCHED
+        new = (
+            pack_header(
+                old_cas if cas is None else cas,
+                old_exptime if exptime is None else exptime,
+                flags,
+                bumped,
+                meta,
+                old_marks if marks is None else marks,
+            )
+            + item[HEADER_SIZE:]
+        )
+        items = self._items
+        if moved:
+            del items[key]
+        items[key] = new
+        return new
+
+    def next_cas(self) -> int:
+        """A new CAS value (an item changed in place takes one, as in memcached)."""
+        return self._next_cas()
+
     def touch(self, key: bytes, exptime: int) -> bytes | None:
         """Give a live item a new absolute expiry; returns the updated item or None."""
         item = self._live(key, self.now())
@@ -138,60 +193,89 @@ class Store:
         total = _MEMCACHED_ITEM_OVERHEAD + len(key) + (4 if flags else 0) + nbytes + 2
         return total > self.max_item_size
 
-    def set(self, key: bytes, flags: int, exptime: int, data: bytes) -> Outcome:
+    def set(self, key: bytes, flags: int, exptime: int, data: bytes, marks: int = 0) -> Outcome:
         if self.too_large(key, flags, len(data)):
             self.delete(key)  # as memcached: a failed set must not leave the stale value
             return Outcome.TOO_LARGE
         self._cas += 1
-        return self._store(key, make_item(self._cas, exptime, flags, data))
+        item = make_item(self._cas, exptime, flags, data, now=self.now(), marks=marks)
+        return self._store(key, item)
 
     def set_fitting(
         self, key: bytes, flags: int, exptime: int, data: bytes, suffix: bytes | None = None
     ) -> Outcome:
         """``set`` for a value the caller has already checked with ``too_large``."""
         self._cas += 1
-        return self._store(key, make_item(self._cas, exptime, flags, data, False, suffix))
+        now = int(self._clock())
+        return self._store(key, make_item(self._cas, exptime, flags, data, False, suffix, now))
 
-    def add(self, key: bytes, flags: int, exptime: int, data: bytes) -> Outcome:
+    def add(self, key: bytes, flags: int, exptime: int, data: bytes, marks: int = 0) -> Outcome:
         if self.too_large(key, flags, len(data)):
             return Outcome.TOO_LARGE
-        if self._live(key, self.now()) is not None:
+        now = self.now()
+        if self._live(key, now) is not None:
             return Outcome.NOT_STORED
-        return self._store(key, make_item(self._next_cas(), exptime, flags, data))
+        item = make_item(self._next_cas(), exptime, flags, data, now=now, marks=marks)
+        return self._store(key, item)
 
-    def replace(self, key: bytes, flags: int, exptime: int, data: bytes) -> Outcome:
+    def replace(self, key: bytes, flags: int, exptime: int, data: bytes, marks: int = 0) -> Outcome:
         if self.too_large(key, flags, len(data)):
             return Outcome.TOO_LARGE
-        if self._live(key, self.now()) is None:
+        now = self.now()
+        if self._live(key, now) is None:
             return Outcome.NOT_STORED
-        return self._store(key, make_item(self._next_cas(), exptime, flags, data))
+        item = make_item(self._next_cas(), exptime, flags, data, now=now, marks=marks)
+        return self._store(key, item)
 
-    def cas(self, key: bytes, flags: int, exptime: int, data: bytes, unique: int) -> Outcome:
+    def cas(
+        self,
+        key: bytes,
+        flags: int,
+        exptime: int,
+        data: bytes,
+        unique: int,
+        marks: int = 0,
+        stale: bool = False,
+    ) -> Outcome:
+        """Store if the item's CAS is ``unique``. With ``stale`` (the meta protocol's
+        invalidation), an older ``unique`` than the item's also stores, as memcached does:
+        the value is marked stale and keeps the item's expiry and recache token."""
         if self.too_large(key, flags, len(data)):
             return Outcome.TOO_LARGE
-        old = self._live(key, self.now())
+        now = self.now()
+        old = self._live(key, now)
         if old is None:
             return Outcome.NOT_FOUND
-        if unpack_header(old)[0] != unique:
-            return Outcome.EXISTS
-        return self._store(key, make_item(self._next_cas(), exptime, flags, data))
+        old_cas, old_exptime, _, _, _, old_marks = unpack_header(old)
+        if old_cas != unique:
+            if not (stale and 0 < unique < old_cas):
+                return Outcome.EXISTS
+            exptime = old_exptime
+            marks |= STALE | (old_marks & TOKEN_SENT)
+        item = make_item(self._next_cas(), exptime, flags, data, now=now, marks=marks)
+        return self._store(key, item)
 
-    def append(self, key: bytes, data: bytes) -> Outcome:
-        return self._concat(key, data, at_end=True)
+    def append(self, key: bytes, data: bytes, unique: int = 0) -> Outcome:
+        return self._concat(key, data, True, unique)
 
-    def prepend(self, key: bytes, data: bytes) -> Outcome:
-        return self._concat(key, data, at_end=False)
+    def prepend(self, key: bytes, data: bytes, unique: int = 0) -> Outcome:
+        return self._concat(key, data, False, unique)
 
-    def _concat(self, key: bytes, data: bytes, at_end: bool) -> Outcome:
-        old = self._live(key, self.now())
+    def _concat(self, key: bytes, data: bytes, at_end: bool, unique: int) -> Outcome:
+        """append/prepend; a non-zero ``unique`` must match the item's CAS (else EXISTS)."""
+        now = self.now()
+        old = self._live(key, now)
         if old is None:
             return Outcome.NOT_STORED
-        _, exptime, flags, _, _ = unpack_header(old)
+        old_cas, exptime, flags, _, _, _ = unpack_header(old)
+        if unique and unique != old_cas:
+            return Outcome.EXISTS
         old_data = item_data(old)
         new_data = old_data + data if at_end else data + old_data
         if self.too_large(key, flags, len(new_data)):
             return Outcome.TOO_LARGE
-        new = make_item(self._next_cas(), exptime, flags, new_data, item_fetched(old))
+        # As memcached: the result is a new item (not yet fetched, no meta marks).
+        new = make_item(self._next_cas(), exptime, flags, new_data, now=now)
         return self._store(key, new)
 
     def delete(self, key: bytes) -> bool:
@@ -201,27 +285,45 @@ class Store:
         self._unlink(key, item)
         return True
 
-    def incr(self, key: bytes, delta: int) -> int | Outcome:
-        return self._arith(key, delta, incr=True)
+    def incr(self, key: bytes, delta: int, unique: int = 0) -> int | Outcome:
+        return self.arith(key, delta, True, unique)
 
-    def decr(self, key: bytes, delta: int) -> int | Outcome:
-        return self._arith(key, delta, incr=False)
+    def decr(self, key: bytes, delta: int, unique: int = 0) -> int | Outcome:
+        return self.arith(key, delta, False, unique)
 
-    def _arith(self, key: bytes, delta: int, incr: bool) -> int | Outcome:
-        old = self._live(key, self.now())
+    def arith(self, key: bytes, delta: int, incr: bool, unique: int = 0) -> int | Outcome:
+        """incr/decr: the new value, or NOT_FOUND, NON_NUMERIC, or EXISTS when a non-zero
+        ``unique`` does not match the item's CAS (checked in memcached's order)."""
+        now = self.now()
+        old = self._live(key, now)
         if old is None:
             return Outcome.NOT_FOUND
         data = item_data(old)
+        old_cas, exptime, flags, _, _, marks = unpack_header(old)
+        if not data:
+            return Outcome.NON_NUMERIC
+        if unique and unique != old_cas:
+            return Outcome.EXISTS
         current = parse_stored_number(data)
         if current is None:
             return Outcome.NON_NUMERIC
         value = (current + delta) & MAX_U64 if incr else max(current - delta, 0)
         digits = b"%d" % value
-        # memcached rewrites a shorter number in place, padding with spaces to the old length.
-        if len(digits) < len(data):
-            digits = digits.ljust(len(data))
-        _, exptime, flags, _, _ = unpack_header(old)
-        self._store(key, make_item(self._next_cas(), exptime, flags, digits, item_fetched(old)))
+        if len(digits) <= len(data):
+            # memcached rewrites a number that fits in place, padding with spaces to the old
+            # length: the item keeps its fetched bit and marks.
+            new = make_item(
+                self._next_cas(),
+                exptime,
+                flags,
+                digits.ljust(len(data)),
+                item_fetched(old),
+                now=now,
+                marks=marks,
+            )
+        else:  # a longer number makes a new item
+            new = make_item(self._next_cas(), exptime, flags, digits, now=now)
+        self._store(key, new)
         return value
 
     def flush(self, at: int = 0) -> None:
