@@ -15,7 +15,7 @@ import signal
 from prometheus_client import CollectorRegistry
 
 from cacheserver import __version__
-from cacheserver.config import Settings
+from cacheserver.config import Settings, worker_path
 from cacheserver.cpus import CpuPlacement
 from cacheserver.discovery.watch import ClusterConfig
 from cacheserver.fastpath import make_engine
@@ -28,6 +28,7 @@ from cacheserver.metrics.stats_report import StatsReport
 from cacheserver.network.tcp import TCPServer
 from cacheserver.network.udp import UDPServer
 from cacheserver.protocol.commands import Commands
+from cacheserver.security.credentials import CredentialsFile
 from cacheserver.storage import Store
 from cacheserver.storage.snapshot import Identity
 from cacheserver.warm import WarmRestart, snapshot_path
@@ -56,13 +57,22 @@ class Worker:
         the memory, which a warm restart must share."""
         self.settings = settings
         self.worker_index = worker_index
+        self.workers = workers
         self.store = Store(
             capacity if capacity is not None else settings.memory_limit_bytes,
             max_item_size=settings.max_item_size,
         )
         self.counters = Counters()
         self.report = StatsReport(settings, self.store, self.counters, VERSION)
-        self.commands = Commands(self.store, self.counters, VERSION, self.report)
+        # -Y: memcached's text-protocol authentication; reloaded when the file changes.
+        self.credentials = CredentialsFile(settings.auth_file) if settings.auth_file else None
+        self.commands = Commands(
+            self.store,
+            self.counters,
+            VERSION,
+            self.report,
+            flush_enabled=not settings.disable_flush_all,
+        )
         # ElastiCache's auto discovery, when the operator gave a membership file.
         self.discovery = ClusterConfig(settings.cluster_config) if settings.cluster_config else None
         latency = LatencyHistogram()
@@ -79,6 +89,7 @@ class Worker:
             latency,
             self.engine,
             self.discovery,
+            self.credentials,
         )
         self.registry = CollectorRegistry(auto_describe=False)
         self.collector = ServerCollector(self.report, self.tcp.latency)
@@ -93,6 +104,9 @@ class Worker:
             self.report.extra_general.append(self.discovery.stats_fields)
             self.report.extra_settings.append(self.discovery.settings_fields)
             self.collector.extra.append(self.discovery.metrics)
+        if self.credentials is not None:
+            self.report.extra_general.append(self.credentials.stats_fields)
+            self.collector.extra.append(self.credentials.metrics)
         self.registry.register(self.collector)
         self._servers: list[asyncio.Server] = []
         self.udp = UDPServer(self.commands, self.counters, settings.udp_allow_all, self.engine)
@@ -121,30 +135,55 @@ class Worker:
             self.report.started = self.warm.started
         if self.discovery is not None:
             self.discovery.poll()  # the first membership before the first client
-        self.tcp.listen(st.listen, st.port)
-        log.info("listening on %s:%d (TCP)", st.listen, st.port)
+        for listener in st.listeners:
+            port = listener.port_for(st.port, self.worker_index)
+            self.tcp.listen(listener.host, port)
+            log.info("listening on %s:%d (TCP)", listener.host, port)
+        if st.admin_socket:
+            path = worker_path(st.admin_socket, self.worker_index, self.workers)
+            self.tcp.listen_admin(path)
+            log.info("admin socket %s (version and stats)", path)
+        if self.credentials is not None:
+            log.info(
+                "clients authenticate first (-Y %s, %d users)",
+                st.auth_file,
+                len(self.credentials.credentials.entries),
+            )
         if self.engine is None:
             why = "--python-only" if st.python_only else "the C extension was not built"
             log.info("plain get/set served by the Python path (%s)", why)
         if st.udp_port:
-            self.udp.listen(st.listen, st.udp_port)
+            self.udp.listen(st.host, st.udp_port)
             log.info(
                 "listening on %s:%d (UDP%s)",
-                st.listen,
+                st.host,
                 st.udp_port,
                 ", all commands" if st.udp_allow_all else "",
             )
         if st.metrics_port:
-            self._servers.append(await serve_metrics(self.registry, st.listen, st.metrics_port))
-            log.info("metrics on http://%s:%d/metrics", st.listen, st.metrics_port)
+            self._servers.append(
+                await serve_metrics(self.registry, st.host, st.metrics_port, self._stats)
+            )
+            log.info("metrics on http://%s:%d/metrics", st.host, st.metrics_port)
         self._ticker = loop.call_later(SWEEP_PERIOD, self._tick)
+
+    def _stats(self, worker: int, sub: str) -> bytes | None:
+        """This worker's ``stats [sub]`` for the HTTP endpoint."""
+        return self.report(sub.encode()) if worker == 0 else None
 
     def _tick(self) -> None:
         self.store.reclaim_expired(CRAWL_BUDGET)
         self.tcp.sweep(SWEEP_PERIOD)
         if self.discovery is not None:
             self.discovery.poll()  # a stat() a second; reads the file only when it changed
+        if self.credentials is not None:
+            self.credentials.poll()  # the same for the credentials file
         self._ticker = asyncio.get_running_loop().call_later(SWEEP_PERIOD, self._tick)
+
+    def reload(self) -> None:
+        """SIGHUP, as memcached: read the credentials file again."""
+        if self.credentials is not None:
+            self.credentials.reload()
 
     def stop(self, save: bool = False) -> None:
         """Stop serving; with ``save`` (and -e) write the warm-restart snapshot first."""
@@ -158,6 +197,7 @@ class Worker:
         loop.add_signal_handler(signal.SIGTERM, self.stop, True)
         loop.add_signal_handler(signal.SIGUSR1, self.stop, True)
         loop.add_signal_handler(signal.SIGINT, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         await self.start()
         await self._stopped.wait()
         await self.close()

@@ -170,6 +170,9 @@ def _script() -> list[Step]:
         b"g\r\n",
         b"GET k2\r\n",
         b"shutdown\r\n",
+        # -- TLS certificates reloaded on a server without TLS
+        b"refresh_certs\r\n",
+        b"refresh_certs noreply\r\n",
         # -- pipelining: many commands in one write
         b"set p1 0 0 1\r\na\r\nset p2 0 0 1\r\nb\r\nget p1 p2\r\ndelete p1\r\nget p1 p2\r\n",
         # -- flush_all

@@ -31,6 +31,8 @@ class Counters:
     touch_misses: int = 0
     store_too_large: int = 0
     store_no_memory: int = 0
+    auth_cmds: int = 0  # authentication attempts (-Y), successful or not
+    auth_errors: int = 0  # authentication attempts that failed
     bytes_read: int = 0
     bytes_written: int = 0
     curr_connections: int = 0

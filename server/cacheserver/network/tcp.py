@@ -6,6 +6,13 @@ callback and transport object per client), reads go through one shared buffer, a
 connection costs only its socket and its protocol session (see W5 in docs/benchmarks.md).
 Replies are written straight away; only what the kernel would not take is kept, and the
 connection stops being read until that is flushed (back-pressure).
+
+With the compiled fast path there are two epoll sets. The compiled path serves one of them,
+and a connection is in it only when the fast path may serve it: plaintext TCP, and
+authenticated when -Y is on. Everything else -- a client that has not authenticated yet, TLS
+connections, the admin socket -- is in the other set, served here in Python; a plaintext
+client moves over once it has authenticated. So the compiled path never sees a request from
+a client that has not authenticated, and an authenticated one costs it nothing extra.
 """
 
 from __future__ import annotations
@@ -13,8 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import os
 import select
 import socket
+import stat
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +34,7 @@ from cacheserver.protocol.session import TCP_REPLY_LIMIT, TextSession
 
 if TYPE_CHECKING:
     from cacheserver.discovery.watch import ClusterConfig
+    from cacheserver.security.credentials import CredentialsFile
 
 TOO_MANY_CONNECTIONS = b"ERROR Too many open connections\r\n"
 READ_SIZE = 65536
@@ -32,12 +42,15 @@ BATCH = 512  # sockets handled per wake-up; the rest wait for the next loop iter
 _IN = select.EPOLLIN | select.EPOLLRDHUP
 _OUT = select.EPOLLOUT
 _GONE = select.EPOLLHUP | select.EPOLLERR
+# The admin socket (--admin-socket) answers these and nothing else, without authentication.
+ADMIN_COMMANDS = frozenset((b"version", b"stats"))
+ADMIN_REFUSED = b"SERVER_ERROR command not allowed on the admin socket\r\n"
 
 
 class Connection(TextSession):
     """One client: the protocol session plus its socket and what it still has to send."""
 
-    __slots__ = ("pending", "seen_tick", "sock")
+    __slots__ = ("fast", "pending", "poller", "seen_tick", "sock")
 
     def __init__(
         self,
@@ -45,11 +58,25 @@ class Connection(TextSession):
         sock: socket.socket,
         tick: int,
         discovery: ClusterConfig | None = None,
+        credentials: CredentialsFile | None = None,
+        fast: bool = True,
+        allowed: frozenset[bytes] | None = None,
+        refusal: bytes = ADMIN_REFUSED,
     ) -> None:
-        super().__init__(commands, reply_limit=TCP_REPLY_LIMIT, discovery=discovery)
+        super().__init__(
+            commands,
+            allowed=allowed,
+            reply_limit=TCP_REPLY_LIMIT,
+            discovery=discovery,
+            credentials=credentials,
+            refusal=refusal,
+        )
         self.sock = sock
         self.seen_tick = tick
         self.pending = b""  # reply bytes the kernel has not taken yet
+        # Whether the compiled path may serve it once authenticated (plaintext TCP only).
+        self.fast = fast
+        self.poller: select.epoll | None = None  # the epoll set it is registered in
 
 
 class TCPServer:
@@ -64,18 +91,24 @@ class TCPServer:
         latency: LatencyHistogram | None = None,
         engine: Any | None = None,
         discovery: ClusterConfig | None = None,
+        credentials: CredentialsFile | None = None,
     ) -> None:
         self.commands = commands
         # Auto discovery (`config get cluster`) is answered over TCP only.
         self.discovery = discovery
+        self.credentials = credentials  # -Y: every TCP client authenticates first
         self.counters = counters
         self.limit = limit
         self.idle_timeout = idle_timeout
         self.latency = latency if latency is not None else LatencyHistogram()
         self.tick = 0
         self.connections: dict[int, Connection] = {}
+        # The compiled path's set, or the only one when there is no compiled path.
         self._epoll = select.epoll()
-        self._listener: socket.socket | None = None
+        # Connections the compiled path must not serve (see the module's docstring).
+        self._python = select.epoll() if engine is not None else self._epoll
+        self._listeners: list[socket.socket] = []
+        self._admin_path: str | None = None
         self._buffer = bytearray(READ_SIZE)
         self._view = memoryview(self._buffer)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -88,46 +121,98 @@ class TCPServer:
     def listen(self, host: str, port: int, backlog: int = 1024) -> socket.socket:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         listener = socket.create_server((host, port), family=family, backlog=backlog)
-        listener.setblocking(False)
-        self._listener = listener
-        self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(listener.fileno(), self._accept)
-        serve = self._serve_ready if self._engine is None else self._engine.serve_tcp
-        self._loop.add_reader(self._epoll.fileno(), serve)
+        self._add_listener(listener, self._accept_tcp)
         return listener
+
+    def listen_admin(self, path: str) -> socket.socket:
+        """The admin socket: a Unix socket only this user may connect to, answering
+        ``version`` and ``stats`` without authentication or TLS."""
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)  # left by an earlier run of this server
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            listener.bind(path)
+        finally:
+            os.umask(old_umask)
+        listener.listen(64)
+        self._admin_path = path
+        self._add_listener(listener, self._accept_admin)
+        return listener
+
+    def _add_listener(self, listener: socket.socket, accept: Any) -> None:
+        listener.setblocking(False)
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            serve = self._serve_ready if self._engine is None else self._engine.serve_tcp
+            self._loop.add_reader(self._epoll.fileno(), serve)
+            if self._python is not self._epoll:
+                self._loop.add_reader(self._python.fileno(), self._serve_python)
+        self._listeners.append(listener)
+        self._loop.add_reader(listener.fileno(), accept, listener)
 
     # -- accepting -----------------------------------------------------------------------------
 
-    def _accept(self) -> None:
-        assert self._listener is not None
+    def _accepted(self, listener: socket.socket, limited: bool = True) -> list[socket.socket]:
+        """The clients waiting on ``listener`` (a batch), those over the limit refused."""
         counters = self.counters
+        out = []
         for _ in range(BATCH):
             try:
-                sock, _ = self._listener.accept()
+                sock, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except OSError:  # EMFILE and friends: try again on the next readiness
-                return
+                break
             counters.total_connections += 1
-            if len(self.connections) >= self.limit:
+            if limited and len(self.connections) >= self.limit:
                 counters.rejected_connections += 1
                 with contextlib.suppress(OSError):
                     sock.send(TOO_MANY_CONNECTIONS)
                 sock.close()
                 continue
             sock.setblocking(False)
+            out.append(sock)
+        return out
+
+    def _accept_tcp(self, listener: socket.socket) -> None:
+        for sock in self._accepted(listener):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = Connection(self.commands, sock, self.tick, self.discovery)
-            fd = sock.fileno()
-            self.connections[fd] = conn
-            self._epoll.register(fd, _IN)
-            counters.curr_connections += 1
+            conn = Connection(self.commands, sock, self.tick, self.discovery, self.credentials)
+            self._register(sock.fileno(), conn)
+
+    def _accept_admin(self, listener: socket.socket) -> None:
+        # Not counted against -c: a probe must get through to a server that is full.
+        for sock in self._accepted(listener, limited=False):
+            conn = Connection(self.commands, sock, self.tick, fast=False, allowed=ADMIN_COMMANDS)
+            self._register(sock.fileno(), conn)
+
+    def _register(self, fd: int, conn: Connection) -> None:
+        poller = self._epoll if conn.fast and conn.authenticated else self._python
+        conn.poller = poller
+        self.connections[fd] = conn
+        poller.register(fd, _IN)
+        self.counters.curr_connections += 1
+
+    def _promote(self, fd: int, conn: Connection) -> None:
+        """A client that has just authenticated: from now on the compiled path serves it."""
+        self._python.unregister(fd)
+        self._epoll.register(fd, _OUT if conn.pending else _IN)
+        conn.poller = self._epoll
 
     # -- serving -------------------------------------------------------------------------------
 
     def _serve_ready(self) -> None:
         connections = self.connections
         for fd, events in self._epoll.poll(0, BATCH):
+            conn = connections.get(fd)
+            if conn is not None:
+                self._serve_event(fd, conn, events)
+
+    def _serve_python(self) -> None:
+        connections = self.connections
+        for fd, events in self._python.poll(0, BATCH):
             conn = connections.get(fd)
             if conn is not None:
                 self._serve_event(fd, conn, events)
@@ -161,6 +246,9 @@ class TCPServer:
             out = conn.feed(data)
             latency.observe(perf_counter() - started)
         self._reply(fd, conn, out)
+        promote = conn.poller is not self._epoll and conn.fast and conn.authenticated
+        if promote and self.connections.get(fd) is conn:
+            self._promote(fd, conn)
 
     def _continue(self, fd: int, conn: Connection, head: bytes, rest: bytes) -> None:
         """The compiled path ran the requests that gave ``head`` and leaves ``rest`` (already
@@ -197,7 +285,7 @@ class TCPServer:
         if not self._write(fd, conn, out) and fd in self.connections:
             # The client is not reading fast enough: stop reading its requests until it has
             # taken the replies it already has.
-            self._epoll.modify(fd, _OUT)
+            conn.poller.modify(fd, _OUT)
 
     def _flush(self, fd: int, conn: Connection) -> None:
         if not self._write(fd, conn, conn.pending):
@@ -205,7 +293,7 @@ class TCPServer:
         if conn.closing:
             self._close(fd, conn)
             return
-        self._epoll.modify(fd, _IN)
+        conn.poller.modify(fd, _IN)
         if conn.held:
             self._reply(fd, conn, conn.feed(b""))
 
@@ -213,7 +301,7 @@ class TCPServer:
         if self.connections.pop(fd, None) is None:
             return
         try:
-            self._epoll.unregister(fd)
+            conn.poller.unregister(fd)
         except OSError as err:
             if err.errno != errno.EBADF:
                 raise
@@ -240,11 +328,18 @@ class TCPServer:
     def close(self) -> None:
         loop = self._loop
         if loop is not None:
-            if self._listener is not None:
-                loop.remove_reader(self._listener.fileno())
+            for listener in self._listeners:
+                loop.remove_reader(listener.fileno())
             loop.remove_reader(self._epoll.fileno())
+            if self._python is not self._epoll:
+                loop.remove_reader(self._python.fileno())
         for fd, conn in list(self.connections.items()):
             self._close(fd, conn)
-        if self._listener is not None:
-            self._listener.close()
+        for listener in self._listeners:
+            listener.close()
+        if self._admin_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._admin_path)
         self._epoll.close()
+        if self._python is not self._epoll:
+            self._python.close()

@@ -38,6 +38,9 @@ DELETE_USAGE = b"CLIENT_ERROR bad command line format.  Usage: delete <key> [nor
 TOO_LARGE = b"SERVER_ERROR object too large for cache\r\n"
 NO_MEMORY = b"SERVER_ERROR out of memory storing object\r\n"
 SHUTDOWN_DISABLED = b"ERROR: shutdown not enabled\r\n"
+FLUSH_DISABLED = b"CLIENT_ERROR flush_all not allowed\r\n"  # -F
+# refresh_certs on a server without -Z (memcached built with TLS support says this).
+TLS_NOT_ENABLED = b"Error TLS not enabled\r\n"
 NOREPLY = b"noreply"
 
 _OUTCOME_LINES = {
@@ -75,8 +78,14 @@ class Commands:
         counters: Counters,
         version: str,
         stats_report: Callable[[bytes], bytes | None] | None = None,
+        flush_enabled: bool = True,
+        refresh_certs: Callable[[], str | None] | None = None,
     ) -> None:
+        """``refresh_certs``: reloads the TLS certificates, returning None when they were
+        taken or the reason they were not (memcached's ``refresh_certs``); None: no -Z."""
         self.store = store
+        self.flush_enabled = flush_enabled
+        self._refresh_certs = refresh_certs
         self.counters = counters
         self.version_line = b"VERSION %s\r\n" % version.encode()
         self.verbosity = 0
@@ -96,6 +105,7 @@ class Commands:
             b"verbosity": self.verbosity_cmd,
             b"stats": self.stats,
             b"shutdown": self.shutdown,
+            b"refresh_certs": self.refresh_certs,
         }
 
     @staticmethod
@@ -358,6 +368,8 @@ class Commands:
             return ERROR
         noreply = tokens[-1] == NOREPLY
         self.counters.cmd_flush += 1
+        if not self.flush_enabled:
+            return b"" if noreply else FLUSH_DISABLED
         delay = 0
         if ntokens != (2 if noreply else 1):
             parsed = parse_i32(tokens[1])
@@ -382,6 +394,15 @@ class Commands:
 
     def shutdown(self, tokens: list[bytes]) -> bytes:
         return SHUTDOWN_DISABLED
+
+    def refresh_certs(self, tokens: list[bytes]) -> bytes:
+        # As memcached: noreply silences the OK, never the error.
+        if self._refresh_certs is None:
+            return TLS_NOT_ENABLED
+        error = self._refresh_certs()
+        if error is not None:
+            return f"{error}\r\n".encode("utf-8", "replace")
+        return b"" if tokens[-1] == NOREPLY else OK
 
     def stats(self, tokens: list[bytes]) -> bytes:
         if self._stats_report is None:
