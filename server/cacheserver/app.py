@@ -14,6 +14,7 @@ from cacheserver.memory import SizingError
 from cacheserver.memory.service import plan_for_settings, serve_with_shrinker
 from cacheserver.memory.sizing import MemoryPlan
 from cacheserver.security.credentials import CredentialsError, read_credentials
+from cacheserver.security.tls import TLSError, build_context
 from cacheserver.server import Worker
 from cacheserver.termination import record_fatal
 from cacheserver.warm import remove_stale_snapshots
@@ -39,6 +40,11 @@ def check_files(settings: Settings) -> str | None:
             read_credentials(settings.auth_file)
         except (OSError, CredentialsError) as err:
             return f"cannot use the credentials file (-Y): {err}"
+    if settings.ssl_enabled:
+        try:
+            build_context(settings)
+        except TLSError as err:
+            return f"cannot use the TLS certificates (-Z): {err}"
     return None
 
 

@@ -118,7 +118,13 @@ def _typed(parse: Callable[[str], Any], what: str) -> Callable[[str], Any]:
 _OPTIONS: list[tuple[tuple[str, ...], str, Callable[[str], Any], Any, str]] = [
     (("-p", "--port"), "port", _port, DEFAULT_PORT, "TCP port to listen on"),
     (("-U", "--udp-port"), "udp_port", _port, 0, "UDP port to listen on, 0 is off"),
-    (("-l", "--listen"), "listen", str, "0.0.0.0", "interface to listen on"),
+    (
+        ("-l", "--listen"),
+        "listen",
+        str,
+        "0.0.0.0",
+        "interfaces to listen on, memcached's list (below); repeated -l add up",
+    ),
     (
         ("-m", "--memory-limit"),
         "memory_limit_mb",
@@ -290,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
                 type=_typed(parse, field),
                 metavar=_METAVARS[field],
                 help=help_text + suffix,
+                # -l may be given more than once, as in memcached: the lists add up.
+                **({"action": "append"} if field == "listen" else {}),
             )
     parser.add_argument(
         "-v",
@@ -337,6 +345,8 @@ def parse_settings(argv: Sequence[str] | None, environ: dict[str, str] | None = 
     args = parser.parse_args(argv)
     extended = _extended(parser, args.extended)
     values: dict[str, Any] = {}
+    if args.listen is not None:
+        args.listen = ",".join(args.listen)
     for _flags, field, parse, default, _help in _OPTIONS:
         value = getattr(args, field)
         if value is None:

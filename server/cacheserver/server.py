@@ -28,7 +28,9 @@ from cacheserver.metrics.stats_report import StatsReport
 from cacheserver.network.tcp import TCPServer
 from cacheserver.network.udp import UDPServer
 from cacheserver.protocol.commands import Commands
+from cacheserver.security import tls as tls_settings
 from cacheserver.security.credentials import CredentialsFile
+from cacheserver.security.tls import ServerTLS
 from cacheserver.storage import Store
 from cacheserver.storage.snapshot import Identity
 from cacheserver.warm import WarmRestart, snapshot_path
@@ -66,12 +68,15 @@ class Worker:
         self.report = StatsReport(settings, self.store, self.counters, VERSION)
         # -Y: memcached's text-protocol authentication; reloaded when the file changes.
         self.credentials = CredentialsFile(settings.auth_file) if settings.auth_file else None
+        # -Z: the TLS listeners' certificates; reloaded when the files change.
+        self.tls = ServerTLS(settings) if settings.ssl_enabled else None
         self.commands = Commands(
             self.store,
             self.counters,
             VERSION,
             self.report,
             flush_enabled=not settings.disable_flush_all,
+            refresh_certs=self.tls.refresh if self.tls is not None else None,
         )
         # ElastiCache's auto discovery, when the operator gave a membership file.
         self.discovery = ClusterConfig(settings.cluster_config) if settings.cluster_config else None
@@ -107,6 +112,14 @@ class Worker:
         if self.credentials is not None:
             self.report.extra_general.append(self.credentials.stats_fields)
             self.collector.extra.append(self.credentials.metrics)
+        self.report.extra_settings.append(lambda: tls_settings.settings_fields(settings))
+        if self.tls is not None:
+            counters = self.counters
+            self.report.extra_general.append(
+                lambda: [("ssl_handshake_errors", counters.ssl_handshake_errors)]
+            )
+            self.report.extra_general.append(self.tls.stats_fields)
+            self.collector.extra.append(self.tls.metrics)
         self.registry.register(self.collector)
         self._servers: list[asyncio.Server] = []
         self.udp = UDPServer(self.commands, self.counters, settings.udp_allow_all, self.engine)
@@ -137,8 +150,8 @@ class Worker:
             self.discovery.poll()  # the first membership before the first client
         for listener in st.listeners:
             port = listener.port_for(st.port, self.worker_index)
-            self.tcp.listen(listener.host, port)
-            log.info("listening on %s:%d (TCP)", listener.host, port)
+            self.tcp.listen(listener.host, port, tls=self.tls if listener.tls else None)
+            log.info("listening on %s:%d (TCP%s)", listener.host, port, ", TLS" * listener.tls)
         if st.admin_socket:
             path = worker_path(st.admin_socket, self.worker_index, self.workers)
             self.tcp.listen_admin(path)
@@ -178,12 +191,16 @@ class Worker:
             self.discovery.poll()  # a stat() a second; reads the file only when it changed
         if self.credentials is not None:
             self.credentials.poll()  # the same for the credentials file
+        if self.tls is not None:
+            self.tls.poll()  # and the certificates
         self._ticker = asyncio.get_running_loop().call_later(SWEEP_PERIOD, self._tick)
 
     def reload(self) -> None:
-        """SIGHUP, as memcached: read the credentials file again."""
+        """SIGHUP: read the credentials file again (as memcached) and the certificates."""
         if self.credentials is not None:
             self.credentials.reload()
+        if self.tls is not None:
+            self.tls.refresh()
 
     def stop(self, save: bool = False) -> None:
         """Stop serving; with ``save`` (and -e) write the warm-restart snapshot first."""

@@ -39,6 +39,7 @@ class Counters:
     total_connections: int = 0
     rejected_connections: int = 0
     idle_kicks: int = 0
+    ssl_handshake_errors: int = 0  # TLS handshakes that failed (a plaintext client, a bad cert)
     protocol_errors: int = 0
     udp_datagrams_received: int = 0
     udp_datagrams_sent: int = 0

@@ -23,6 +23,7 @@ import errno
 import os
 import select
 import socket
+import ssl
 import stat
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,7 @@ from cacheserver.protocol.session import TCP_REPLY_LIMIT, TextSession
 if TYPE_CHECKING:
     from cacheserver.discovery.watch import ClusterConfig
     from cacheserver.security.credentials import CredentialsFile
+    from cacheserver.security.tls import ServerTLS
 
 TOO_MANY_CONNECTIONS = b"ERROR Too many open connections\r\n"
 READ_SIZE = 65536
@@ -51,6 +53,7 @@ class Connection(TextSession):
     """One client: the protocol session plus its socket and what it still has to send."""
 
     __slots__ = ("fast", "pending", "poller", "seen_tick", "sock")
+    tls = False
 
     def __init__(
         self,
@@ -77,6 +80,19 @@ class Connection(TextSession):
         # Whether the compiled path may serve it once authenticated (plaintext TCP only).
         self.fast = fast
         self.poller: select.epoll | None = None  # the epoll set it is registered in
+
+
+class TLSConnection(Connection):
+    """A client of a TLS listener: ``sock`` is an ``ssl.SSLSocket``; ``ready`` once its
+    handshake is done. Served in Python (the compiled path never sees TLS bytes); the
+    plaintext it decrypts runs through the compiled path's request code all the same."""
+
+    __slots__ = ("ready",)
+    tls = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, fast=False, **kwargs)
+        self.ready = False
 
 
 class TCPServer:
@@ -118,10 +134,16 @@ class TCPServer:
         if engine is not None:
             engine.attach_tcp(self._epoll.fileno(), self.connections, self, Connection)
 
-    def listen(self, host: str, port: int, backlog: int = 1024) -> socket.socket:
+    def listen(
+        self, host: str, port: int, backlog: int = 1024, tls: ServerTLS | None = None
+    ) -> socket.socket:
+        """A TCP listener; with ``tls``, its clients speak TLS (its context at their accept)."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         listener = socket.create_server((host, port), family=family, backlog=backlog)
-        self._add_listener(listener, self._accept_tcp)
+        if tls is None:
+            self._add_listener(listener, self._accept_tcp)
+        else:
+            self._add_listener(listener, lambda sock: self._accept_tls(sock, tls))
         return listener
 
     def listen_admin(self, path: str) -> socket.socket:
@@ -182,6 +204,21 @@ class TCPServer:
             conn = Connection(self.commands, sock, self.tick, self.discovery, self.credentials)
             self._register(sock.fileno(), conn)
 
+    def _accept_tls(self, listener: socket.socket, tls: ServerTLS) -> None:
+        for sock in self._accepted(listener):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                wrapped = tls.context.wrap_socket(
+                    sock, server_side=True, do_handshake_on_connect=False
+                )
+            except (ssl.SSLError, OSError):
+                sock.close()
+                continue
+            conn = TLSConnection(
+                self.commands, wrapped, self.tick, self.discovery, self.credentials
+            )
+            self._register(wrapped.fileno(), conn)
+
     def _accept_admin(self, listener: socket.socket) -> None:
         # Not counted against -c: a probe must get through to a server that is full.
         for sock in self._accepted(listener, limited=False):
@@ -218,12 +255,18 @@ class TCPServer:
                 self._serve_event(fd, conn, events)
 
     def _serve_event(self, fd: int, conn: Connection, events: int) -> None:
+        if conn.tls and not conn.ready:  # type: ignore[attr-defined]
+            self._handshake(fd, conn)
+            return
         if events & _OUT and conn.pending:
             self._flush(fd, conn)
         if events & (_IN | _GONE) and not conn.pending:
             self._read(fd, conn)
 
     def _read(self, fd: int, conn: Connection) -> None:
+        if conn.tls:
+            self._read_tls(fd, conn)
+            return
         try:
             n = conn.sock.recv_into(self._buffer)
         except (BlockingIOError, InterruptedError):
@@ -250,6 +293,60 @@ class TCPServer:
         if promote and self.connections.get(fd) is conn:
             self._promote(fd, conn)
 
+    # -- TLS -----------------------------------------------------------------------------------
+
+    def _handshake(self, fd: int, conn: Connection) -> None:
+        try:
+            conn.sock.do_handshake()  # type: ignore[attr-defined]
+        except ssl.SSLWantReadError:
+            conn.poller.modify(fd, _IN)
+            return
+        except ssl.SSLWantWriteError:
+            conn.poller.modify(fd, _OUT)
+            return
+        except OSError:  # not TLS (a plaintext client), a certificate refused, a reset
+            self.counters.ssl_handshake_errors += 1
+            self._close(fd, conn)
+            return
+        conn.ready = True  # type: ignore[attr-defined]
+        conn.poller.modify(fd, _IN)
+        self._read_tls(fd, conn)  # the client's first requests may have come with its Finished
+
+    def _read_tls(self, fd: int, conn: Connection) -> None:
+        """Decrypt what arrived and run it; the requests the compiled path knows go through
+        its request code (``engine.run``) on the plaintext, the rest through the session."""
+        sock = conn.sock
+        counters = self.counters
+        latency = self.latency
+        engine = self._engine
+        while True:
+            try:
+                n = sock.recv_into(self._buffer)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return
+            except OSError:  # a reset, a TLS alert, bad records
+                n = 0
+            if n == 0:
+                self._close(fd, conn)
+                return
+            data = bytes(self._view[:n])
+            conn.seen_tick = self.tick
+            counters.bytes_read += n
+            latency.reads += 1
+            started = 0.0 if latency.reads & SAMPLE_MASK else perf_counter()
+            if engine is not None and conn.authenticated and conn.idle and not conn.closing:
+                out, done = engine.run(data)
+                if done < n:
+                    out += conn.feed(data[done:])
+            else:
+                out = conn.feed(data)
+            if started:
+                latency.observe(perf_counter() - started)
+            self._reply(fd, conn, out)
+            # Level-triggered epoll says nothing of bytes OpenSSL has decrypted and holds.
+            if conn.pending or self.connections.get(fd) is not conn or not sock.pending():  # type: ignore[attr-defined]
+                return
+
     def _continue(self, fd: int, conn: Connection, head: bytes, rest: bytes) -> None:
         """The compiled path ran the requests that gave ``head`` and leaves ``rest`` (already
         counted as read) to the session."""
@@ -275,6 +372,10 @@ class TCPServer:
             sent = conn.sock.send(out)
         except (BlockingIOError, InterruptedError):
             sent = 0
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            # OpenSSL has taken part of it and wants the same bytes again when it can go on.
+            conn.pending = out
+            return False
         except OSError:
             self._close(fd, conn)
             return False
@@ -296,6 +397,8 @@ class TCPServer:
         conn.poller.modify(fd, _IN)
         if conn.held:
             self._reply(fd, conn, conn.feed(b""))
+        elif conn.tls and conn.sock.pending():  # type: ignore[attr-defined]
+            self._read_tls(fd, conn)
 
     def _close(self, fd: int, conn: Connection) -> None:
         if self.connections.pop(fd, None) is None:
@@ -305,6 +408,10 @@ class TCPServer:
         except OSError as err:
             if err.errno != errno.EBADF:
                 raise
+        if conn.tls and conn.ready:  # type: ignore[attr-defined]
+            # A close_notify, as memcached sends; the client's answer is not waited for.
+            with contextlib.suppress(OSError, ValueError):
+                conn.sock.unwrap()  # type: ignore[attr-defined]
         conn.sock.close()
         self.counters.curr_connections -= 1
 
