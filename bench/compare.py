@@ -253,7 +253,9 @@ def main() -> None:
         help="also run cacheserver --python-only (the server without its compiled fast path)",
     )
     args = parser.parse_args()
-    for tool in ("memcached", "memcaslap", "cc", "taskset"):
+    only = set(args.only.split(","))
+    tools = ["memcached", "cc", "taskset"] + (["memcaslap"] if only & {"W1", "W2", "W3"} else [])
+    for tool in tools:
         if shutil.which(tool) is None:
             sys.exit(f"compare.py: {tool} not found (scripts/bootstrap.sh installs it)")
     with_tls = build_loadgen()
@@ -261,7 +263,6 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     cpus = sorted(os.sched_getaffinity(0))
     server_cpu, client_cpu = (cpus[0], cpus[1]) if len(cpus) >= 2 else (None, None)
-    only = set(args.only.split(","))
     if "W6" in only and not (with_tls and shutil.which("openssl")):
         sys.exit("compare.py: W6 needs OpenSSL's headers (libssl-dev) and the openssl command")
     conns = args.idle_connections + 100
