@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from cacheoperator.appliance import http_stats
 from cacheserver.cpus import parse_cpu_list
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,16 @@ class Target:
     worker: int
     address: str
     port: int
+    # With spec.auth or spec.tls: the metrics port, whose /stats/settings is read instead.
+    http_port: int | None = None
+
+
+def read_target(target: Target, timeout: float = DEFAULT_TIMEOUT) -> ApplianceReport:
+    """`stats settings` of a target, over the memcached protocol or over HTTP."""
+    if target.http_port is None:
+        return read_report(target.address, target.port, timeout)
+    reply = http_stats(target.address, target.http_port, target.worker, "settings", timeout)
+    return parse_settings(reply.decode("utf-8", "replace"))
 
 
 def pod_instance(pod: Mapping[str, Any]) -> str:
@@ -122,7 +133,7 @@ class ApplianceReports:
     def __init__(
         self,
         notify: Callable[[str, str], None] = lambda namespace, cluster: None,
-        read: Callable[[str, int, float], ApplianceReport] = read_report,
+        read: Callable[[Target, float], ApplianceReport] = read_target,
         timeout: float = DEFAULT_TIMEOUT,
         threads: int = 4,
         clock: Callable[[], float] = time.monotonic,
@@ -176,12 +187,12 @@ class ApplianceReports:
 
     def _probe(self, target: Target) -> None:
         try:
-            reading: Reading = self._read(target.address, target.port, self.timeout)
+            reading: Reading = self._read(target, self.timeout)
         except (OSError, ValueError) as exc:
-            reading = f"cannot read {target.address}:{target.port}: {exc or type(exc).__name__}"
+            reading = f"cannot read {_where(target)}: {exc or type(exc).__name__}"
         except Exception as exc:  # a bug must not kill the thread pool's worker silently
             log.exception("reading %s/%s failed", target.namespace, target.pod)
-            reading = f"cannot read {target.address}:{target.port}: {exc}"
+            reading = f"cannot read {_where(target)}: {exc}"
         retry_at = None
         with self._lock:
             entry = self._entries.get(target)
@@ -236,10 +247,21 @@ class ApplianceReports:
             self._notify(namespace, cluster)
 
 
+def _where(target: Target) -> str:
+    if target.http_port is None:
+        return f"{target.address}:{target.port}"
+    return f"http://{target.address}:{target.http_port}/stats/settings?worker={target.worker}"
+
+
 def targets_of(
-    namespace: str, cluster: str, endpoints: Iterable[Any], pods: Iterable[Mapping[str, Any]]
+    namespace: str,
+    cluster: str,
+    endpoints: Iterable[Any],
+    pods: Iterable[Mapping[str, Any]],
+    http_port: int | None = None,
 ) -> list[Target]:
-    """A target per endpoint (ready pods' workers), tied to its pod's container instance."""
+    """A target per endpoint (ready pods' workers), tied to its pod's container instance;
+    with ``http_port``, read over HTTP on it."""
     instances = {(p.get("metadata") or {}).get("name"): pod_instance(p) for p in pods}
     return [
         Target(
@@ -250,6 +272,7 @@ def targets_of(
             worker=e.worker,
             address=e.address,
             port=e.port,
+            http_port=http_port,
         )
         for e in endpoints
     ]

@@ -209,13 +209,17 @@ class ClusterController:
             if exc.retryable:
                 raise
             apply_error = str(exc)  # e.g. a nodeSelector key the API server rejects
-        observed = self.observe(ref)
+        # With auth or TLS the memcached port wants what the operator does not hold: the
+        # appliances' stats are read from /stats on their metrics port instead.
+        stats_port = spec.metrics_port if spec.secured else None
+        observed = self.observe(ref, stats_port)
         discovery = published
         if apply_error is None:
             nodes = members(ref, spec, observed.pods, published.nodes if published else ())
             discovery = next_discovery(published, nodes, endpoint, now)
         if spec.warm_restart.enabled:
-            observed = replace(observed, restores=self.restores_of(ref, observed.pods))
+            restores = self.restores_of(ref, observed.pods, stats_port)
+            observed = replace(observed, restores=restores)
         status = compute_status(
             cluster=ref.name,
             generation=generation,
@@ -268,7 +272,9 @@ class ClusterController:
                 self.kube.delete(STATEFULSETS, ref.namespace, sts_meta["name"], sts_meta["uid"])
         return held
 
-    def observe(self, ref: ClusterRef) -> Observed:
+    def observe(self, ref: ClusterRef, stats_port: int | None = None) -> Observed:
+        """``stats_port``: where the appliances' stats are read over HTTP (None: over the
+        memcached protocol on their own ports)."""
         selector = selector_string(ref.name)
         statefulsets = [
             s for s in self.kube.list(STATEFULSETS, ref.namespace, selector) if owned_by(s, ref.uid)
@@ -284,7 +290,7 @@ class ClusterController:
         readings = {}
         if self.reports is not None:
             # What has been read so far; the rest is read in the background (never here).
-            targets = targets_of(ref.namespace, ref.name, endpoints(pods, {}), pods)
+            targets = targets_of(ref.namespace, ref.name, endpoints(pods, {}), pods, stats_port)
             readings = self.reports.readings(targets)
         return Observed(
             statefulsets=statefulsets,
@@ -315,10 +321,13 @@ class ClusterController:
             self._host_port_pods[scope] = (now + HOST_PORT_PODS_TTL, found)
         return found, _scope_note(scope)
 
-    def restores_of(self, ref: ClusterRef, pods: Sequence[Mapping[str, Any]]) -> dict[str, Restore]:
+    def restores_of(
+        self, ref: ClusterRef, pods: Sequence[Mapping[str, Any]], stats_port: int | None = None
+    ) -> dict[str, Restore]:
         """What each ready pod restored at its start, asked once per container start over
-        the memcached protocol (at most READS_PER_PASS new pods a pass, a short timeout
-        each; a pod that does not answer is asked again in up to READ_ATTEMPTS passes)."""
+        the memcached protocol, or over HTTP on ``stats_port`` (at most READS_PER_PASS new
+        pods a pass, a short timeout each; a pod that does not answer is asked again in up
+        to READ_ATTEMPTS passes)."""
         known = self._restores.setdefault((ref.namespace, ref.name), {})
         out: dict[str, Restore] = {}
         live = set()
@@ -334,7 +343,9 @@ class ClusterController:
                 workers = pod_endpoints(pod, {})
                 if workers and reads < READS_PER_PASS:
                     reads += 1
-                    restore = self.read_restore(workers[0].address, [w.port for w in workers])
+                    restore = self.read_restore(
+                        workers[0].address, [w.port for w in workers], http_port=stats_port
+                    )
                     known[key] = (restore, attempts + 1)
             if restore is not None:
                 out[meta.get("name", "")] = restore

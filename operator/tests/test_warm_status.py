@@ -106,7 +106,7 @@ def test_each_container_start_is_asked_once_and_a_silent_one_a_few_times() -> No
     asked: list[tuple[str, list[int]]] = []
     answers = iter([UNKNOWN] * 10)
 
-    def fake(address: str, ports: list[int]) -> Restore:
+    def fake(address: str, ports: list[int], http_port: int | None = None) -> Restore:
         asked.append((address, ports))
         return Restore("restored", 7) if address == "10.0.0.1" else next(answers)
 
