@@ -249,3 +249,26 @@ def test_bad_certificates_stop_the_server_naming_them(
     assert run.returncode != 0
     message = log.read_text()
     assert message.startswith(f"cannot use the TLS certificates (-Z): {said}"), message
+
+
+def test_a_real_client_logs_in_over_mutual_tls(certs: Certificates, tmp_path: Path) -> None:
+    """pymemcache with a TLS context and a client certificate: its login is a plain set
+    (noreply off: the server answers the login even when asked not to, as memcached)."""
+    from pymemcache.client.base import Client
+    from pymemcache.exceptions import MemcacheClientError
+
+    creds = tmp_path / "credentials"
+    creds.write_bytes(b"app:s3cret\n")
+    cs = start_cacheserver(*tls_args(certs, verify_mode=2), "-Y", str(creds), udp=False)
+    context = client_context(certs.ca, certs.client)
+    try:
+        client = Client(cs.address, tls_context=context, timeout=5)
+        assert client.set("auth", "app s3cret", noreply=False)
+        assert client.set("k", "v", noreply=False) and client.get("k") == b"v"
+        stranger = Client(cs.address, tls_context=context, timeout=5)
+        with pytest.raises(MemcacheClientError, match="unauthenticated"):
+            stranger.get("k")
+        client.close()
+        stranger.close()
+    finally:
+        cs.stop()

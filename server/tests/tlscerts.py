@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import ssl
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,15 +40,24 @@ def make_ca(directory: Path, name: str) -> Pair:
     return pair
 
 
-def make_cert(ca: Pair, directory: Path, name: str, *, client: bool = False) -> Pair:
-    """A certificate signed by ``ca``: for 127.0.0.1 and localhost, or a client's."""
+def make_cert(
+    ca: Pair,
+    directory: Path,
+    name: str,
+    *,
+    client: bool = False,
+    addresses: Sequence[str] = ("127.0.0.1",),
+) -> Pair:
+    """A certificate signed by ``ca``: a server's for ``addresses`` and localhost, or a
+    client's."""
     pair = Pair(directory / f"{name}.crt", directory / f"{name}.key")
     csr = directory / f"{name}.csr"
     ext = directory / f"{name}.ext"
+    names = ",".join([*(f"IP:{a}" for a in addresses), "DNS:localhost"])
     ext.write_text(
         "extendedKeyUsage=clientAuth\n"
         if client
-        else "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n"
+        else f"subjectAltName={names}\nextendedKeyUsage=serverAuth\n"
     )
     _openssl("req", *_KEY, "-keyout", str(pair.key), "-out", str(csr), "-subj", f"/CN={name}")
     _openssl(
@@ -79,12 +89,12 @@ class Certificates:
     stranger: Pair  # a client certificate that CA signed
 
 
-def make_certificates(directory: Path) -> Certificates:
+def make_certificates(directory: Path, addresses: Sequence[str] = ("127.0.0.1",)) -> Certificates:
     ca = make_ca(directory, "ca")
     other = make_ca(directory, "other-ca")
     return Certificates(
         ca=ca,
-        server=make_cert(ca, directory, "server"),
+        server=make_cert(ca, directory, "server", addresses=addresses),
         client=make_cert(ca, directory, "client", client=True),
         other_ca=other,
         stranger=make_cert(other, directory, "stranger", client=True),
