@@ -8,7 +8,8 @@ Workloads (the field reports', scaled to this machine):
   W3  multi-get, 16 keys per request (memcaslap -d 16)
   W4  1:1 get/set, 100-byte values, 16 requests per packet, few to many connections (loadgen)
   W5  10,000 idle connections: resident memory per connection
-  W6  W4 over TLS: memcached -Z and cacheserver -Z, same certificate (P-256)
+  W6  W4 over TLS: memcached -Z and cacheserver -Z, same certificate (P-256); and one
+      request per round trip
   W7  W4 with -Y authentication on both (each connection authenticates before the clock)
 
 Loopback only; every run is bounded in time. Usage: python bench/compare.py [--seconds 5]
@@ -170,12 +171,17 @@ def memcaslap(
 
 
 def loadgen(
-    port: int, seconds: int, client_cpu: int | None, conns: int, options: tuple[str, ...] = ()
+    port: int,
+    seconds: int,
+    client_cpu: int | None,
+    conns: int,
+    options: tuple[str, ...] = (),
+    depth: int = 16,
 ) -> Callable[[], tuple[float, float, float, int]]:
     def run() -> tuple[float, float, float, int]:
         taskset = ["taskset", "-c", str(client_cpu)] if client_cpu is not None else []
         cmd = [*taskset, str(LOADGEN), *options, HOST, str(port), str(conns), str(seconds)]
-        cmd += ["16", "100"]
+        cmd += [str(depth), "100"]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60).stdout
         values = dict(item.split("=") for item in out.split())
         if int(values.get("errors", "0")):
@@ -335,6 +341,14 @@ def main() -> None:
                         f"{label}, {c} conns",
                         kind,
                         lambda s, c=c, o=options: loadgen(s.port, args.seconds, client_cpu, c, o),
+                    )
+                )
+            if name == "W6":  # one request per round trip: the per-read costs show
+                workloads.append(
+                    (
+                        "W6 TLS 1:1 not pipelined, 50 conns",
+                        kind,
+                        lambda s, o=options: loadgen(s.port, args.seconds, client_cpu, 50, o, 1),
                     )
                 )
         print("| workload | server | ops/s | median µs | p99 µs | CPU s / M req | ratio ops/s |")
