@@ -11,8 +11,10 @@ import asyncio
 import logging
 import os
 import signal
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from cacheserver import __version__
 from cacheserver.config import Settings, worker_path
@@ -112,6 +114,7 @@ class Worker:
         if self.credentials is not None:
             self.report.extra_general.append(self.credentials.stats_fields)
             self.collector.extra.append(self.credentials.metrics)
+            self.collector.extra.append(self._auth_metrics)
         self.report.extra_settings.append(lambda: tls_settings.settings_fields(settings))
         if self.tls is not None:
             counters = self.counters
@@ -120,6 +123,7 @@ class Worker:
             )
             self.report.extra_general.append(self.tls.stats_fields)
             self.collector.extra.append(self.tls.metrics)
+            self.collector.extra.append(self._tls_metrics)
         self.registry.register(self.collector)
         self._servers: list[asyncio.Server] = []
         self.udp = UDPServer(self.commands, self.counters, settings.udp_allow_all, self.engine)
@@ -179,6 +183,24 @@ class Worker:
             )
             log.info("metrics on http://%s:%d/metrics", st.host, st.metrics_port)
         self._ticker = loop.call_later(SWEEP_PERIOD, self._tick)
+
+    def _auth_metrics(self) -> Iterator[Metric]:
+        c = self.counters
+        yield CounterMetricFamily(
+            "cacheappliance_auth_commands", "Logins tried (-Y), right or wrong.", c.auth_cmds
+        )
+        yield CounterMetricFamily(
+            "cacheappliance_auth_errors",
+            "Logins refused (-Y): wrong user or password.",
+            c.auth_errors,
+        )
+
+    def _tls_metrics(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "cacheappliance_tls_handshake_errors",
+            "TLS handshakes that failed: plaintext clients, refused client certificates.",
+            self.counters.ssl_handshake_errors,
+        )
 
     def _stats(self, worker: int, sub: str) -> bytes | None:
         """This worker's ``stats [sub]`` for the HTTP endpoint."""

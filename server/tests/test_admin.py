@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from cacheserver.metrics.aggregate import parse_stats
-from servers import free_port, recv_until, start_cacheserver
+from servers import free_port, recv_until, start_cacheserver, wait_for_port
 
 CREDENTIALS = b"alice:secret\n"
 
@@ -35,6 +35,10 @@ def secured(tmp_path: Path):
             udp=False,
         )
         server.extra["metrics"] = metrics
+        # The metrics port (the supervisor's, with -t N) and the other workers' ports may open
+        # after worker 0's.
+        for port in (metrics, *(server.port + i for i in range(1, workers))):
+            wait_for_port(port, server.proc)
         return server
 
     started = []
