@@ -139,7 +139,8 @@ def test_the_built_pod_serves_whom_the_spec_lets_in(tmp_path: Path, certs: Certi
     secrets(tmp_path, certs)
     pod = Pod(spec, tmp_path)
     try:
-        wait_for_port(spec.port, pod.proc)
+        for port in (spec.port, plain, spec.metrics_port):
+            wait_for_port(port, pod.proc)
         assert pod.probe("readinessProbe") == 0 and pod.probe("livenessProbe") == 0
         mutual = client_context(certs.ca, certs.client)
         assert talk(spec.port, mutual, b"get k\r\n") == b"CLIENT_ERROR unauthenticated\r\n"

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from servers import RunningServer, free_port, recv_until, start_cacheserver, start_memcached
+from servers import (
+    RunningServer,
+    free_port,
+    recv_until,
+    start_cacheserver,
+    start_memcached,
+    wait_for_port,
+)
 from tlscerts import Certificates, Pair, client_context, make_cert, make_certificates, tls_args
 
 
@@ -80,6 +87,7 @@ def test_tls_and_plaintext_listeners_side_by_side(certs: Certificates) -> None:
         plain = free_port()
         server = start(*tls_args(certs), "-l", f"notls:127.0.0.1:{plain}", udp=False)
         try:
+            wait_for_port(plain, server.proc)
             assert served(ask(server, tls, b"version\r\n")), server.name
             assert served(ask(server, None, b"version\r\n", port=plain)), server.name
             assert not served(ask(server, None, b"version\r\n")), server.name
@@ -90,6 +98,8 @@ def test_tls_and_plaintext_listeners_side_by_side(certs: Certificates) -> None:
     plain = free_port()
     cs = start_cacheserver(*tls_args(certs), "-l", f"notls:127.0.0.1:{plain}", "-t", "2", udp=False)
     try:
+        for port in (plain, cs.port + 1, plain + 1):  # worker 0's TLS port is open already
+            wait_for_port(port, cs.proc)
         for worker in range(2):
             assert served(ask(cs, tls, b"version\r\n", port=cs.port + worker))
             assert served(ask(cs, None, b"version\r\n", port=plain + worker))
