@@ -12,6 +12,9 @@ Workloads (the field reports', scaled to this machine):
       time each (loadgen meta)
   W7  the meta protocol's quiet batch: 16 "mg <key> v q" closed by "mn", pipelined, 50
       connections (loadgen metaq; the 16 gets count as operations)
+  W8  W4 over TLS: memcached -Z and cacheserver -Z, same certificate (P-256); and one
+      request per round trip
+  W9  W4 with -Y authentication on both (each connection authenticates before the clock)
 
 Loopback only; every run is bounded in time. Usage: python bench/compare.py [--seconds 5]
 """
@@ -29,6 +32,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +40,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 LOADGEN = HERE / ".build" / "loadgen"
+CREDENTIALS = ("bench", "bench-password")
 HOST = "127.0.0.1"
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -80,13 +85,15 @@ class Server:
         conns: int,
         source: Path | None = None,
         extra: tuple[str, ...] = (),
+        security: tuple[str, ...] = (),
     ) -> None:
         """memcached, or cacheserver (from ``source``, a checkout's server/ dir, if given,
-        with ``extra`` flags)."""
+        with ``extra`` flags); ``security``: -Z or -Y flags both servers take."""
         self.name = name
         self.port = free_port()
         taskset = ["taskset", "-c", str(server_cpu)] if server_cpu is not None else []
-        common = ["-l", HOST, "-p", str(self.port), "-U", str(self.port), "-c", str(conns)]
+        udp = "0" if security else str(self.port)  # UDP cannot carry -Y, nor TLS
+        common = ["-l", HOST, "-p", str(self.port), "-U", udp, "-c", str(conns), *security]
         env = dict(os.environ)
         if name == "memcached":
             cmd = ["memcached", *common, "-m", str(memory_mb), "-t", "1"]
@@ -172,13 +179,14 @@ def loadgen(
     seconds: int,
     client_cpu: int | None,
     conns: int,
+    options: tuple[str, ...] = (),
     depth: int = 16,
     mode: str = "text",
 ) -> Callable[[], tuple[float, float, float, int]]:
     def run() -> tuple[float, float, float, int]:
         taskset = ["taskset", "-c", str(client_cpu)] if client_cpu is not None else []
-        cmd = [*taskset, str(LOADGEN), HOST, str(port), str(conns), str(seconds), str(depth)]
-        cmd += ["100", "10000", mode]
+        cmd = [*taskset, str(LOADGEN), *options, HOST, str(port), str(conns), str(seconds)]
+        cmd += [str(depth), "100", "10000", mode]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60).stdout
         values = dict(item.split("=") for item in out.split())
         if int(values.get("errors", "0")):
@@ -212,11 +220,31 @@ def idle_connection_bytes(server: Server, count: int) -> float:
             s.close()
 
 
-def build_loadgen() -> None:
+def build_loadgen() -> bool:
+    """Build the load generator (with TLS when OpenSSL's headers are there); True with TLS."""
     source = HERE / "loadgen.c"
     if not LOADGEN.exists() or LOADGEN.stat().st_mtime < source.stat().st_mtime:
         LOADGEN.parent.mkdir(exist_ok=True)
-        subprocess.run(["cc", "-O2", "-o", str(LOADGEN), str(source)], check=True)
+        tls = ["cc", "-O2", "-DWITH_TLS", "-o", str(LOADGEN), str(source), "-lssl", "-lcrypto"]
+        if subprocess.run(tls, capture_output=True).returncode != 0:
+            subprocess.run(["cc", "-O2", "-o", str(LOADGEN), str(source)], check=True)
+    probe = subprocess.run([str(LOADGEN), "--tls"], capture_output=True, text=True)
+    return "built without TLS" not in probe.stderr
+
+
+def make_certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed P-256 certificate for 127.0.0.1 (the load generator does not check it)."""
+    cert, key = directory / "server.crt", directory / "server.key"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+            "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out", str(cert),
+            "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
 
 
 def main() -> None:
@@ -224,7 +252,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=5, help="length of each run")
     parser.add_argument("--repeat", type=int, default=3, help="runs per server and workload")
     parser.add_argument("--idle-connections", type=int, default=10_000)
-    parser.add_argument("--only", default="W1,W2,W3,W4,W5,W6,W7", help="comma-separated workloads")
+    parser.add_argument(
+        "--only", default="W1,W2,W3,W4,W5,W6,W7,W8,W9", help="comma-separated workloads"
+    )
     parser.add_argument(
         "--baseline",
         type=Path,
@@ -243,12 +273,24 @@ def main() -> None:
     for tool in tools:
         if shutil.which(tool) is None:
             sys.exit(f"compare.py: {tool} not found (scripts/bootstrap.sh installs it)")
-    build_loadgen()
+    with_tls = build_loadgen()
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     cpus = sorted(os.sched_getaffinity(0))
     server_cpu, client_cpu = (cpus[0], cpus[1]) if len(cpus) >= 2 else (None, None)
+    if "W8" in only and not (with_tls and shutil.which("openssl")):
+        sys.exit("compare.py: W8 needs OpenSSL's headers (libssl-dev) and the openssl command")
     conns = args.idle_connections + 100
+    scratch = Path(tempfile.mkdtemp(prefix="compare-"))
+    # The security flags each kind of run gives both servers, and the load generator's.
+    kinds: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {"plain": ((), ())}
+    if "W8" in only:
+        cert, key = make_certificate(scratch)
+        kinds["tls"] = (("-Z", "-o", f"ssl_chain_cert={cert},ssl_key={key}"), ("--tls",))
+    if "W9" in only:
+        credentials = scratch / "credentials"
+        credentials.write_text(":".join(CREDENTIALS) + "\n")
+        kinds["auth"] = (("-Y", str(credentials)), ("--auth", ":".join(CREDENTIALS)))
 
     print(f"# cacheserver vs memcached, {datetime.date.today()} on {platform.node()}")
     print(
@@ -257,61 +299,92 @@ def main() -> None:
         "medians shown\n"
     )
 
-    def start_all() -> dict[str, Server]:
+    def start_all(kind: str = "plain") -> dict[str, Server]:
+        security = kinds[kind][0]
         started = {
-            name: Server(name, server_cpu, 1024, conns) for name in ("memcached", "cacheserver")
+            name: Server(name, server_cpu, 1024, conns, security=security)
+            for name in ("memcached", "cacheserver")
         }
         if args.python_path:
             started["python-only"] = Server(
-                "python-only", server_cpu, 1024, conns, extra=("--python-only",)
+                "python-only", server_cpu, 1024, conns, extra=("--python-only",), security=security
             )
-        if args.baseline:
+        if args.baseline and not security:
             started["baseline"] = Server("baseline", server_cpu, 1024, conns, args.baseline)
         return started
 
-    servers = start_all()
+    servers: dict[str, Server] = {}
     try:
-        workloads: list[tuple[str, Callable[[Server], Callable[[], tuple]]]] = []
+        workloads: list[tuple[str, str, Callable[[Server], Callable[[], tuple]]]] = []
         if "W1" in only:
             workloads.append(
-                ("W1 TCP 90/10", lambda s: memcaslap(s.port, args.seconds, client_cpu, []))
+                ("W1 TCP 90/10", "plain", lambda s: memcaslap(s.port, args.seconds, client_cpu, []))
             )
         if "W2" in only:
             workloads.append(
-                ("W2 UDP 90/10", lambda s: memcaslap(s.port, args.seconds, client_cpu, ["--udp"]))
+                (
+                    "W2 UDP 90/10",
+                    "plain",
+                    lambda s: memcaslap(s.port, args.seconds, client_cpu, ["--udp"]),
+                )
             )
         if "W3" in only:
             workloads.append(
                 (
                     "W3 multi-get x16",
+                    "plain",
                     lambda s: memcaslap(s.port, args.seconds, client_cpu, ["-d", "16"]),
                 )
             )
-        if "W4" in only:
-            for c in (4, 50, 400):
-                workloads.append(
-                    (
-                        f"W4 1:1 pipelined x16, {c} conns",
-                        lambda s, c=c: loadgen(s.port, args.seconds, client_cpu, c),
-                    )
-                )
         if "W6" in only:
             workloads.append(
                 (
                     "W6 meta 90/10 mg/ms, 64 conns",
-                    lambda s: loadgen(s.port, args.seconds, client_cpu, 64, 1, "meta"),
+                    "plain",
+                    lambda s: loadgen(s.port, args.seconds, client_cpu, 64, depth=1, mode="meta"),
                 )
             )
         if "W7" in only:
             workloads.append(
                 (
                     "W7 meta quiet mg x16 + mn, 50 conns",
-                    lambda s: loadgen(s.port, args.seconds, client_cpu, 50, 17, "metaq"),
+                    "plain",
+                    lambda s: loadgen(s.port, args.seconds, client_cpu, 50, depth=17, mode="metaq"),
                 )
             )
+        for name, kind, label in (
+            ("W4", "plain", "W4 1:1 pipelined x16"),
+            ("W8", "tls", "W8 TLS 1:1 pipelined x16"),
+            ("W9", "auth", "W9 -Y 1:1 pipelined x16"),
+        ):
+            if name not in only:
+                continue
+            options = kinds[kind][1]
+            for c in (4, 50, 400) if name != "W9" else (50,):
+                workloads.append(
+                    (
+                        f"{label}, {c} conns",
+                        kind,
+                        lambda s, c=c, o=options: loadgen(s.port, args.seconds, client_cpu, c, o),
+                    )
+                )
+            if name == "W8":  # one request per round trip: the per-read costs show
+                workloads.append(
+                    (
+                        "W8 TLS 1:1 not pipelined, 50 conns",
+                        kind,
+                        lambda s, o=options: loadgen(s.port, args.seconds, client_cpu, 50, o, 1),
+                    )
+                )
+        workloads.sort(key=lambda w: int(w[0].split()[0][1:]))  # in W order (stable)
         print("| workload | server | ops/s | median µs | p99 µs | CPU s / M req | ratio ops/s |")
         print("|---|---|---:|---:|---:|---:|---:|")
-        for label, make in workloads:
+        running = ""
+        for label, kind, make in workloads:
+            if kind != running:  # one set of servers per kind of run, started when needed
+                for server in servers.values():
+                    server.stop()
+                servers, running = start_all(kind), kind
             results: dict[str, list[Result]] = {name: [] for name in servers}
             for _ in range(args.repeat):
                 for name, server in servers.items():  # alternate: same conditions for both
@@ -352,6 +425,7 @@ def main() -> None:
     finally:
         for server in servers.values():
             server.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":

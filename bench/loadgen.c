@@ -1,6 +1,6 @@
 /*
  * loadgen: a small memtier-style load generator for memcached's text and meta protocols
- * (workloads W4, W6, W7).
+ * (workloads W4, W6, W7, W8, W9).
  *
  * Each connection sends a batch of D pipelined requests in one write, waits for all the
  * replies, records the batch's round trip, and repeats until the time is up. MODE says what
@@ -12,9 +12,14 @@
  * One thread, epoll, non-blocking sockets: cheap enough that the server, not the client, is
  * what gets measured.
  *
- * usage: loadgen HOST PORT CONNECTIONS SECONDS [DEPTH=16] [VALUE_SIZE=100] [KEYS=10000]
- *        [MODE=text]
+ * usage: loadgen [--tls] [--auth USER:PASSWORD] HOST PORT CONNECTIONS SECONDS [DEPTH=16]
+ *                [VALUE_SIZE=100] [KEYS=10000] [MODE=text]
  * prints: ops=N seconds=S ops_per_sec=R median_us=M p99_us=P errors=E
+ *
+ * --tls speaks TLS (OpenSSL; built with -DWITH_TLS -lssl -lcrypto, as bench/compare.py does
+ * when OpenSSL's headers are there), without checking the server's certificate: it measures,
+ * it does not trust. --auth sends memcached's -Y authentication first. Connections, TLS
+ * handshakes and authentication all happen before the clock starts.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -29,12 +34,19 @@
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
+#ifdef WITH_TLS
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#endif
 
 #define MAX_LAT_SAMPLES 2000000
 #define RBUF 262144
 
 struct conn {
     int fd;
+#ifdef WITH_TLS
+    SSL *ssl;
+#endif
     char *wbuf;
     size_t wlen, woff;
     char rbuf[RBUF];
@@ -138,11 +150,86 @@ static int parse_replies(struct conn *c) {
     return done;
 }
 
+/* Read or write what the socket (or TLS) takes now: >0 bytes, 0 would block, -1 gone. */
+static ssize_t conn_read(struct conn *c, char *buf, size_t n) {
+#ifdef WITH_TLS
+    if (c->ssl) {
+        int r = SSL_read(c->ssl, buf, (int)n);
+        if (r > 0) return r;
+        int err = SSL_get_error(c->ssl, r);
+        return (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE) ? 0 : -1;
+    }
+#endif
+    ssize_t r = read(c->fd, buf, n);
+    if (r < 0 && (errno == EAGAIN || errno == EINTR)) return 0;
+    return r == 0 ? -1 : r;
+}
+
+static ssize_t conn_write(struct conn *c, const char *buf, size_t n) {
+#ifdef WITH_TLS
+    if (c->ssl) {
+        int w = SSL_write(c->ssl, buf, (int)n);
+        if (w > 0) return w;
+        int err = SSL_get_error(c->ssl, w);
+        return (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE) ? 0 : -1;
+    }
+#endif
+    ssize_t w = write(c->fd, buf, n);
+    if (w < 0 && (errno == EAGAIN || errno == EINTR)) return 0;
+    return w;
+}
+
+/* Before the clock: memcached's -Y exchange, on a still blocking connection. */
+static int authenticate(struct conn *c, const char *credentials) {
+    char user_pass[512], request[640], reply[64];
+    snprintf(user_pass, sizeof user_pass, "%s", credentials);
+    char *colon = strchr(user_pass, ':');
+    if (!colon) return -1;
+    *colon = ' ';
+    int n = snprintf(request, sizeof request, "set auth 0 0 %zu\r\n%s\r\n", strlen(user_pass),
+                     user_pass);
+    if (conn_write(c, request, n) != n) return -1;
+    size_t got = 0;
+    while (got < 8) {
+        ssize_t r = conn_read(c, reply + got, sizeof reply - 1 - got);
+        if (r <= 0) return -1;
+        got += r;
+    }
+    return memcmp(reply, "STORED\r\n", 8) == 0 ? 0 : -1;
+}
+
 int main(int argc, char **argv) {
+    int tls = 0;
+    const char *credentials = NULL;
+    while (argc > 1 && strncmp(argv[1], "--", 2) == 0) {
+        if (strcmp(argv[1], "--tls") == 0) {
+            tls = 1;
+        } else if (strcmp(argv[1], "--auth") == 0 && argc > 2) {
+            credentials = argv[2];
+            argv++, argc--;
+        } else {
+            break;
+        }
+        argv++, argc--;
+    }
     if (argc < 5) {
-        fprintf(stderr, "usage: %s HOST PORT CONNECTIONS SECONDS [DEPTH] [VALUE_SIZE] [KEYS] [MODE]\n", argv[0]);
+        fprintf(stderr, "usage: %s [--tls] [--auth USER:PASSWORD] HOST PORT CONNECTIONS SECONDS "
+                "[DEPTH] [VALUE_SIZE] [KEYS] [MODE]\n", argv[0]);
         return 2;
     }
+#ifdef WITH_TLS
+    SSL_CTX *ctx = NULL;
+    if (tls) {
+        ctx = SSL_CTX_new(TLS_client_method());
+        SSL_CTX_set_verify(ctx, SSL_VERIFY_NONE, NULL);
+        SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+    }
+#else
+    if (tls) {
+        fprintf(stderr, "loadgen: built without TLS (OpenSSL's headers were not found)\n");
+        return 2;
+    }
+#endif
     const char *host = argv[1];
     int port = atoi(argv[2]), nconns = atoi(argv[3]);
     double seconds = atof(argv[4]);
@@ -181,8 +268,23 @@ int main(int argc, char **argv) {
         }
         int one = 1;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-        fcntl(fd, F_SETFL, O_NONBLOCK);
         conns[i].fd = fd;
+#ifdef WITH_TLS
+        if (tls) {
+            conns[i].ssl = SSL_new(ctx);
+            SSL_set_fd(conns[i].ssl, fd);
+            if (SSL_connect(conns[i].ssl) != 1) {
+                fprintf(stderr, "loadgen: TLS handshake failed\n");
+                ERR_print_errors_fp(stderr);
+                return 1;
+            }
+        }
+#endif
+        if (credentials && authenticate(&conns[i], credentials) < 0) {
+            fprintf(stderr, "loadgen: authentication refused\n");
+            return 1;
+        }
+        fcntl(fd, F_SETFL, O_NONBLOCK);
         struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT, .data.ptr = &conns[i]};
         epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev);
         build_batch(&conns[i]);
@@ -195,15 +297,21 @@ int main(int argc, char **argv) {
         for (int i = 0; i < n; i++) {
             struct conn *c = events[i].data.ptr;
             if ((events[i].events & EPOLLOUT) && c->woff < c->wlen) {
-                ssize_t w = write(c->fd, c->wbuf + c->woff, c->wlen - c->woff);
+                ssize_t w = conn_write(c, c->wbuf + c->woff, c->wlen - c->woff);
                 if (w > 0) c->woff += w;
             }
-            if (events[i].events & EPOLLIN) {
-                ssize_t r = read(c->fd, c->rbuf + c->rlen, RBUF - c->rlen);
-                if (r == 0) {
+            /* With TLS, OpenSSL may hold decrypted bytes the socket no longer signals. */
+            int more = (events[i].events & EPOLLIN) != 0;
+            while (more) {
+                ssize_t r = conn_read(c, c->rbuf + c->rlen, RBUF - c->rlen);
+                if (r < 0) {
                     fprintf(stderr, "loadgen: server closed a connection\n");
                     return 1;
                 }
+                more = 0;
+#ifdef WITH_TLS
+                more = r > 0 && c->ssl && SSL_pending(c->ssl) > 0;
+#endif
                 if (r > 0) {
                     c->rlen += r;
                     int done = parse_replies(c);
@@ -213,7 +321,7 @@ int main(int argc, char **argv) {
                         ops += mode == METAQ ? c->batch_ops : 0;
                         if (nlat < MAX_LAT_SAMPLES) lat[nlat++] = now_us() - c->sent_at;
                         build_batch(c);
-                        ssize_t w = write(c->fd, c->wbuf, c->wlen);
+                        ssize_t w = conn_write(c, c->wbuf, c->wlen);
                         if (w > 0) c->woff = w;
                     }
                 }

@@ -7,8 +7,11 @@ docs/architecture.md): `stats settings` has `cpus`, `cpus_allowed`, `cpus_online
 `memory_limit`, `memory_limit_source`; `stats` has `warm_restart`,
 `warm_restart_restored_items` and `warm_restart_reason` (with -e). The operator asks both on
 one connection to every worker of every ready pod, once per container: none of it changes
-while a process lives. The reports feed `status.endpoints[]` (cpus, memoryLimit), the
-`Pinned` condition (pinning.py) and `status.appliances` with its events (status.py).
+while a process lives. When the memcached port wants credentials or TLS the operator does not
+hold (spec.auth, spec.tls), the same two replies are read over HTTP instead, from
+`/stats/settings` and `/stats` on the pod's metrics port. The reports feed
+`status.endpoints[]` (cpus, memoryLimit), the `Pinned` condition (pinning.py) and
+`status.appliances` with its events (status.py).
 
 The reads run on a few threads of their own, never inside a reconcile pass: a pass takes
 what has been read so far and asks for what is missing. When the reads a pass asked for
@@ -23,6 +26,7 @@ import logging
 import socket
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -115,6 +119,19 @@ def read_report(address: str, port: int, timeout: float = DEFAULT_TIMEOUT) -> Ap
     return parse_settings(settings, stats)
 
 
+def http_stats(address: str, port: int, worker: int, sub: str, timeout: float) -> str:
+    """A worker's `stats [sub]` reply from the appliance's HTTP endpoint (the metrics port);
+    OSError or ValueError when it cannot be had."""
+    host = f"[{address}]" if ":" in address else address
+    path = "/stats/settings" if sub == "settings" else "/stats"
+    url = f"http://{host}:{port}{path}?worker={worker}"
+    with urllib.request.urlopen(url, timeout=timeout) as reply:
+        body = reply.read(MAX_REPLY + 1)
+    if len(body) > MAX_REPLY:
+        raise ValueError("reply too long")
+    return body.decode("utf-8", "replace")
+
+
 def _ask(sock: socket.socket, command: bytes, deadline: float, timeout: float) -> str:
     """One command's reply (up to its END line), before `deadline`."""
     sock.sendall(command)
@@ -173,6 +190,17 @@ class Target:
     worker: int
     address: str
     port: int
+    # With spec.auth or spec.tls: the metrics port, whose /stats/settings and /stats are read.
+    http_port: int | None = None
+
+
+def read_target(target: Target, timeout: float = DEFAULT_TIMEOUT) -> ApplianceReport:
+    """`stats settings` and `stats` of a target, over the memcached protocol or over HTTP."""
+    if target.http_port is None:
+        return read_report(target.address, target.port, timeout)
+    settings = http_stats(target.address, target.http_port, target.worker, "settings", timeout)
+    stats = http_stats(target.address, target.http_port, target.worker, "", timeout)
+    return parse_settings(settings, stats)
 
 
 def pod_instance(pod: Mapping[str, Any]) -> str:
@@ -196,7 +224,7 @@ class ApplianceReports:
     def __init__(
         self,
         notify: Callable[[str, str], None] = lambda namespace, cluster: None,
-        read: Callable[[str, int, float], ApplianceReport] = read_report,
+        read: Callable[[Target, float], ApplianceReport] = read_target,
         timeout: float = DEFAULT_TIMEOUT,
         threads: int = 4,
         clock: Callable[[], float] = time.monotonic,
@@ -250,12 +278,12 @@ class ApplianceReports:
 
     def _probe(self, target: Target) -> None:
         try:
-            reading: Reading = self._read(target.address, target.port, self.timeout)
+            reading: Reading = self._read(target, self.timeout)
         except (OSError, ValueError) as exc:
-            reading = f"cannot read {target.address}:{target.port}: {exc or type(exc).__name__}"
+            reading = f"cannot read {_where(target)}: {exc or type(exc).__name__}"
         except Exception as exc:  # a bug must not kill the thread pool's worker silently
             log.exception("reading %s/%s failed", target.namespace, target.pod)
-            reading = f"cannot read {target.address}:{target.port}: {exc}"
+            reading = f"cannot read {_where(target)}: {exc}"
         retry_at = None
         with self._lock:
             entry = self._entries.get(target)
@@ -310,10 +338,21 @@ class ApplianceReports:
             self._notify(namespace, cluster)
 
 
+def _where(target: Target) -> str:
+    if target.http_port is None:
+        return f"{target.address}:{target.port}"
+    return f"http://{target.address}:{target.http_port}/stats/settings?worker={target.worker}"
+
+
 def targets_of(
-    namespace: str, cluster: str, endpoints: Iterable[Any], pods: Iterable[Mapping[str, Any]]
+    namespace: str,
+    cluster: str,
+    endpoints: Iterable[Any],
+    pods: Iterable[Mapping[str, Any]],
+    http_port: int | None = None,
 ) -> list[Target]:
-    """A target per endpoint (ready pods' workers), tied to its pod's container instance."""
+    """A target per endpoint (ready pods' workers), tied to its pod's container instance;
+    with ``http_port``, read over HTTP on it."""
     instances = {(p.get("metadata") or {}).get("name"): pod_instance(p) for p in pods}
     return [
         Target(
@@ -324,6 +363,7 @@ def targets_of(
             worker=e.worker,
             address=e.address,
             port=e.port,
+            http_port=http_port,
         )
         for e in endpoints
     ]

@@ -88,6 +88,55 @@ class Udp(_Model):
     )
 
 
+SecretName = Annotated[
+    str, Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+]
+SecretKey = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")]
+CLIENT_CERTIFICATES = ("none", "optional", "required")
+
+
+class Auth(_Model):
+    """memcached's text-protocol authentication (cacheserver -Y): a client's first request
+    is `set <any key> 0 0 <bytes>` with `<user> <password>` as its data; until then every
+    request is refused. The credentials come from a Secret mounted as a volume, so a changed
+    Secret reaches the appliances without a restart."""
+
+    secret_name: SecretName = Field(
+        description="Secret (in the cluster's namespace) holding the credentials file."
+    )
+    key: SecretKey = Field(
+        "credentials",
+        description="Key of the Secret with the credentials, one user:password per line.",
+    )
+
+
+class Tls(_Model):
+    """memcached's TLS (cacheserver -Z) on the workers' ports, from a Secret in the layout
+    cert-manager writes: tls.crt (the chain), tls.key, and ca.crt for client certificates.
+    Mounted as a volume: a renewed certificate is served without a restart."""
+
+    secret_name: SecretName = Field(description="Secret with tls.crt, tls.key and ca.crt.")
+    client_certificates: Literal["none", "optional", "required"] = Field(
+        "none",
+        description=(
+            "Mutual TLS: none (not asked for), optional (checked against ca.crt when sent), "
+            "required (a client without one signed by ca.crt is refused)."
+        ),
+    )
+    plaintext_port: Port | None = Field(
+        None,
+        description=(
+            "A plaintext TCP port next to TLS (worker i uses plaintextPort + i), memcached's "
+            "notls: listener; none when unset."
+        ),
+    )
+
+    @property
+    def verify_mode(self) -> int:
+        """memcached's ssl_verify_mode: 0 none, 1 request, 2 require."""
+        return CLIENT_CERTIFICATES.index(self.client_certificates)
+
+
 class Resources(_Model):
     """Requests and limits of the cache container; always equal, so the pod's QoS is Guaranteed."""
 
@@ -268,6 +317,17 @@ class CacheClusterSpec(_Model):
             "each is published as its own endpoint."
         ),
     )
+    auth: Auth | None = Field(
+        None, description="Clients authenticate first (memcached -Y); off when unset."
+    )
+    tls: Tls | None = Field(None, description="TLS on the workers' ports (memcached -Z).")
+    flush_all: bool = Field(
+        True,
+        description=(
+            "Answer flush_all; false refuses it with CLIENT_ERROR flush_all not allowed "
+            "(memcached -F)."
+        ),
+    )
 
     @property
     def udp_port(self) -> int:
@@ -280,6 +340,12 @@ class CacheClusterSpec(_Model):
         if self.monitoring.port is not None:
             return self.monitoring.port
         return derived_metrics_port(self.port)
+
+    @property
+    def secured(self) -> bool:
+        """Whether the memcached port asks for credentials or TLS: then the probes use the
+        admin socket and the operator reads the appliances' stats over HTTP."""
+        return self.auth is not None or self.tls is not None
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> CacheClusterSpec:

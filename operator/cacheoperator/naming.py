@@ -14,6 +14,10 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "cacheoperator"
 FIELD_MANAGER = "cacheoperator"
 CONTAINER = "cacheserver"
+# Where the server container finds the Secrets of spec.auth and spec.tls (pods.py mounts
+# them; status.py recognises them in a server's termination message).
+AUTH_MOUNT = "/etc/cacheserver/auth"
+TLS_MOUNT = "/etc/cacheserver/tls"
 # The chart passes the operator's own image (server and operator ship in one image).
 DEFAULT_IMAGE = f"cache-appliance:{__version__}"
 

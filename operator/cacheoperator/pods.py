@@ -13,14 +13,17 @@ from cacheoperator.discovery import MEMBERSHIP_KEY, MEMBERSHIP_PATH, MOUNT_DIR
 from cacheoperator.gate import scheduling_gates
 from cacheoperator.models import CacheClusterSpec
 from cacheoperator.naming import (
+    AUTH_MOUNT,
     CONTAINER,
     LABEL_PARTITION,
     LABEL_STATEFULSET,
+    TLS_MOUNT,
     common_labels,
     configmap_name,
 )
 from cacheoperator.placement import affinity, topology_spread
 from cacheoperator.quantity import to_decimal, to_mebibytes
+from cacheserver.config import worker_path
 
 RUN_AS_USER = 10001  # the image's non-root user (see Dockerfile)
 TERMINATION_GRACE_SECONDS = 30
@@ -36,6 +39,15 @@ SAVE_BYTES_PER_SECOND = 100_000_000
 # A snapshot is restored within seconds of its save or not at all; older ones are removed
 # by the next appliance starting on the node.
 SNAPSHOT_MAX_AGE_SECONDS = 900
+# Who may talk to an appliance: the Secrets of spec.auth and spec.tls, mounted as volumes
+# (never subPath, which would freeze them: the kubelet swaps a changed Secret in place and
+# the server takes it without a restart).
+AUTH_VOLUME = "auth"
+TLS_VOLUME = "tls"
+SECRET_FILE_MODE = 0o440  # read by the server's group (fsGroup), nobody else
+# With auth or TLS the probe asks each worker's admin socket (version and stats only, no
+# credentials); it lives on the pod's own /tmp, which nothing outside the pod can reach.
+ADMIN_SOCKET = "/tmp/cacheserver-admin.sock"
 
 
 def server_env(spec: CacheClusterSpec) -> dict[str, str]:
@@ -58,7 +70,27 @@ def server_env(spec: CacheClusterSpec) -> dict[str, str]:
         env["CACHESERVER_MEMORY_HEADROOM"] = str(to_mebibytes(spec.memory.headroom))
     if spec.warm_restart.enabled:
         env["CACHESERVER_MEMORY_FILE"] = SNAPSHOT_FILE
+    if not spec.flush_all:
+        env["CACHESERVER_DISABLE_FLUSH_ALL"] = "true"
+    if spec.auth is not None:
+        env["CACHESERVER_AUTH_FILE"] = f"{AUTH_MOUNT}/{spec.auth.key}"
+    if spec.tls is not None:
+        env["CACHESERVER_SSL_ENABLED"] = "true"
+        env["CACHESERVER_SSL_CHAIN_CERT"] = f"{TLS_MOUNT}/tls.crt"
+        env["CACHESERVER_SSL_KEY"] = f"{TLS_MOUNT}/tls.key"
+        if spec.tls.verify_mode:
+            env["CACHESERVER_SSL_VERIFY_MODE"] = str(spec.tls.verify_mode)
+            env["CACHESERVER_SSL_CA_CERT"] = f"{TLS_MOUNT}/ca.crt"
+        if spec.tls.plaintext_port is not None and not spec.host_network:
+            env["CACHESERVER_LISTEN"] = _listen("0.0.0.0", spec.tls.plaintext_port)
+    if spec.secured:
+        env["CACHESERVER_ADMIN_SOCKET"] = ADMIN_SOCKET
     return env
+
+
+def _listen(host: str, plaintext_port: int) -> str:
+    """memcached's -l with TLS on the workers' ports and a notls: listener next to them."""
+    return f"{host},notls:{host}:{plaintext_port}"
 
 
 def termination_grace_seconds(spec: CacheClusterSpec) -> int:
@@ -133,7 +165,12 @@ def _downward_env(spec: CacheClusterSpec, partition: int | None) -> list[dict[st
     ]
     if spec.host_network:
         # On the node's network, listen on the node's address only, not on every interface.
-        env.append({"name": "CACHESERVER_LISTEN", "valueFrom": _field("status.hostIP")})
+        if spec.tls is not None and spec.tls.plaintext_port is not None:
+            # HOST_IP is defined above: the kubelet expands $(HOST_IP) in a later value.
+            listen = _listen("$(HOST_IP)", spec.tls.plaintext_port)
+            env.append({"name": "CACHESERVER_LISTEN", "value": listen})
+        else:
+            env.append({"name": "CACHESERVER_LISTEN", "valueFrom": _field("status.hostIP")})
     if partition is not None:
         # Like EC2 instance metadata: the pod learns its partition from its own label.
         env.append(
@@ -146,6 +183,12 @@ def _downward_env(spec: CacheClusterSpec, partition: int | None) -> list[dict[st
 
 
 def _probe_command(spec: CacheClusterSpec) -> list[str]:
+    if spec.secured:
+        # The port wants credentials or TLS: each worker's admin socket answers instead.
+        sockets = [worker_path(ADMIN_SOCKET, i, spec.workers) for i in range(spec.workers)]
+        if spec.workers == 1:
+            return [PROBE_COMMAND, "--admin-socket", sockets[0]]
+        return ["sh", "-c", " && ".join(f"{PROBE_COMMAND} --admin-socket {s}" for s in sockets)]
     # The probe reads CACHESERVER_LISTEN/CACHESERVER_PORT; on the pod network the server
     # listens on 0.0.0.0, so the probe is pointed at loopback.
     listen = [] if spec.host_network else ["-l", "127.0.0.1"]
@@ -198,6 +241,9 @@ def _ports(spec: CacheClusterSpec) -> list[dict[str, Any]]:
         return entry
 
     ports = [port(f"tcp-{i}", spec.port + i, "TCP") for i in range(spec.workers)]
+    if spec.tls is not None and spec.tls.plaintext_port is not None:
+        plain = spec.tls.plaintext_port
+        ports += [port(f"plain-{i}", plain + i, "TCP") for i in range(spec.workers)]
     if spec.udp.enabled:
         ports += [port(f"udp-{i}", spec.udp_port + i, "UDP") for i in range(spec.workers)]
     if spec.monitoring.enabled:
@@ -246,7 +292,21 @@ def container(
                 "subPathExpr": warm_subdir(namespace, cluster),
             }
         )
+    if spec.auth is not None:
+        out["volumeMounts"].append({"name": AUTH_VOLUME, "mountPath": AUTH_MOUNT, "readOnly": True})
+    if spec.tls is not None:
+        out["volumeMounts"].append({"name": TLS_VOLUME, "mountPath": TLS_MOUNT, "readOnly": True})
     return out
+
+
+def _secret_volume(name: str, secret: str) -> dict[str, Any]:
+    # Optional: a missing Secret (or key) does not hold the pod in ContainerCreating, where
+    # only an event would say why; the server starts, finds no file, and stops with a
+    # termination message naming it, which the CacheCluster's Degraded condition shows.
+    return {
+        "name": name,
+        "secret": {"secretName": secret, "optional": True, "defaultMode": SECRET_FILE_MODE},
+    }
 
 
 def pod_template(
@@ -283,6 +343,9 @@ def pod_template(
             "seccompProfile": {"type": "RuntimeDefault"},
         },
     }
+    if spec.secured:
+        # The Secrets' files belong to this group (mode 0440): readable by the server only.
+        pod["securityContext"]["fsGroup"] = RUN_AS_USER
     if spec.node_selector:
         pod["nodeSelector"] = dict(spec.node_selector)
     if spec.tolerations:
@@ -322,4 +385,8 @@ def pod_template(
                 "hostPath": {"path": spec.warm_restart.host_path, "type": "DirectoryOrCreate"},
             }
         )
+    if spec.auth is not None:
+        pod["volumes"].append(_secret_volume(AUTH_VOLUME, spec.auth.secret_name))
+    if spec.tls is not None:
+        pod["volumes"].append(_secret_volume(TLS_VOLUME, spec.tls.secret_name))
     return {"metadata": metadata, "spec": pod}

@@ -318,7 +318,10 @@ class ClusterController:
             if exc.retryable:
                 raise
             apply_error = str(exc)  # e.g. a nodeSelector key the API server rejects
-        observed = self.observe(ref)
+        # With auth or TLS the memcached port wants what the operator does not hold: the
+        # appliances' reports are read from /stats on their metrics port instead.
+        stats_port = spec.metrics_port if spec.secured else None
+        observed = self.observe(ref, stats_port)
         self.release_gated(observed.pods, body)
         discovery = published
         if apply_error is None:
@@ -376,7 +379,9 @@ class ClusterController:
                 self.kube.delete(STATEFULSETS, ref.namespace, sts_meta["name"], sts_meta["uid"])
         return held
 
-    def observe(self, ref: ClusterRef) -> Observed:
+    def observe(self, ref: ClusterRef, stats_port: int | None = None) -> Observed:
+        """``stats_port``: where the appliances' stats are read over HTTP (None: over the
+        memcached protocol on their own ports)."""
         selector = selector_string(ref.name)
         statefulsets = [
             s for s in self.kube.list(STATEFULSETS, ref.namespace, selector) if owned_by(s, ref.uid)
@@ -392,7 +397,7 @@ class ClusterController:
         readings = {}
         if self.reports is not None:
             # What has been read so far; the rest is read in the background (never here).
-            targets = targets_of(ref.namespace, ref.name, endpoints(pods, {}), pods)
+            targets = targets_of(ref.namespace, ref.name, endpoints(pods, {}), pods, stats_port)
             readings = self.reports.readings(targets)
         return Observed(
             statefulsets=statefulsets,

@@ -27,8 +27,9 @@ INVALID = "FieldValueInvalid"
 # Server flags the operator sets from the spec; passing them again in extraArgs would make
 # the pod disagree with the spec (and with the endpoints in the status).
 OWNED_FLAGS_RE = (
-    "^(-[pUlmte]|--(port|udp-port|listen|memory-limit|memory-headroom|memory-file|workers|pin"
-    "|metrics-port)(=|$))"
+    "^(-[pUlmteYZoF]|--(port|udp-port|listen|memory-limit|memory-headroom|memory-file|workers|pin"
+    "|metrics-port|auth-file|enable-ssl|extended|ssl-[a-z-]+|disable-flush-all|admin-socket)"
+    "(=|$))"
 )
 # The least memory limit the server starts in with its default flags. Measured: one server
 # process is about 29 MiB resident at start (the interpreter and its modules); the server
@@ -96,6 +97,28 @@ def _metrics_port_apart(s: CacheClusterSpec) -> bool:
     # Only a port set by hand can meet the workers' (the derived one is 10000 away).
     port = s.monitoring.port
     return not s.monitoring.enabled or port is None or not (s.port <= port < s.port + s.workers)
+
+
+def _derived_metrics_port_cel() -> str:
+    # models.derived_metrics_port, in CEL.
+    return (
+        "(has(self.monitoring.port) ? self.monitoring.port : "
+        "(self.port + 10000 <= 65535 ? self.port + 10000 : self.port - 10000))"
+    )
+
+
+def _plaintext_apart(s: CacheClusterSpec) -> bool:
+    if s.tls is None or s.tls.plaintext_port is None:
+        return True
+    plain = s.tls.plaintext_port
+    return plain + s.workers <= s.port or plain >= s.port + s.workers
+
+
+def _plaintext_apart_from_metrics(s: CacheClusterSpec) -> bool:
+    if s.tls is None or s.tls.plaintext_port is None or not s.monitoring.enabled:
+        return True
+    plain = s.tls.plaintext_port
+    return not plain <= s.metrics_port < plain + s.workers
 
 
 def min_memory_mib(workers: int) -> int:
@@ -316,6 +339,108 @@ SPEC_RULES: tuple[Rule, ...] = (
         example_spec={"monitoring": {"port": 11211}},
     ),
     Rule(
+        id="auth-forbids-udp",
+        scope="spec",
+        field="udp.enabled",
+        reason=FORBIDDEN,
+        message=(
+            "udp.enabled must be false when auth is set: UDP cannot carry memcached's "
+            "authentication (the server refuses to start with both, as memcached does)"
+        ),
+        cel="!has(self.auth) || !self.udp.enabled",
+        holds=lambda s: s.auth is None or not s.udp.enabled,
+        example_spec={"auth": {"secretName": "cache-credentials"}, "udp": {"enabled": True}},
+    ),
+    Rule(
+        id="tls-only-forbids-udp",
+        scope="spec",
+        field="udp.enabled",
+        reason=FORBIDDEN,
+        message=(
+            "udp.enabled must be false when tls is set without tls.plaintextPort: UDP is "
+            "plaintext, and a cluster without a plaintext port promises none"
+        ),
+        cel="!has(self.tls) || has(self.tls.plaintextPort) || !self.udp.enabled",
+        holds=lambda s: s.tls is None or s.tls.plaintext_port is not None or not s.udp.enabled,
+        example_spec={"tls": {"secretName": "cache-tls"}, "udp": {"enabled": True}},
+    ),
+    Rule(
+        id="plaintext-ports-in-range",
+        scope="spec",
+        field="tls.plaintextPort",
+        reason=INVALID,
+        message=(
+            "tls.plaintextPort + workers - 1 must be at most 65535: worker i listens on "
+            "plaintextPort + i"
+        ),
+        cel=(
+            "!has(self.tls) || !has(self.tls.plaintextPort) || "
+            "self.tls.plaintextPort + self.workers - 1 <= 65535"
+        ),
+        holds=lambda s: (
+            s.tls is None
+            or s.tls.plaintext_port is None
+            or s.tls.plaintext_port + s.workers - 1 <= 65535
+        ),
+        example_spec={
+            "pinning": False,
+            "workers": 2,
+            "tls": {"secretName": "cache-tls", "plaintextPort": 65535},
+        },
+    ),
+    Rule(
+        id="plaintext-ports-apart-from-workers",
+        scope="spec",
+        field="tls.plaintextPort",
+        reason=INVALID,
+        message=(
+            "tls.plaintextPort to plaintextPort + workers - 1 must not meet the workers' TLS "
+            "ports (port to port + workers - 1)"
+        ),
+        cel=(
+            "!has(self.tls) || !has(self.tls.plaintextPort) || "
+            "self.tls.plaintextPort + self.workers <= self.port || "
+            "self.tls.plaintextPort >= self.port + self.workers"
+        ),
+        holds=_plaintext_apart,
+        example_spec={"tls": {"secretName": "cache-tls", "plaintextPort": 11211}},
+    ),
+    Rule(
+        id="plaintext-ports-apart-from-metrics",
+        scope="spec",
+        field="tls.plaintextPort",
+        reason=INVALID,
+        message=(
+            "tls.plaintextPort to plaintextPort + workers - 1 must not meet the metrics port "
+            "(monitoring.port, or port + 10000 when unset)"
+        ),
+        cel=(
+            "!has(self.tls) || !has(self.tls.plaintextPort) || !self.monitoring.enabled || "
+            f"{_derived_metrics_port_cel()} < self.tls.plaintextPort || "
+            f"{_derived_metrics_port_cel()} >= self.tls.plaintextPort + self.workers"
+        ),
+        holds=_plaintext_apart_from_metrics,
+        example_spec={"tls": {"secretName": "cache-tls", "plaintextPort": 21211}},
+    ),
+    Rule(
+        id="secured-needs-monitoring",
+        scope="spec",
+        field="monitoring.enabled",
+        reason=INVALID,
+        message=(
+            "monitoring.enabled must be true when auth or tls is set: the operator reads what "
+            "each appliance reports about itself (CPUs, memory limit, warm restart) from "
+            "/stats on the metrics port, because the memcached port then asks for "
+            "credentials or TLS that the operator does not hold"
+        ),
+        cel="!(has(self.auth) || has(self.tls)) || self.monitoring.enabled",
+        holds=lambda s: not s.secured or s.monitoring.enabled,
+        example_spec={
+            "auth": {"secretName": "cache-credentials"},
+            "monitoring": {"enabled": False},
+        },
+    ),
+    Rule(
         id="extra-args-leave-owned-flags",
         scope="spec",
         field="extraArgs",
@@ -323,7 +448,8 @@ SPEC_RULES: tuple[Rule, ...] = (
         message=(
             "extraArgs must not set the flags the operator derives from the spec: "
             "-p/--port, -U/--udp-port, -l/--listen, -m/--memory-limit, --memory-headroom, "
-            "-t/--workers, --pin, --metrics-port, -e/--memory-file"
+            "-t/--workers, --pin, --metrics-port, -e/--memory-file, -Y/--auth-file, "
+            "-Z/--enable-ssl, -o/--extended, --ssl-*, -F/--disable-flush-all, --admin-socket"
         ),
         cel=f"!has(self.extraArgs) || self.extraArgs.all(a, !a.matches('{OWNED_FLAGS_RE}'))",
         holds=_no_owned_flags,

@@ -26,7 +26,14 @@ from cacheoperator.models import (
     Endpoint,
     LastNode,
 )
-from cacheoperator.naming import CONTAINER, LABEL_PARTITION, selector_string, statefulset_name
+from cacheoperator.naming import (
+    AUTH_MOUNT,
+    CONTAINER,
+    LABEL_PARTITION,
+    TLS_MOUNT,
+    selector_string,
+    statefulset_name,
+)
 from cacheoperator.pinning import NOT_EXCLUSIVE, PINNING_OFF, pinned_condition
 from cacheoperator.placement import partition_sizes, pod_names
 from cacheoperator.quantity import format_bytes
@@ -166,6 +173,23 @@ def failing_message(pod: Mapping[str, Any]) -> str | None:
             return (
                 f"{waiting['reason']}{f' ({how})' if how else ''}{f': {detail}' if detail else ''}"
             )
+    return None
+
+
+def secret_problem(spec: CacheClusterSpec, message: str) -> str | None:
+    """Which Secret a failing server could not use, from its own termination message (the
+    operator never reads Secrets: the server does, and says what it found wanting)."""
+    if spec.auth is not None and AUTH_MOUNT in message:
+        return (
+            f"the Secret {spec.auth.secret_name!r} (spec.auth.secretName) is missing, has no "
+            f"key {spec.auth.key!r}, or that key is not user:password lines: {message}"
+        )
+    if spec.tls is not None and TLS_MOUNT in message:
+        wanted = "tls.crt, tls.key" + (", ca.crt" if spec.tls.verify_mode else "")
+        return (
+            f"the Secret {spec.tls.secret_name!r} (spec.tls.secretName) is missing, or its "
+            f"{wanted} are missing or do not load: {message}"
+        )
     return None
 
 
@@ -534,17 +558,23 @@ def compute_status(
         degraded = _unschedulable(spec, cluster, stuck, observed)
     elif failing:
         names = ", ".join(sorted(n for n, _ in failing))
+        secret = next((h for _, m in failing if (h := secret_problem(spec, m))), None)
         degraded = (
-            True,
-            "PodsFailing",
-            f"{len(failing)} pod(s) failing ({names}): {failing[0][1]}",
+            (True, "SecretInvalid", f"{len(failing)} pod(s) failing ({names}): {secret}")
+            if secret
+            else (True, "PodsFailing", f"{len(failing)} pod(s) failing ({names}): {failing[0][1]}")
         )
     elif restarted:
         names = ", ".join(sorted(n for n, _ in restarted))
+        secret = next((h for _, m in restarted if (h := secret_problem(spec, m))), None)
         degraded = (
-            True,
-            "PodsRestarted",
-            f"{len(restarted)} pod(s) restarted and not ready ({names}): {restarted[0][1]}",
+            (True, "SecretInvalid", f"{len(restarted)} pod(s) restarted ({names}): {secret}")
+            if secret
+            else (
+                True,
+                "PodsRestarted",
+                f"{len(restarted)} pod(s) restarted and not ready ({names}): {restarted[0][1]}",
+            )
         )
     else:
         degraded = (False, "AsExpected", "all pods schedulable and running")

@@ -138,9 +138,9 @@ def _pod(name: str, container: str, **kw):
 def test_each_container_start_is_read_once_and_a_silent_one_again_only_later():
     asked: list[tuple[str, int]] = []
 
-    def read(address: str, port: int, timeout: float) -> ApplianceReport:
-        asked.append((address, port))
-        if address == "10.0.0.2":
+    def read(target: Target, timeout: float) -> ApplianceReport:
+        asked.append((target.address, target.port))
+        if target.address == "10.0.0.2":
             raise ConnectionRefusedError("connection refused")
         cpus = frozenset({1})
         return ApplianceReport(cpus, cpus, None, restore=Restore("restored", 7))

@@ -42,6 +42,19 @@ CASES = {
                      partition=2, zone="zone-a", rack="rack-2"),
         ],
     ),
+    "example-secured": ("examples/cachecluster-secured.yaml", "cachecluster-secured.yaml", []),
+    "plaintext-next-to-tls": (
+        "TLS with a plaintext port next to it, two workers, on the pod network",
+        _manifest("mixed", {"hostNetwork": False, "workers": 2, "resources": {"cpu": 2},
+                            "tls": {"secretName": "mixed-tls", "plaintextPort": 11311}}),
+        [],
+    ),
+    "plaintext-next-to-tls-host": (
+        "TLS with a plaintext port next to it and UDP, on the node's network",
+        _manifest("mixedhost", {"tls": {"secretName": "mixed-tls", "plaintextPort": 11311},
+                                "udp": {"enabled": True}}),
+        [],
+    ),
     "spread-rack": (
         "spread across racks, at most 2 per zone",
         _manifest("racks", {"replicas": 4, "placement": {"strategy": "spread",

@@ -13,6 +13,8 @@ from cacheserver.cpus import format_cpu_list
 from cacheserver.memory import SizingError
 from cacheserver.memory.service import plan_for_settings, serve_with_shrinker
 from cacheserver.memory.sizing import MemoryPlan
+from cacheserver.security.credentials import CredentialsError, read_credentials
+from cacheserver.security.tls import TLSError, build_context
 from cacheserver.server import Worker
 from cacheserver.termination import record_fatal
 from cacheserver.warm import remove_stale_snapshots
@@ -30,7 +32,28 @@ def pin_to_cpu(index: int) -> int | None:
     return cpu
 
 
+def check_files(settings: Settings) -> str | None:
+    """Why the credentials file or the certificates cannot serve, or None: checked before
+    anything starts, so a bad Secret is a clear termination message, not a crash."""
+    if settings.auth_file:
+        try:
+            read_credentials(settings.auth_file)
+        except (OSError, CredentialsError) as err:
+            return f"cannot use the credentials file (-Y): {err}"
+    if settings.ssl_enabled:
+        try:
+            build_context(settings)
+        except TLSError as err:
+            return f"cannot use the TLS certificates (-Z): {err}"
+    return None
+
+
 def run(settings: Settings) -> int:
+    problem = check_files(settings)
+    if problem is not None:
+        log.error("%s", problem)
+        record_fatal(settings.termination_log, problem)
+        return 2
     try:
         # Measured here, after the imports and before any item: the interpreter's baseline.
         limit, plan = plan_for_settings(settings)

@@ -25,7 +25,25 @@ on the command line wins over the environment."""
 EPILOG = """\
 UDP is off by default (-U 0), as in memcached since 1.5.6: an open UDP port on a cache can be
 abused for reflection and amplification attacks. When it is on, only the get/set family of
-commands is answered over UDP unless --udp-allow-all is given."""
+commands is answered over UDP unless --udp-allow-all is given.
+
+-l takes memcached's list: addresses separated by commas, each ADDR, ADDR:PORT, [IPV6]:PORT or
+* (every interface). With -Z every listener speaks TLS except those written notls:ADDR[:PORT],
+e.g. -Z -l 10.0.0.5,notls:10.0.0.5:11212 for TLS on -p's port and plaintext on 11212.
+
+-o takes memcached's TLS options, comma-separated: ssl_chain_cert=FILE, ssl_key=FILE,
+ssl_ca_cert=FILE, ssl_verify_mode=0|1|2|3 (none, request, require, once), ssl_ciphers=LIST.
+The certificate files and the -Y credentials file are read again when they change (and on
+SIGHUP); refresh_certs reloads the certificates at once."""
+
+# memcached's -o options this server takes, and the setting each one sets.
+EXTENDED = {
+    "ssl_chain_cert": "ssl_chain_cert",
+    "ssl_key": "ssl_key",
+    "ssl_ca_cert": "ssl_ca_cert",
+    "ssl_verify_mode": "ssl_verify_mode",
+    "ssl_ciphers": "ssl_ciphers",
+}
 
 
 def _int(text: str) -> int:
@@ -69,6 +87,13 @@ def _item_size(text: str) -> int:
     return value
 
 
+def _verify_mode(text: str) -> int:
+    value = _int(text)
+    if not 0 <= value <= 3:
+        raise ValueError(f"{value} is not 0 (none), 1 (request), 2 (require) or 3 (once)")
+    return value
+
+
 def _flag(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -93,7 +118,13 @@ def _typed(parse: Callable[[str], Any], what: str) -> Callable[[str], Any]:
 _OPTIONS: list[tuple[tuple[str, ...], str, Callable[[str], Any], Any, str]] = [
     (("-p", "--port"), "port", _port, DEFAULT_PORT, "TCP port to listen on"),
     (("-U", "--udp-port"), "udp_port", _port, 0, "UDP port to listen on, 0 is off"),
-    (("-l", "--listen"), "listen", str, "0.0.0.0", "interface to listen on"),
+    (
+        ("-l", "--listen"),
+        "listen",
+        str,
+        "0.0.0.0",
+        "interfaces to listen on, memcached's list (below); repeated -l add up",
+    ),
     (
         ("-m", "--memory-limit"),
         "memory_limit_mb",
@@ -178,6 +209,40 @@ _OPTIONS: list[tuple[tuple[str, ...], str, Callable[[str], Any], Any, str]] = [
         "membership in this JSON file, reloaded when it changes (the operator mounts it)",
     ),
     (
+        ("-Y", "--auth-file"),
+        "auth_file",
+        str,
+        "",
+        "memcached's text-protocol authentication: user:password lines; a client sends "
+        "'set <any key> 0 0 <bytes>' with '<user> <password>' as data first (UDP must be off)",
+    ),
+    (("-Z", "--enable-ssl"), "ssl_enabled", _flag, False, "TLS on every -l listener but notls:"),
+    (("--ssl-chain-cert",), "ssl_chain_cert", str, "", "TLS: certificate chain, PEM (-o)"),
+    (("--ssl-key",), "ssl_key", str, "", "TLS: private key, PEM, if not in the chain file (-o)"),
+    (
+        ("--ssl-ca-cert",),
+        "ssl_ca_cert",
+        str,
+        "",
+        "TLS: CA certificates, PEM, that client certificates must chain to (-o)",
+    ),
+    (
+        ("--ssl-verify-mode",),
+        "ssl_verify_mode",
+        _verify_mode,
+        0,
+        "TLS: client certificates, 0 not asked, 1 checked if sent, 2 and 3 required (-o)",
+    ),
+    (("--ssl-ciphers",), "ssl_ciphers", str, "", "TLS: OpenSSL cipher list for TLS 1.2 (-o)"),
+    (
+        ("--admin-socket",),
+        "admin_socket",
+        str,
+        "",
+        "a Unix socket that answers version and stats only, without -Y or TLS (for the "
+        "probe and the supervisor of -t N; worker i uses PATH.i)",
+    ),
+    (
         ("--termination-log",),
         "termination_log",
         str,
@@ -201,6 +266,13 @@ _METAVARS = {
     "cluster_config": "PATH",
     "termination_log": "PATH",
     "memory_file": "FILE",
+    "auth_file": "FILE",
+    "ssl_chain_cert": "FILE",
+    "ssl_key": "FILE",
+    "ssl_ca_cert": "FILE",
+    "ssl_verify_mode": "MODE",
+    "ssl_ciphers": "LIST",
+    "admin_socket": "PATH",
 }
 
 
@@ -238,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
                 type=_typed(parse, field),
                 metavar=_METAVARS[field],
                 help=help_text + suffix,
+                # -l may be given more than once, as in memcached: the lists add up.
+                **({"action": "append"} if field == "listen" else {}),
             )
     parser.add_argument(
         "-v",
@@ -246,8 +320,36 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"verbose logging; -vv for more [{ENV_PREFIX}VERBOSE]",
     )
+    parser.add_argument(
+        "-o",
+        "--extended",
+        action="append",
+        default=[],
+        metavar="OPT=VALUE,...",
+        help="memcached's extended options; the ssl_* ones (see below)",
+    )
     parser.add_argument("-V", "--version", action="version", version=f"cacheserver {__version__}")
     return parser
+
+
+def _extended(parser: argparse.ArgumentParser, items: Sequence[str]) -> dict[str, Any]:
+    """memcached's -o: comma-separated NAME=VALUE, the TLS ones as the flags of the same name."""
+    parses = {field: parse for _flags, field, parse, _default, _help in _OPTIONS}
+    values: dict[str, Any] = {}
+    for item in items:
+        for part in item.split(","):
+            name, eq, text = part.strip().partition("=")
+            field = EXTENDED.get(name)
+            if field is None:
+                known = ", ".join(EXTENDED)
+                parser.error(f"-o {name}: not an option this server takes ({known})")
+            if not eq or not text:
+                parser.error(f"-o {name}: needs a value ({name}=...)")
+            try:
+                values[field] = parses[field](text)
+            except ValueError as err:
+                parser.error(f"-o {name}: {err}")
+    return values
 
 
 def parse_settings(argv: Sequence[str] | None, environ: dict[str, str] | None = None) -> Settings:
@@ -255,9 +357,14 @@ def parse_settings(argv: Sequence[str] | None, environ: dict[str, str] | None = 
     env = os.environ if environ is None else environ
     parser = build_parser()
     args = parser.parse_args(argv)
+    extended = _extended(parser, args.extended)
     values: dict[str, Any] = {}
+    if args.listen is not None:
+        args.listen = ",".join(args.listen)
     for _flags, field, parse, default, _help in _OPTIONS:
         value = getattr(args, field)
+        if value is None:
+            value = extended.get(field)
         if value is None:
             name = _env_name(field)
             if name in env:
@@ -282,6 +389,18 @@ def parse_settings(argv: Sequence[str] | None, environ: dict[str, str] | None = 
         and settings.max_item_size > settings.memory_limit_mb * 1024 * 1024
     ):
         parser.error("-I/--max-item-size cannot be larger than -m/--memory-limit")
+    try:
+        settings.listeners  # noqa: B018 -- parsed here so a bad -l stops the server at once
+    except ValueError as err:
+        parser.error(f"-l/--listen: {err}")
+    if settings.auth_file and settings.udp_port:
+        # memcached's own refusal: UDP cannot carry the authentication exchange.
+        parser.error("Cannot use UDP with ascii authentication enabled (-U 0 to disable)")
+    if settings.ssl_enabled and not settings.ssl_chain_cert:
+        parser.error("-Z needs a certificate: -o ssl_chain_cert=FILE (and ssl_key=FILE)")
+    tls_files = (settings.ssl_chain_cert, settings.ssl_key, settings.ssl_ca_cert)
+    if not settings.ssl_enabled and any(tls_files):
+        parser.error("the ssl_* options need -Z (TLS is off)")
     return settings
 
 

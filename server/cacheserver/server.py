@@ -11,13 +11,14 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from cacheserver import __version__
-from cacheserver.config import Settings
+from cacheserver.config import Settings, worker_path
 from cacheserver.cpus import CpuPlacement
 from cacheserver.discovery.watch import ClusterConfig
 from cacheserver.fastpath import make_engine
@@ -30,6 +31,9 @@ from cacheserver.metrics.stats_report import StatsReport
 from cacheserver.network.tcp import TCPServer
 from cacheserver.network.udp import UDPServer
 from cacheserver.protocol.commands import Commands
+from cacheserver.security import tls as tls_settings
+from cacheserver.security.credentials import CredentialsFile
+from cacheserver.security.tls import ServerTLS
 from cacheserver.storage import Store
 from cacheserver.storage.snapshot import Identity
 from cacheserver.warm import WarmRestart, snapshot_path
@@ -58,6 +62,7 @@ class Worker:
         the memory, which a warm restart must share."""
         self.settings = settings
         self.worker_index = worker_index
+        self.workers = workers
         self.store = Store(
             capacity if capacity is not None else settings.memory_limit_bytes,
             max_item_size=settings.max_item_size,
@@ -66,6 +71,10 @@ class Worker:
         # Told of cache_memlimit's new size after the store (the memory layer's shrinker).
         self.memlimit_listeners: list[Callable[[int], None]] = []
         self.report = StatsReport(settings, self.store, self.counters, VERSION)
+        # -Y: memcached's text-protocol authentication; reloaded when the file changes.
+        self.credentials = CredentialsFile(settings.auth_file) if settings.auth_file else None
+        # -Z: the TLS listeners' certificates; reloaded when the files change.
+        self.tls = ServerTLS(settings) if settings.ssl_enabled else None
         self.commands = Commands(
             self.store,
             self.counters,
@@ -75,6 +84,7 @@ class Worker:
             dump_enabled=not settings.disable_dumping,
             on_shutdown=partial(_shutdown, workers) if settings.enable_shutdown else None,
             on_memlimit=self.set_memlimit,
+            refresh_certs=self.tls.refresh if self.tls is not None else None,
         )
         # ElastiCache's auto discovery, when the operator gave a membership file.
         self.discovery = ClusterConfig(settings.cluster_config) if settings.cluster_config else None
@@ -94,6 +104,7 @@ class Worker:
             latency,
             self.engine,
             self.discovery,
+            self.credentials,
         )
         self.registry = CollectorRegistry(auto_describe=False)
         self.collector = ServerCollector(self.report, self.tcp.latency)
@@ -108,6 +119,19 @@ class Worker:
             self.report.extra_general.append(self.discovery.stats_fields)
             self.report.extra_settings.append(self.discovery.settings_fields)
             self.collector.extra.append(self.discovery.metrics)
+        if self.credentials is not None:
+            self.report.extra_general.append(self.credentials.stats_fields)
+            self.collector.extra.append(self.credentials.metrics)
+            self.collector.extra.append(self._auth_metrics)
+        self.report.extra_settings.append(lambda: tls_settings.settings_fields(settings))
+        if self.tls is not None:
+            counters = self.counters
+            self.report.extra_general.append(
+                lambda: [("ssl_handshake_errors", counters.ssl_handshake_errors)]
+            )
+            self.report.extra_general.append(self.tls.stats_fields)
+            self.collector.extra.append(self.tls.metrics)
+            self.collector.extra.append(self._tls_metrics)
         self.registry.register(self.collector)
         self._servers: list[asyncio.Server] = []
         self.udp = UDPServer(self.commands, self.counters, settings.udp_allow_all, self.engine)
@@ -146,30 +170,77 @@ class Worker:
             self.report.started = self.warm.started
         if self.discovery is not None:
             self.discovery.poll()  # the first membership before the first client
-        self.tcp.listen(st.listen, st.port)
-        log.info("listening on %s:%d (TCP)", st.listen, st.port)
+        for listener in st.listeners:
+            port = listener.port_for(st.port, self.worker_index)
+            self.tcp.listen(listener.host, port, tls=self.tls if listener.tls else None)
+            log.info("listening on %s:%d (TCP%s)", listener.host, port, ", TLS" * listener.tls)
+        if st.admin_socket:
+            path = worker_path(st.admin_socket, self.worker_index, self.workers)
+            self.tcp.listen_admin(path)
+            log.info("admin socket %s (version and stats)", path)
+        if self.credentials is not None:
+            log.info(
+                "clients authenticate first (-Y %s, %d users)",
+                st.auth_file,
+                len(self.credentials.credentials.entries),
+            )
         if self.engine is None:
             why = "--python-only" if st.python_only else "the C extension was not built"
             log.info("plain get/set served by the Python path (%s)", why)
         if st.udp_port:
-            self.udp.listen(st.listen, st.udp_port)
+            self.udp.listen(st.host, st.udp_port)
             log.info(
                 "listening on %s:%d (UDP%s)",
-                st.listen,
+                st.host,
                 st.udp_port,
                 ", all commands" if st.udp_allow_all else "",
             )
         if st.metrics_port:
-            self._servers.append(await serve_metrics(self.registry, st.listen, st.metrics_port))
-            log.info("metrics on http://%s:%d/metrics", st.listen, st.metrics_port)
+            self._servers.append(
+                await serve_metrics(self.registry, st.host, st.metrics_port, self._stats)
+            )
+            log.info("metrics on http://%s:%d/metrics", st.host, st.metrics_port)
         self._ticker = loop.call_later(SWEEP_PERIOD, self._tick)
+
+    def _auth_metrics(self) -> Iterator[Metric]:
+        c = self.counters
+        yield CounterMetricFamily(
+            "cacheappliance_auth_commands", "Logins tried (-Y), right or wrong.", c.auth_cmds
+        )
+        yield CounterMetricFamily(
+            "cacheappliance_auth_errors",
+            "Logins refused (-Y): wrong user or password.",
+            c.auth_errors,
+        )
+
+    def _tls_metrics(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "cacheappliance_tls_handshake_errors",
+            "TLS handshakes that failed: plaintext clients, refused client certificates.",
+            self.counters.ssl_handshake_errors,
+        )
+
+    def _stats(self, worker: int, sub: str) -> bytes | None:
+        """This worker's ``stats [sub]`` for the HTTP endpoint."""
+        return self.report(sub.encode()) if worker == 0 else None
 
     def _tick(self) -> None:
         self.store.reclaim_expired(CRAWL_BUDGET)
         self.tcp.sweep(SWEEP_PERIOD)
         if self.discovery is not None:
             self.discovery.poll()  # a stat() a second; reads the file only when it changed
+        if self.credentials is not None:
+            self.credentials.poll()  # the same for the credentials file
+        if self.tls is not None:
+            self.tls.poll()  # and the certificates
         self._ticker = asyncio.get_running_loop().call_later(SWEEP_PERIOD, self._tick)
+
+    def reload(self) -> None:
+        """SIGHUP: read the credentials file again (as memcached) and the certificates."""
+        if self.credentials is not None:
+            self.credentials.reload()
+        if self.tls is not None:
+            self.tls.refresh()
 
     def stop(self, save: bool = False) -> None:
         """Stop serving; with ``save`` (and -e) write the warm-restart snapshot first."""
@@ -183,6 +254,7 @@ class Worker:
         loop.add_signal_handler(signal.SIGTERM, self.stop, True)
         loop.add_signal_handler(signal.SIGUSR1, self.stop, True)
         loop.add_signal_handler(signal.SIGINT, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         await self.start()
         await self._stopped.wait()
         await self.close()

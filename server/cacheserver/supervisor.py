@@ -12,8 +12,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -96,6 +98,12 @@ def run_workers(
     ``budget``: the memory budget a warm-restart snapshot must share (app.memory_budget)."""
     count = settings.workers
     share = total_capacity // count
+    private_dir = None
+    if not settings.admin_socket:
+        # The aggregated metrics read each worker's stats from its admin socket: give them
+        # one in a directory only this user can enter.
+        private_dir = tempfile.mkdtemp(prefix="cacheserver-")
+        settings = replace(settings, admin_socket=os.path.join(private_dir, "admin"))
     children: dict[int, int] = {}
     for index in range(count):
         pid = os.fork()
@@ -113,7 +121,11 @@ def run_workers(
     # slow SAVE_FLOOR bytes per second before it is killed (the kubelet's grace period is
     # the real bound; the operator sets it from the memory size).
     reap_after = REAP_TIMEOUT + (share / SAVE_FLOOR if settings.memory_file else 0.0)
-    return uvloop.run(_supervise(settings, children, reap_after))
+    try:
+        return uvloop.run(_supervise(settings, children, reap_after))
+    finally:
+        if private_dir is not None:
+            shutil.rmtree(private_dir, ignore_errors=True)
 
 
 REAP_TIMEOUT = 10.0  # seconds a worker has to exit after the signal to stop
@@ -135,6 +147,13 @@ async def _supervise(
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         loop.add_signal_handler(sig, stop, sig)
+
+    def forward(sig: signal.Signals) -> None:
+        for pid in children:
+            _signal(pid, sig)
+
+    # SIGHUP reloads the credentials and certificates: each worker reads its own copy.
+    loop.add_signal_handler(signal.SIGHUP, forward, signal.SIGHUP)
     metrics_server = None
     if settings.metrics_port:
         from cacheserver.metrics.aggregate import serve_aggregated_metrics

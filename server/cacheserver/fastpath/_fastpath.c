@@ -1160,8 +1160,10 @@ static PyObject *Engine_attach_udp(Engine *e, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* Run requests from bytes without a socket: the tests' way to compare this path with the
- * Python session on the same input. Returns (replies, offset of the first request left). */
+/* Run requests from bytes without a socket: what the TLS connections use (network/tcp.py
+ * gives it the plaintext Python's ssl module decrypted), and the tests' way to compare this
+ * path with the Python session on the same input. Returns (replies, offset of the first
+ * request left). */
 static PyObject *Engine_run(Engine *e, PyObject *arg) {
     Py_buffer view;
     if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
@@ -1260,7 +1262,7 @@ static PyMethodDef Engine_methods[] = {
     {"serve_udp", (PyCFunction)Engine_serve_udp, METH_NOARGS,
      "Drain waiting datagrams (the event loop's reader callback)."},
     {"run", (PyCFunction)Engine_run, METH_O,
-     "run(data) -> (replies, consumed): the fast path on bytes, for tests."},
+     "run(data) -> (replies, consumed): the fast path on bytes (TLS connections, tests)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,15 +1,17 @@
 """Metrics of a multi-worker server, gathered from the workers when Prometheus scrapes.
 
 The parent holds no counters of its own: on each scrape it asks every worker for ``stats``
-over the memcached protocol on loopback (the same numbers a client sees) and reports each
-worker's series with a ``worker`` label. Nothing is shared between processes, nothing locks.
+on the worker's admin socket (a Unix socket that answers ``version`` and ``stats`` without
+authentication or TLS, so this works with -Y and -Z too; the same numbers a client sees) and
+reports each worker's series with a ``worker`` label. Nothing is shared between processes,
+nothing locks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -21,7 +23,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from cacheserver.config import Settings
+from cacheserver.config import Settings, worker_path
 from cacheserver.metrics.collector import COMMANDS
 from cacheserver.metrics.http import serve_metrics
 from cacheserver.metrics.identity import PodIdentity
@@ -49,6 +51,19 @@ _SERIES = (
         "Commands refused over UDP by the amplification guard.",
         "counter",
         "udp_refused_commands",
+    ),
+    ("cacheappliance_auth_commands", "Logins tried (-Y), right or wrong.", "counter", "auth_cmds"),
+    (
+        "cacheappliance_auth_errors",
+        "Logins refused (-Y): wrong user or password.",
+        "counter",
+        "auth_errors",
+    ),
+    (
+        "cacheappliance_tls_handshake_errors",
+        "TLS handshakes that failed: plaintext clients, refused client certificates.",
+        "counter",
+        "ssl_handshake_errors",
     ),
     ("memcached_read_bytes", "Bytes read from clients.", "counter", "bytes_read"),
     ("memcached_written_bytes", "Bytes written to clients.", "counter", "bytes_written"),
@@ -148,10 +163,31 @@ _LABELLED = (
 
 
 def fetch_stats(host: str, port: int, timeout: float = 2.0) -> dict[str, str] | None:
-    """``stats`` of one worker as a dict, or None when it does not answer."""
+    """``stats`` of one worker over TCP as a dict, or None when it does not answer."""
+    reply = ask(lambda: socket.create_connection((host, port), timeout=timeout), b"stats")
+    return parse_stats(reply) if reply is not None else None
+
+
+def fetch_admin(path: str, command: bytes, timeout: float = 2.0) -> bytes | None:
+    """A ``stats`` reply from a worker's admin socket, or None when it does not answer."""
+
+    def connect() -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    return ask(connect, command)
+
+
+def ask(connect: Callable[[], socket.socket], command: bytes) -> bytes | None:
     try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.sendall(b"stats\r\n")
+        with connect() as sock:
+            sock.sendall(command + b"\r\n")
             data = b""
             while not data.endswith(b"END\r\n"):
                 chunk = sock.recv(65536)
@@ -160,8 +196,12 @@ def fetch_stats(host: str, port: int, timeout: float = 2.0) -> dict[str, str] | 
                 data += chunk
     except OSError:
         return None
+    return data
+
+
+def parse_stats(reply: bytes) -> dict[str, str]:
     stats: dict[str, str] = {}
-    for line in data.decode(errors="replace").splitlines():
+    for line in reply.decode(errors="replace").splitlines():
         parts = line.split(" ", 2)
         if len(parts) == 3 and parts[0] == "STAT":
             stats[parts[1]] = parts[2]
@@ -170,14 +210,22 @@ def fetch_stats(host: str, port: int, timeout: float = 2.0) -> dict[str, str] | 
 
 class WorkersCollector(Collector):
     def __init__(self, settings: Settings) -> None:
+        """``settings.admin_socket`` names the workers' admin sockets (run_workers sets one)."""
         self._settings = settings
-        host = settings.listen
-        self._host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
         self._identity = PodIdentity.from_env()
+
+    def stats(self, worker: int, sub: str = "") -> bytes | None:
+        """A worker's ``stats [sub]`` reply, from its admin socket."""
+        st = self._settings
+        if not 0 <= worker < st.workers:
+            return None
+        path = worker_path(st.admin_socket, worker, st.workers)
+        return fetch_admin(path, f"stats {sub}".strip().encode())
 
     def collect(self) -> Iterator[Metric]:
         st = self._settings
-        per_worker = [(str(i), fetch_stats(self._host, st.port + i)) for i in range(st.workers)]
+        replies = [(str(i), self.stats(i)) for i in range(st.workers)]
+        per_worker = [(i, parse_stats(r) if r is not None else None) for i, r in replies]
         up = GaugeMetricFamily("memcached_up", "Whether the worker answers.", labels=["worker"])
         for worker, stats in per_worker:
             up.add_metric([worker], 1 if stats is not None else 0)
@@ -237,5 +285,6 @@ class WorkersCollector(Collector):
 
 async def serve_aggregated_metrics(settings: Settings) -> asyncio.Server:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(WorkersCollector(settings))
-    return await serve_metrics(registry, settings.listen, settings.metrics_port)
+    collector = WorkersCollector(settings)
+    registry.register(collector)
+    return await serve_metrics(registry, settings.host, settings.metrics_port, collector.stats)

@@ -31,12 +31,15 @@ class Counters:
     touch_misses: int = 0
     store_too_large: int = 0
     store_no_memory: int = 0
+    auth_cmds: int = 0  # authentication attempts (-Y), successful or not
+    auth_errors: int = 0  # authentication attempts that failed
     bytes_read: int = 0
     bytes_written: int = 0
     curr_connections: int = 0
     total_connections: int = 0
     rejected_connections: int = 0
     idle_kicks: int = 0
+    ssl_handshake_errors: int = 0  # TLS handshakes that failed (a plaintext client, a bad cert)
     protocol_errors: int = 0
     udp_datagrams_received: int = 0
     udp_datagrams_sent: int = 0

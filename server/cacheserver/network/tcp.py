@@ -6,6 +6,13 @@ callback and transport object per client), reads go through one shared buffer, a
 connection costs only its socket and its protocol session (see W5 in docs/benchmarks.md).
 Replies are written straight away; only what the kernel would not take is kept, and the
 connection stops being read until that is flushed (back-pressure).
+
+With the compiled fast path there are two epoll sets. The compiled path serves one of them,
+and a connection is in it only when the fast path may serve it: plaintext TCP, and
+authenticated when -Y is on. Everything else -- a client that has not authenticated yet, TLS
+connections, the admin socket -- is in the other set, served here in Python; a plaintext
+client moves over once it has authenticated. So the compiled path never sees a request from
+a client that has not authenticated, and an authenticated one costs it nothing extra.
 """
 
 from __future__ import annotations
@@ -13,8 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import os
 import select
 import socket
+import ssl
+import stat
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +36,8 @@ from cacheserver.protocol.session import TCP_REPLY_LIMIT, TextSession
 
 if TYPE_CHECKING:
     from cacheserver.discovery.watch import ClusterConfig
+    from cacheserver.security.credentials import CredentialsFile
+    from cacheserver.security.tls import ServerTLS
 
 TOO_MANY_CONNECTIONS = b"ERROR Too many open connections\r\n"
 READ_SIZE = 65536
@@ -33,12 +45,17 @@ BATCH = 512  # sockets handled per wake-up; the rest wait for the next loop iter
 _IN = select.EPOLLIN | select.EPOLLRDHUP
 _OUT = select.EPOLLOUT
 _GONE = select.EPOLLHUP | select.EPOLLERR
+_READABLE = _IN | _GONE
+# The admin socket (--admin-socket) answers these and nothing else, without authentication.
+ADMIN_COMMANDS = frozenset((b"version", b"stats"))
+ADMIN_REFUSED = b"SERVER_ERROR command not allowed on the admin socket\r\n"
 
 
 class Connection(TextSession):
     """One client: the protocol session plus its socket and what it still has to send."""
 
-    __slots__ = ("pending", "seen_tick", "sock")
+    __slots__ = ("fast", "pending", "poller", "seen_tick", "sock")
+    tls = False
 
     def __init__(
         self,
@@ -46,11 +63,38 @@ class Connection(TextSession):
         sock: socket.socket,
         tick: int,
         discovery: ClusterConfig | None = None,
+        credentials: CredentialsFile | None = None,
+        fast: bool = True,
+        allowed: frozenset[bytes] | None = None,
+        refusal: bytes = ADMIN_REFUSED,
     ) -> None:
-        super().__init__(commands, reply_limit=TCP_REPLY_LIMIT, discovery=discovery)
+        super().__init__(
+            commands,
+            allowed=allowed,
+            reply_limit=TCP_REPLY_LIMIT,
+            discovery=discovery,
+            credentials=credentials,
+            refusal=refusal,
+        )
         self.sock = sock
         self.seen_tick = tick
         self.pending = b""  # reply bytes the kernel has not taken yet
+        # Whether the compiled path may serve it once authenticated (plaintext TCP only).
+        self.fast = fast
+        self.poller: select.epoll | None = None  # the epoll set it is registered in
+
+
+class TLSConnection(Connection):
+    """A client of a TLS listener: ``sock`` is an ``ssl.SSLSocket``; ``ready`` once its
+    handshake is done. Served in Python (the compiled path never sees TLS bytes); the
+    plaintext it decrypts runs through the compiled path's request code all the same."""
+
+    __slots__ = ("ready",)
+    tls = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, fast=False, **kwargs)
+        self.ready = False
 
 
 class TCPServer:
@@ -65,10 +109,12 @@ class TCPServer:
         latency: LatencyHistogram | None = None,
         engine: Any | None = None,
         discovery: ClusterConfig | None = None,
+        credentials: CredentialsFile | None = None,
     ) -> None:
         self.commands = commands
         # Auto discovery (`config get cluster`) is answered over TCP only.
         self.discovery = discovery
+        self.credentials = credentials  # -Y: every TCP client authenticates first
         self.counters = counters
         self.limit = limit
         self.idle_timeout = idle_timeout
@@ -76,8 +122,12 @@ class TCPServer:
         self.tick = 0
         self.current_fd = -1  # the connection whose requests are being run (stats conns)
         self.connections: dict[int, Connection] = {}
+        # The compiled path's set, or the only one when there is no compiled path.
         self._epoll = select.epoll()
-        self._listener: socket.socket | None = None
+        # Connections the compiled path must not serve (see the module's docstring).
+        self._python = select.epoll() if engine is not None else self._epoll
+        self._listeners: list[socket.socket] = []
+        self._admin_path: str | None = None
         self._buffer = bytearray(READ_SIZE)
         self._view = memoryview(self._buffer)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -87,43 +137,109 @@ class TCPServer:
         if engine is not None:
             engine.attach_tcp(self._epoll.fileno(), self.connections, self, Connection)
 
-    def listen(self, host: str, port: int, backlog: int = 1024) -> socket.socket:
+    def listen(
+        self, host: str, port: int, backlog: int = 1024, tls: ServerTLS | None = None
+    ) -> socket.socket:
+        """A TCP listener; with ``tls``, its clients speak TLS (its context at their accept)."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         listener = socket.create_server((host, port), family=family, backlog=backlog)
-        listener.setblocking(False)
-        self._listener = listener
-        self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(listener.fileno(), self._accept)
-        serve = self._serve_ready if self._engine is None else self._engine.serve_tcp
-        self._loop.add_reader(self._epoll.fileno(), serve)
+        if tls is None:
+            self._add_listener(listener, self._accept_tcp)
+        else:
+            self._add_listener(listener, lambda sock: self._accept_tls(sock, tls))
         return listener
+
+    def listen_admin(self, path: str) -> socket.socket:
+        """The admin socket: a Unix socket only this user may connect to, answering
+        ``version`` and ``stats`` without authentication or TLS."""
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)  # left by an earlier run of this server
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            listener.bind(path)
+        finally:
+            os.umask(old_umask)
+        listener.listen(64)
+        self._admin_path = path
+        self._add_listener(listener, self._accept_admin)
+        return listener
+
+    def _add_listener(self, listener: socket.socket, accept: Any) -> None:
+        listener.setblocking(False)
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            serve = self._serve_ready if self._engine is None else self._engine.serve_tcp
+            self._loop.add_reader(self._epoll.fileno(), serve)
+            if self._python is not self._epoll:
+                self._loop.add_reader(self._python.fileno(), self._serve_python)
+        self._listeners.append(listener)
+        self._loop.add_reader(listener.fileno(), accept, listener)
 
     # -- accepting -----------------------------------------------------------------------------
 
-    def _accept(self) -> None:
-        assert self._listener is not None
+    def _accepted(self, listener: socket.socket, limited: bool = True) -> list[socket.socket]:
+        """The clients waiting on ``listener`` (a batch), those over the limit refused."""
         counters = self.counters
+        out = []
         for _ in range(BATCH):
             try:
-                sock, _ = self._listener.accept()
+                sock, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except OSError:  # EMFILE and friends: try again on the next readiness
-                return
+                break
             counters.total_connections += 1
-            if len(self.connections) >= self.limit:
+            if limited and len(self.connections) >= self.limit:
                 counters.rejected_connections += 1
                 with contextlib.suppress(OSError):
                     sock.send(TOO_MANY_CONNECTIONS)
                 sock.close()
                 continue
             sock.setblocking(False)
+            out.append(sock)
+        return out
+
+    def _accept_tcp(self, listener: socket.socket) -> None:
+        for sock in self._accepted(listener):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = Connection(self.commands, sock, self.tick, self.discovery)
-            fd = sock.fileno()
-            self.connections[fd] = conn
-            self._epoll.register(fd, _IN)
-            counters.curr_connections += 1
+            conn = Connection(self.commands, sock, self.tick, self.discovery, self.credentials)
+            self._register(sock.fileno(), conn)
+
+    def _accept_tls(self, listener: socket.socket, tls: ServerTLS) -> None:
+        for sock in self._accepted(listener):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                wrapped = tls.context.wrap_socket(
+                    sock, server_side=True, do_handshake_on_connect=False
+                )
+            except (ssl.SSLError, OSError):
+                sock.close()
+                continue
+            conn = TLSConnection(
+                self.commands, wrapped, self.tick, self.discovery, self.credentials
+            )
+            self._register(wrapped.fileno(), conn)
+
+    def _accept_admin(self, listener: socket.socket) -> None:
+        # Not counted against -c: a probe must get through to a server that is full.
+        for sock in self._accepted(listener, limited=False):
+            conn = Connection(self.commands, sock, self.tick, fast=False, allowed=ADMIN_COMMANDS)
+            self._register(sock.fileno(), conn)
+
+    def _register(self, fd: int, conn: Connection) -> None:
+        poller = self._epoll if conn.fast and conn.authenticated else self._python
+        conn.poller = poller
+        self.connections[fd] = conn
+        poller.register(fd, _IN)
+        self.counters.curr_connections += 1
+
+    def _promote(self, fd: int, conn: Connection) -> None:
+        """A client that has just authenticated: from now on the compiled path serves it."""
+        self._python.unregister(fd)
+        self._epoll.register(fd, _OUT if conn.pending else _IN)
+        conn.poller = self._epoll
 
     # -- serving -------------------------------------------------------------------------------
 
@@ -134,13 +250,32 @@ class TCPServer:
             if conn is not None:
                 self._serve_event(fd, conn, events)
 
+    def _serve_python(self) -> None:
+        connections = self.connections
+        for fd, events in self._python.poll(0, BATCH):
+            conn = connections.get(fd)
+            if conn is None:
+                continue
+            # The common case of this set first: a TLS client with a request and no replies
+            # waiting.
+            if conn.tls and conn.ready and events & _READABLE and not conn.pending:  # type: ignore[attr-defined]
+                self._read_tls(fd, conn)
+            else:
+                self._serve_event(fd, conn, events)
+
     def _serve_event(self, fd: int, conn: Connection, events: int) -> None:
+        if conn.tls and not conn.ready:  # type: ignore[attr-defined]
+            self._handshake(fd, conn)
+            return
         if events & _OUT and conn.pending:
             self._flush(fd, conn)
         if events & (_IN | _GONE) and not conn.pending:
             self._read(fd, conn)
 
     def _read(self, fd: int, conn: Connection) -> None:
+        if conn.tls:
+            self._read_tls(fd, conn)
+            return
         try:
             n = conn.sock.recv_into(self._buffer)
         except (BlockingIOError, InterruptedError):
@@ -164,6 +299,86 @@ class TCPServer:
             out = conn.feed(data)
             latency.observe(perf_counter() - started)
         self._reply(fd, conn, out)
+        promote = conn.poller is not self._epoll and conn.fast and conn.authenticated
+        if promote and self.connections.get(fd) is conn:
+            self._promote(fd, conn)
+
+    # -- TLS -----------------------------------------------------------------------------------
+
+    def _handshake(self, fd: int, conn: Connection) -> None:
+        try:
+            conn.sock.do_handshake()  # type: ignore[attr-defined]
+        except ssl.SSLWantReadError:
+            conn.poller.modify(fd, _IN)
+            return
+        except ssl.SSLWantWriteError:
+            conn.poller.modify(fd, _OUT)
+            return
+        except OSError:  # not TLS (a plaintext client), a certificate refused, a reset
+            self.counters.ssl_handshake_errors += 1
+            self._close(fd, conn)
+            return
+        conn.ready = True  # type: ignore[attr-defined]
+        conn.poller.modify(fd, _IN)
+        self._read_tls(fd, conn)  # the client's first requests may have come with its Finished
+
+    def _read_tls(self, fd: int, conn: Connection) -> None:
+        """Decrypt what arrived and run it; the requests the compiled path knows go through
+        its request code (``engine.run``) on the plaintext, the rest through the session.
+        Written out for the common case (the replies go at once), as the Python path's
+        cost per read is what a TLS client without pipelining pays per request."""
+        sock = conn.sock
+        counters = self.counters
+        latency = self.latency
+        engine = self._engine
+        buffer = self._buffer
+        while True:
+            try:
+                n = sock.recv_into(buffer)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return
+            except OSError:  # a reset, a TLS alert, bad records
+                n = 0
+            if n == 0:
+                self._close(fd, conn)
+                return
+            data = bytes(self._view[:n])
+            conn.seen_tick = self.tick
+            counters.bytes_read += n
+            latency.reads += 1
+            started = 0.0 if latency.reads & SAMPLE_MASK else perf_counter()
+            if engine is not None and conn.authenticated and conn.idle and not conn.closing:
+                out, done = engine.run(data)
+                if done < n:
+                    out += conn.feed(data[done:])
+            else:
+                out = conn.feed(data)
+            if started:
+                latency.observe(perf_counter() - started)
+            if not out or conn.closing or conn.held:
+                self._reply(fd, conn, out)
+            else:
+                counters.bytes_written += len(out)
+                try:
+                    sent = sock.send(out)
+                except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                    sent = -1
+                except OSError:
+                    self._close(fd, conn)
+                    return
+                if sent != len(out):
+                    # OpenSSL wants the same bytes again once it can go on; the rest of
+                    # what it took: see _write.
+                    conn.pending = out if sent < 0 else out[sent:]
+                    conn.poller.modify(fd, _OUT)
+                    return
+            if conn.pending or self.connections.get(fd) is not conn:
+                return
+            # OpenSSL reads one record at a time and SSL_read returns all of it when it fits:
+            # bytes it still holds (which level-triggered epoll says nothing of) can only be
+            # left when the buffer was filled.
+            if n < READ_SIZE or not sock.pending():  # type: ignore[attr-defined]
+                return
 
     def _continue(self, fd: int, conn: Connection, head: bytes, rest: bytes) -> None:
         """The compiled path ran the requests that gave ``head`` and leaves ``rest`` (already
@@ -191,6 +406,10 @@ class TCPServer:
             sent = conn.sock.send(out)
         except (BlockingIOError, InterruptedError):
             sent = 0
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            # OpenSSL has taken part of it and wants the same bytes again when it can go on.
+            conn.pending = out
+            return False
         except OSError:
             self._close(fd, conn)
             return False
@@ -201,7 +420,7 @@ class TCPServer:
         if not self._write(fd, conn, out) and fd in self.connections:
             # The client is not reading fast enough: stop reading its requests until it has
             # taken the replies it already has.
-            self._epoll.modify(fd, _OUT)
+            conn.poller.modify(fd, _OUT)
 
     def _flush(self, fd: int, conn: Connection) -> None:
         if not self._write(fd, conn, conn.pending):
@@ -209,18 +428,24 @@ class TCPServer:
         if conn.closing:
             self._close(fd, conn)
             return
-        self._epoll.modify(fd, _IN)
+        conn.poller.modify(fd, _IN)
         if conn.held:
             self._reply(fd, conn, conn.feed(b""))
+        elif conn.tls and conn.sock.pending():  # type: ignore[attr-defined]
+            self._read_tls(fd, conn)
 
     def _close(self, fd: int, conn: Connection) -> None:
         if self.connections.pop(fd, None) is None:
             return
         try:
-            self._epoll.unregister(fd)
+            conn.poller.unregister(fd)
         except OSError as err:
             if err.errno != errno.EBADF:
                 raise
+        if conn.tls and conn.ready:  # type: ignore[attr-defined]
+            # A close_notify, as memcached sends; the client's answer is not waited for.
+            with contextlib.suppress(OSError, ValueError):
+                conn.sock.unwrap()  # type: ignore[attr-defined]
         conn.sock.close()
         self.counters.curr_connections -= 1
 
@@ -230,14 +455,18 @@ class TCPServer:
         """``stats conns``: the listening socket and every client, as memcached lists them
         (fd, name, value); ``period``: the seconds of one sweep tick."""
         lines: list[tuple[int, str, str]] = []
-        if self._listener is not None:
-            fd = self._listener.fileno()
+        for listener in self._listeners:
+            if listener.family == socket.AF_UNIX:
+                continue  # the admin socket: not a listener memcached would have
+            fd = listener.fileno()
             lines += [
-                (fd, "addr", format_address("tcp", self._listener.getsockname())),
+                (fd, "addr", format_address("tcp", listener.getsockname())),
                 (fd, "state", "conn_listening"),
                 (fd, "secs_since_last_cmd", str(int(self.tick * period))),
             ]
         for fd, conn in self.connections.items():
+            if conn.sock.family == socket.AF_UNIX:
+                continue  # an admin connection (the probe)
             try:
                 peer, local = conn.sock.getpeername(), conn.sock.getsockname()
             except OSError:
@@ -276,11 +505,18 @@ class TCPServer:
     def close(self) -> None:
         loop = self._loop
         if loop is not None:
-            if self._listener is not None:
-                loop.remove_reader(self._listener.fileno())
+            for listener in self._listeners:
+                loop.remove_reader(listener.fileno())
             loop.remove_reader(self._epoll.fileno())
+            if self._python is not self._epoll:
+                loop.remove_reader(self._python.fileno())
         for fd, conn in list(self.connections.items()):
             self._close(fd, conn)
-        if self._listener is not None:
-            self._listener.close()
+        for listener in self._listeners:
+            listener.close()
+        if self._admin_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._admin_path)
         self._epoll.close()
+        if self._python is not self._epoll:
+            self._python.close()

@@ -51,6 +51,8 @@ METADUMP_DISABLED = b"ERROR metadump not allowed\r\n"
 BAD_CLASS = b"BADCLASS invalid class id\r\n"
 MEMLIMIT_TOO_SMALL = b"MEMLIMIT_TOO_SMALL cannot set maxbytes to less than 8m\r\n"
 MEMLIMIT_NOT_BYTES = b"MEMLIMIT_ADJUST_FAILED input value is megabytes not bytes\r\n"
+# refresh_certs on a server without -Z (memcached built with TLS support says this).
+TLS_NOT_ENABLED = b"Error TLS not enabled\r\n"
 NOREPLY = b"noreply"
 
 _OUTCOME_LINES = {
@@ -82,11 +84,15 @@ class Commands:
         dump_enabled: bool = True,
         on_shutdown: Callable[[bool], None] | None = None,
         on_memlimit: Callable[[int], None] | None = None,
+        refresh_certs: Callable[[], str | None] | None = None,
     ) -> None:
         """``flush_enabled`` (memcached's -F turns it off), ``dump_enabled`` (-X: no cachedump
         or metadump), ``on_shutdown`` (-A: called with graceful=True/False by shutdown),
-        ``on_memlimit`` (cache_memlimit's new size in bytes; default: the store's capacity)."""
+        ``on_memlimit`` (cache_memlimit's new size in bytes; default: the store's capacity),
+        ``refresh_certs`` (reloads the TLS certificates, returning None when they were taken
+        or the reason they were not, as memcached's ``refresh_certs``; None: no -Z)."""
         self.store = store
+        self._refresh_certs = refresh_certs
         self.counters = counters
         self.version_line = b"VERSION %s\r\n" % version.encode()
         self.verbosity = 0
@@ -114,6 +120,7 @@ class Commands:
             b"stats": self.stats,
             b"cache_memlimit": self.cache_memlimit,
             b"lru_crawler": self.lru_crawler,
+            b"refresh_certs": self.refresh_certs,
         }
         # The meta protocol (ms, which has a data block, goes through parse_storage).
         self.meta = Meta(store, counters, self.absolute_exptime)
@@ -470,6 +477,15 @@ class Commands:
             store = self.store
             return metadump(store.lru_items(), self.meta.slabs, classes, store.now())
         return ERROR
+
+    def refresh_certs(self, tokens: list[bytes]) -> bytes:
+        # As memcached: noreply silences the OK, never the error.
+        if self._refresh_certs is None:
+            return TLS_NOT_ENABLED
+        error = self._refresh_certs()
+        if error is not None:
+            return f"{error}\r\n".encode("utf-8", "replace")
+        return b"" if tokens[-1] == NOREPLY else OK
 
     def stats(self, tokens: list[bytes]) -> bytes:
         sub = tokens[1] if len(tokens) > 1 else b""

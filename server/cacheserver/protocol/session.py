@@ -19,12 +19,13 @@ from cacheserver.protocol.commands import (
     Commands,
     StorageRequest,
 )
-from cacheserver.protocol.numbers import I32_MAX, U32_MAX
+from cacheserver.protocol.numbers import I32_MAX, U32_MAX, parse_u64
 from cacheserver.storage import Outcome
 from cacheserver.storage.item import HEADER_SIZE
 
 if TYPE_CHECKING:
     from cacheserver.discovery.watch import ClusterConfig
+    from cacheserver.security.credentials import CredentialsFile
 
 # memcached closes a connection that sends this much without a newline, unless it is a get.
 MAX_LINE = 2048
@@ -35,6 +36,15 @@ UDP_REFUSED = b"SERVER_ERROR command not allowed over UDP\r\n"
 METADUMP_PIPELINED = b"ERROR cannot pipeline other commands before metadump\r\n"
 # Commands whose replies memcached sends before it reads the next request.
 FLUSHING_COMMANDS = frozenset((b"get", b"gets", b"gat", b"gats", b"bget", b"mn"))
+# memcached's -Y replies to a client that has not authenticated yet.
+UNAUTHENTICATED = b"CLIENT_ERROR unauthenticated\r\n"
+AUTH_FAILURE = b"CLIENT_ERROR authentication failure\r\n"
+AUTH_BAD_FORMAT = b"CLIENT_ERROR bad authentication token format\r\n"
+AUTH_BAD_TERMINATION = b"CLIENT_ERROR bad command line termination\r\n"
+# The longest "<user> <password>" block worth waiting for: memcached's credentials file keeps
+# 255 bytes per line. A longer announcement closes the connection (memcached buffers it until
+# its 16 kB read buffer overflows and then resets the connection).
+AUTH_MAX_BLOCK = 2048
 # A TCP client's replies built in one go, at most (about): see TextSession's reply_limit.
 TCP_REPLY_LIMIT = 4 * 1024 * 1024
 # ElastiCache's auto-discovery request (answered only where the session has a ClusterConfig).
@@ -52,14 +62,18 @@ UDP_SAFE_COMMANDS = (
 class TextSession:
     __slots__ = (
         "_allowed",
+        "_auth_need",
         "_buffer",
         "_chunks",
         "_commands",
+        "_credentials",
         "_discovery",
         "_have",
         "_need",
+        "_refusal",
         "_reply_limit",
         "_request",
+        "authenticated",
         "closing",
         "held",
         "refused",
@@ -71,8 +85,17 @@ class TextSession:
         allowed: frozenset[bytes] | None = None,
         reply_limit: int | None = None,
         discovery: ClusterConfig | None = None,
+        credentials: CredentialsFile | None = None,
+        refusal: bytes = UDP_REFUSED,
     ) -> None:
         self._commands = commands
+        # memcached's -Y: until the client has sent a "set" whose data is a user and password
+        # from the credentials file, every request is answered by the exchange below.
+        self._credentials = credentials
+        self.authenticated = credentials is None
+        self._auth_need = 0  # bytes of the announced "<user> <password>\r\n" block
+        # What a command outside ``allowed`` gets.
+        self._refusal = refusal
         self._allowed = allowed  # None: every command; else only these (UDP's guard)
         # The cluster membership for `config get cluster` and `get AmazonElastiCache:cluster`;
         # the TCP server passes it, UDP never does (a small request, a large reply: the
@@ -104,13 +127,18 @@ class TextSession:
     @property
     def idle(self) -> bool:
         """No partial request is held."""
-        return not self._buffer and self._request is None
+        return not self._buffer and self._request is None and not self._auth_need
 
     def feed(self, data: bytes) -> bytes:
         if self.closing:
             return b""
         self.held = False
         out: list[bytes] = []
+        if not self.authenticated:
+            rest = self._authenticate(data, out)
+            if rest is None:
+                return b"".join(out)
+            data = rest
         if self._request is not None:
             data = self._continue_block(data, out)
             if data is None:
@@ -182,7 +210,7 @@ class TextSession:
             command = tokens[0]
             if allowed is not None and command not in allowed:
                 self.refused += 1
-                out.append(UDP_REFUSED)
+                out.append(self._refusal)
                 continue
             ntokens = len(tokens)
             # Fast paths for the two commands that make up nearly all traffic: a single-key
@@ -291,6 +319,70 @@ class TextSession:
                 return
             else:
                 out.append(ERROR)
+
+    def _authenticate(self, data: bytes, out: list[bytes]) -> bytes | None:
+        """memcached 1.6's exchange for a client that has not authenticated: each request
+        line gets ``CLIENT_ERROR unauthenticated`` unless it is ``set <key> <flags> <exptime>
+        <bytes>`` (key, flags and exptime are ignored, so is noreply), whose data block must be
+        ``<user> <password>``. Returns what follows a successful exchange (the client's next
+        requests), or None when everything was consumed or is kept for the next read.
+
+        One difference: memcached answers only the last of several such requests that arrive
+        in one read (each reply overwrites the one before); every request is answered here.
+        """
+        credentials = self._credentials
+        assert credentials is not None
+        counters = self._commands.counters
+        if self._buffer:
+            data = self._buffer + data
+            self._buffer = b""
+        pos = 0
+        n = len(data)
+        while pos < n:
+            need = self._auth_need
+            if need:
+                if n - pos < need:
+                    self._buffer = data[pos:]
+                    return None
+                block = data[pos : pos + need]
+                pos += need
+                self._auth_need = 0
+                if block[-2:] != b"\r\n":
+                    out.append(AUTH_BAD_TERMINATION)
+                    continue
+                # memcached's tokenizer: C strings (a NUL ends them), split on spaces.
+                tokens = [t for t in block[:-2].split(b"\0", 1)[0].split(b" ") if t]
+                if len(tokens) < 2:
+                    out.append(AUTH_BAD_FORMAT)
+                    continue
+                counters.auth_cmds += 1
+                if credentials.check(tokens[0], tokens[1]):
+                    self.authenticated = True
+                    out.append(STORED)
+                    return data[pos:]
+                counters.auth_errors += 1
+                out.append(AUTH_FAILURE)
+                continue
+            eol = data.find(b"\n", pos)
+            if eol < 0 or n - pos < 2:  # memcached waits for 2 bytes: no request is shorter
+                if n - pos > MAX_LINE:
+                    self.closing = True  # as memcached: no newline in 2 kB is junk
+                else:
+                    self._buffer = data[pos:]
+                return None
+            line = data[pos:eol].split(b"\0", 1)[0]
+            pos = eol + 1
+            tokens = [t for t in line.split(b" ") if t]
+            # memcached's safe_strtoul: "5\r" is 5, "-0" is 0, "-5" and "5x" are refused.
+            size = parse_u64(tokens[4]) if len(tokens) >= 5 and tokens[0] == b"set" else None
+            if size is None:
+                out.append(UNAUTHENTICATED)
+                continue
+            if size + 2 > AUTH_MAX_BLOCK:
+                self.closing = True
+                return None
+            self._auth_need = size + 2
+        return None
 
     def _storage(self, tokens: list[bytes], data: bytes, pos: int, out: list[bytes]) -> int:
         """Handle a storage command line; returns the position after what it consumed."""
