@@ -49,15 +49,22 @@ POD_PREFIX = "198.19"
 # Where short-lived runtime state lives: unix socket paths must stay under 108 bytes.
 RUN_ROOT = Path("/run/cache-e2e")
 CGROUP_FS = Path("/sys/fs/cgroup")
-# The kubelet sets these on start (setupKernelTunables); they are machine-wide.
-KUBELET_SYSCTLS = (
+# Machine-wide settings the nodes change: the kubelet sets the first six when it starts
+# (setupKernelTunables); the inotify limits are raised before the nodes start (each kubelet
+# and containerd takes inotify instances; the default 128 per user runs out at about ten
+# nodes, and cAdvisor, then the kubelet, fails with "too many open files"). All are saved
+# before the first node starts and put back after the last one stops.
+HOST_SYSCTLS = (
     "vm/overcommit_memory",
     "vm/panic_on_oom",
     "kernel/panic",
     "kernel/panic_on_oops",
     "kernel/keys/root_maxkeys",
     "kernel/keys/root_maxbytes",
+    "fs/inotify/max_user_instances",
+    "fs/inotify/max_user_watches",
 )
+INOTIFY_AT_LEAST = {"fs/inotify/max_user_instances": 8192, "fs/inotify/max_user_watches": 524288}
 SANDBOX_IMAGE = "registry.k8s.io/pause:3.10.2"
 # On a node whose CPUs every pod shares (cpuManagerPolicy none), for the tests that need one:
 # only pods that tolerate it go there.
@@ -679,6 +686,8 @@ class Node:
                 f"--config={p.work / 'kubelet.yaml'}",
                 f"--kubeconfig={self.cluster.node_kubeconfig(self.spec.name)}",
                 f"--root-dir={p.kubelet_root}",
+                # Its serving certificate; the default, /var/lib/kubelet/pki, is shared.
+                f"--cert-dir={p.kubelet_root / 'pki'}",
                 f"--hostname-override={self.spec.name}",
                 f"--node-ip={self.address}",
                 f"--node-labels={labels}",
@@ -752,7 +761,10 @@ class Nodes:
         owner.write_text(
             json.dumps({"nodes": str(self.state_file), "cluster": str(self.cluster.state_file)})
         )
-        self.saved_sysctls = {k: Path("/proc/sys", k).read_text().strip() for k in KUBELET_SYSCTLS}
+        self.saved_sysctls = {k: Path("/proc/sys", k).read_text().strip() for k in HOST_SYSCTLS}
+        for key, least in INOTIFY_AT_LEAST.items():
+            if int(self.saved_sysctls[key]) < least:
+                Path("/proc/sys", key).write_text(str(least))
         self.save_state()
         try:
             # Credentials first, one at a time: the nodes start in parallel.
