@@ -74,6 +74,7 @@ SHARED_CPUS_TAINT = {
     "effect": "NoSchedule",
 }
 MAX_NODES = 16  # 198.19.<s>.0/24 cut into one /28 of pod addresses per node
+KUBELET_FIXED_DIR = Path("/var/lib/kubelet")
 
 
 class NodeError(RuntimeError):
@@ -649,6 +650,13 @@ class Node:
             "nsenter", f"--mount={ns}", "mount", "-t", "tmpfs",
             "-o", "mode=1777,size=2g", f"shm-{self.spec.name}", "/dev/shm",
         )  # fmt: skip
+        # The kubelet keeps its device-plugin socket at a fixed /var/lib/kubelet path, whatever
+        # its root directory: give each node its own.
+        KUBELET_FIXED_DIR.mkdir(parents=True, exist_ok=True)
+        run(
+            "nsenter", f"--mount={ns}", "mount", "-t", "tmpfs", "-o", "mode=0755,size=16m",
+            f"kubelet-{self.spec.name}", str(KUBELET_FIXED_DIR),
+        )  # fmt: skip
 
     def start_runtime(self, bins: NodeBinaries) -> None:
         p = self.paths
@@ -851,6 +859,9 @@ def stop_from_state(state_file: Path) -> None:
         with contextlib.suppress(OSError):
             Path("/proc/sys", key).write_text(value)
     shutil.rmtree(RUN_ROOT / network.tag, ignore_errors=True)
+    # The mount point each node's own /var/lib/kubelet went on, if no one else uses it.
+    with contextlib.suppress(OSError):
+        KUBELET_FIXED_DIR.rmdir()
     state_file.unlink()
     if errors:
         raise NodeError("; ".join(errors))

@@ -71,6 +71,7 @@ def traces(tag: str, state_dir: Path) -> list[str]:
     if Path("/run/netns").is_dir():
         found += [f"netns {n}" for n in os.listdir("/run/netns") if n.startswith(tag)]
     found += [f"cgroup {p}" for p in Path("/sys/fs/cgroup").glob(f"*/{tag}-*")]
+    found += [f"run dir {p}" for p in Path("/run/cache-e2e").glob(f"{tag}")]
     found += [
         f"mount {line.split()[1]}"
         for line in Path("/proc/self/mounts").read_text().splitlines()
