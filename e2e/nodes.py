@@ -259,14 +259,21 @@ def make_cgroup(rel: str) -> None:
                     )
 
 
+def _cgroup_dirs(root: Path) -> list[Path]:
+    """``root`` and every cgroup below it, deepest first. Cgroups come and go while this
+    runs (the kubelet and runc remove theirs): what vanishes is skipped, never an error."""
+    found = []
+    for here, _dirs, _files in os.walk(root, topdown=False):  # os.walk ignores errors
+        found.append(Path(here))
+    return found
+
+
 def cgroup_pids(rel: str) -> set[int]:
     pids: set[int] = set()
     for top in cgroup_hierarchies():
-        root = top / rel
-        if root.is_dir():
-            for procs_file in root.rglob("cgroup.procs"):
-                with contextlib.suppress(OSError):
-                    pids.update(int(p) for p in procs_file.read_text().split())
+        for d in _cgroup_dirs(top / rel):
+            with contextlib.suppress(OSError, ValueError):
+                pids.update(int(p) for p in (d / "cgroup.procs").read_text().split())
     return pids
 
 
@@ -288,11 +295,7 @@ def kill_cgroup(rel: str, grace: float = 5.0) -> None:
 def remove_cgroup(rel: str) -> None:
     """Remove the tree depth first (a cgroup directory is removed with rmdir only)."""
     for top in cgroup_hierarchies():
-        root = top / rel
-        if not root.is_dir():
-            continue
-        dirs = sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
-        for d in [*dirs, root]:
+        for d in _cgroup_dirs(top / rel):
             with contextlib.suppress(OSError):
                 d.rmdir()
 
