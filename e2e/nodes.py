@@ -49,15 +49,22 @@ POD_PREFIX = "198.19"
 # Where short-lived runtime state lives: unix socket paths must stay under 108 bytes.
 RUN_ROOT = Path("/run/cache-e2e")
 CGROUP_FS = Path("/sys/fs/cgroup")
-# The kubelet sets these on start (setupKernelTunables); they are machine-wide.
-KUBELET_SYSCTLS = (
+# Machine-wide settings the nodes change: the kubelet sets the first six when it starts
+# (setupKernelTunables); the inotify limits are raised before the nodes start (each kubelet
+# and containerd takes inotify instances; the default 128 per user runs out at about ten
+# nodes, and cAdvisor, then the kubelet, fails with "too many open files"). All are saved
+# before the first node starts and put back after the last one stops.
+HOST_SYSCTLS = (
     "vm/overcommit_memory",
     "vm/panic_on_oom",
     "kernel/panic",
     "kernel/panic_on_oops",
     "kernel/keys/root_maxkeys",
     "kernel/keys/root_maxbytes",
+    "fs/inotify/max_user_instances",
+    "fs/inotify/max_user_watches",
 )
+INOTIFY_AT_LEAST = {"fs/inotify/max_user_instances": 8192, "fs/inotify/max_user_watches": 524288}
 SANDBOX_IMAGE = "registry.k8s.io/pause:3.10.2"
 # On a node whose CPUs every pod shares (cpuManagerPolicy none), for the tests that need one:
 # only pods that tolerate it go there.
@@ -67,6 +74,7 @@ SHARED_CPUS_TAINT = {
     "effect": "NoSchedule",
 }
 MAX_NODES = 16  # 198.19.<s>.0/24 cut into one /28 of pod addresses per node
+KUBELET_FIXED_DIR = Path("/var/lib/kubelet")
 
 
 class NodeError(RuntimeError):
@@ -251,14 +259,21 @@ def make_cgroup(rel: str) -> None:
                     )
 
 
+def _cgroup_dirs(root: Path) -> list[Path]:
+    """``root`` and every cgroup below it, deepest first. Cgroups come and go while this
+    runs (the kubelet and runc remove theirs): what vanishes is skipped, never an error."""
+    found = []
+    for here, _dirs, _files in os.walk(root, topdown=False):  # os.walk ignores errors
+        found.append(Path(here))
+    return found
+
+
 def cgroup_pids(rel: str) -> set[int]:
     pids: set[int] = set()
     for top in cgroup_hierarchies():
-        root = top / rel
-        if root.is_dir():
-            for procs_file in root.rglob("cgroup.procs"):
-                with contextlib.suppress(OSError):
-                    pids.update(int(p) for p in procs_file.read_text().split())
+        for d in _cgroup_dirs(top / rel):
+            with contextlib.suppress(OSError, ValueError):
+                pids.update(int(p) for p in (d / "cgroup.procs").read_text().split())
     return pids
 
 
@@ -280,11 +295,7 @@ def kill_cgroup(rel: str, grace: float = 5.0) -> None:
 def remove_cgroup(rel: str) -> None:
     """Remove the tree depth first (a cgroup directory is removed with rmdir only)."""
     for top in cgroup_hierarchies():
-        root = top / rel
-        if not root.is_dir():
-            continue
-        dirs = sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
-        for d in [*dirs, root]:
+        for d in _cgroup_dirs(top / rel):
             with contextlib.suppress(OSError):
                 d.rmdir()
 
@@ -642,6 +653,13 @@ class Node:
             "nsenter", f"--mount={ns}", "mount", "-t", "tmpfs",
             "-o", "mode=1777,size=2g", f"shm-{self.spec.name}", "/dev/shm",
         )  # fmt: skip
+        # The kubelet keeps its device-plugin socket at a fixed /var/lib/kubelet path, whatever
+        # its root directory: give each node its own.
+        KUBELET_FIXED_DIR.mkdir(parents=True, exist_ok=True)
+        run(
+            "nsenter", f"--mount={ns}", "mount", "-t", "tmpfs", "-o", "mode=0755,size=16m",
+            f"kubelet-{self.spec.name}", str(KUBELET_FIXED_DIR),
+        )  # fmt: skip
 
     def start_runtime(self, bins: NodeBinaries) -> None:
         p = self.paths
@@ -679,6 +697,8 @@ class Node:
                 f"--config={p.work / 'kubelet.yaml'}",
                 f"--kubeconfig={self.cluster.node_kubeconfig(self.spec.name)}",
                 f"--root-dir={p.kubelet_root}",
+                # Its serving certificate; the default, /var/lib/kubelet/pki, is shared.
+                f"--cert-dir={p.kubelet_root / 'pki'}",
                 f"--hostname-override={self.spec.name}",
                 f"--node-ip={self.address}",
                 f"--node-labels={labels}",
@@ -752,7 +772,10 @@ class Nodes:
         owner.write_text(
             json.dumps({"nodes": str(self.state_file), "cluster": str(self.cluster.state_file)})
         )
-        self.saved_sysctls = {k: Path("/proc/sys", k).read_text().strip() for k in KUBELET_SYSCTLS}
+        self.saved_sysctls = {k: Path("/proc/sys", k).read_text().strip() for k in HOST_SYSCTLS}
+        for key, least in INOTIFY_AT_LEAST.items():
+            if int(self.saved_sysctls[key]) < least:
+                Path("/proc/sys", key).write_text(str(least))
         self.save_state()
         try:
             # Credentials first, one at a time: the nodes start in parallel.
@@ -839,6 +862,9 @@ def stop_from_state(state_file: Path) -> None:
         with contextlib.suppress(OSError):
             Path("/proc/sys", key).write_text(value)
     shutil.rmtree(RUN_ROOT / network.tag, ignore_errors=True)
+    # The mount point each node's own /var/lib/kubelet went on, if no one else uses it.
+    with contextlib.suppress(OSError):
+        KUBELET_FIXED_DIR.rmdir()
     state_file.unlink()
     if errors:
         raise NodeError("; ".join(errors))

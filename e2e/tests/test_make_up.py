@@ -19,7 +19,7 @@ import pytest
 
 from e2e import procs
 from e2e.cluster import REPO_ROOT, missing_binaries
-from e2e.nodes import KUBELET_SYSCTLS, Network
+from e2e.nodes import HOST_SYSCTLS, Network
 
 pytestmark = pytest.mark.skipif(
     bool(os.environ.get("E2E_KUBECONFIG")), reason="E2E_KUBECONFIG: make up starts its own"
@@ -71,6 +71,7 @@ def traces(tag: str, state_dir: Path) -> list[str]:
     if Path("/run/netns").is_dir():
         found += [f"netns {n}" for n in os.listdir("/run/netns") if n.startswith(tag)]
     found += [f"cgroup {p}" for p in Path("/sys/fs/cgroup").glob(f"*/{tag}-*")]
+    found += [f"run dir {p}" for p in Path("/run/cache-e2e").glob(f"{tag}")]
     found += [
         f"mount {line.split()[1]}"
         for line in Path("/proc/self/mounts").read_text().splitlines()
@@ -84,7 +85,7 @@ def test_make_up_serves_the_example_and_make_down_leaves_nothing(tmp_path):
         pytest.skip(f"control-plane binaries not built ({missing_binaries()}): make e2e-bins")
     state_dir = tmp_path / "state"
     records: list[procs.ProcessRecord] = []
-    sysctls = {k: Path("/proc/sys", k).read_text() for k in KUBELET_SYSCTLS}
+    sysctls = {k: Path("/proc/sys", k).read_text() for k in HOST_SYSCTLS}
     tag = None
     try:
         up = make("up", state_dir, 400)
@@ -128,4 +129,4 @@ def test_make_up_serves_the_example_and_make_down_leaves_nothing(tmp_path):
     assert not state_dir.exists()
     if tag:
         assert not traces(tag, state_dir), traces(tag, state_dir)
-    assert {k: Path("/proc/sys", k).read_text() for k in KUBELET_SYSCTLS} == sysctls
+    assert {k: Path("/proc/sys", k).read_text() for k in HOST_SYSCTLS} == sysctls
