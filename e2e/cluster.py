@@ -568,9 +568,11 @@ def _print_usage(state_dir: Path) -> None:
 def _stop_all(state_dir: Path) -> None:
     from e2e import nodes
 
-    nodes.stop_from_state(state_dir / "nodes" / "nodes.json")
-    if (state_dir / "cluster" / "state.json").exists():
-        LocalCluster.load(state_dir / "cluster").stop()
+    try:
+        nodes.stop_from_state(state_dir / "nodes" / "nodes.json")
+    finally:  # the control plane goes even if a node did not stop cleanly
+        if (state_dir / "cluster" / "state.json").exists():
+            LocalCluster.load(state_dir / "cluster").stop()
 
 
 def _cmd_down(args: argparse.Namespace) -> int:

@@ -877,7 +877,8 @@ def sweep_stale() -> None:
 
     if not RUN_ROOT.is_dir():
         return
-    for owner in RUN_ROOT.glob("*/owner.json"):
+    for tag_dir in RUN_ROOT.iterdir():
+        tag, owner = tag_dir.name, tag_dir / "owner.json"
         try:
             raw = json.loads(owner.read_text())
             nodes_state, cluster_state = Path(raw["nodes"]), Path(raw["cluster"])
@@ -888,8 +889,26 @@ def sweep_stale() -> None:
             if cluster_state.exists():
                 LocalCluster.load(cluster_state.parent).stop()
         except (OSError, ValueError, KeyError, NodeError, ClusterError):
-            continue
-        shutil.rmtree(owner.parent, ignore_errors=True)
+            pass
+        sweep_tag(tag)
+
+
+def sweep_tag(tag: str) -> None:
+    """Whatever nodes of the cluster ``tag`` left with no state file to say so (its state
+    directory was removed): processes in its cgroups, mounts under its run directory, its
+    network namespaces and links, the run directory itself."""
+    for top in cgroup_hierarchies():
+        for root in top.glob(f"{tag}-*"):
+            with contextlib.suppress(NodeError):
+                kill_cgroup(root.name, grace=2.0)
+            remove_cgroup(root.name)
+    unmount_under(RUN_ROOT / tag)
+    if Path("/run/netns").is_dir():
+        for ns in Path("/run/netns").glob(f"{tag}-n*"):
+            run("ip", "netns", "del", ns.name, check=False)
+    for link in Path("/sys/class/net").glob(f"{tag}*"):
+        run("ip", "link", "del", link.name, check=False)
+    shutil.rmtree(RUN_ROOT / tag, ignore_errors=True)
 
 
 def _try(fn, *args) -> str | None:
