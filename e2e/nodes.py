@@ -40,6 +40,7 @@ from pathlib import Path
 import yaml
 
 from e2e import procs
+from e2e.pki import SERVICE_CIDR
 
 ZONE_LABEL = "topology.kubernetes.io/zone"
 RACK_LABEL = "topology.cache.appliance.io/rack"
@@ -456,7 +457,9 @@ def cni_config(network: Network, index: int, paths: NodePaths) -> str:
                         "routes": [
                             {"dst": network.cidr},
                             {"dst": network.cluster_cidr},
-                            {"dst": SERVICE_CIDR_FOR_PODS},
+                            # Services: kube-proxy's DNAT in the node's namespace; the
+                            # route must leave the pod first (no default route, on purpose).
+                            {"dst": SERVICE_CIDR},
                         ],
                         "dataDir": str(paths.work / "cni" / "ipam"),
                     },
@@ -466,11 +469,6 @@ def cni_config(network: Network, index: int, paths: NodePaths) -> str:
         },
         indent=2,
     )
-
-
-# Pods reach Services through kube-proxy's DNAT in the node's namespace; their route to the
-# service range must leave the pod first (ptp has no default route here, on purpose).
-SERVICE_CIDR_FOR_PODS = "10.96.0.0/16"
 
 
 def kubelet_config(
@@ -685,7 +683,7 @@ class Node:
 
     def import_images(self, bins: NodeBinaries, archives: Iterable[Path]) -> None:
         for archive in archives:
-            self.ctr(bins, "images", "import", "--no-unpack=false", str(archive), check=True)
+            self.ctr(bins, "images", "import", str(archive), check=True)
 
     def start_kubelet(self, bins: NodeBinaries) -> None:
         p = self.paths
