@@ -17,7 +17,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from e2e.cluster import REPO_ROOT
+
 SCRIPT = REPO_ROOT / "scripts" / "image.sh"
 # A cold build of the project image: debootstrap of a base, then the Dockerfile.
 BUILD_TIMEOUT = 1800.0
