@@ -480,9 +480,20 @@ def test_pods_reach_services_through_kube_proxy(api, agent, namespace, eventuall
             "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": port}]},
         },
     )
+    # kube-proxy on the client's node programs a new Service a moment after its
+    # EndpointSlice is ready (until then the ClusterIP is unreachable here): retry a while.
     script = (
-        "import socket, sys, urllib.request\n"
-        "print(urllib.request.urlopen(sys.argv[1], timeout=5).status)\n"
+        "import socket, sys, time, urllib.request\n"
+        "deadline = time.monotonic() + 30\n"
+        "while True:\n"
+        "    try:\n"
+        "        status = urllib.request.urlopen(sys.argv[1], timeout=5).status\n"
+        "        break\n"
+        "    except OSError:\n"
+        "        if time.monotonic() > deadline:\n"
+        "            raise\n"
+        "        time.sleep(1)\n"
+        "print(status)\n"
         "s = socket.create_connection((sys.argv[2], 443), timeout=5); print('api ok')\n"
     )
     service_ip = core.read_namespaced_service("web", namespace).spec.cluster_ip
