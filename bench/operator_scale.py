@@ -13,11 +13,21 @@ Then, against the clock: create --clusters CacheClusters (default spec, each on 
 so that they share nodes) at once, and wait until every one says phase Ready with all its
 pods ready. The operator's peak RSS is the kernel's high-water mark (VmHWM) and its CPU the
 user + system time of its process, both over its whole life (start-up included) until then.
-The API server's audit log counts the operator's requests. Everything started is stopped at
-the end, also on failure or Ctrl-C; --keep leaves the logs.
+The API server's audit log counts the operator's requests, and the CPU time of every process
+says where the machine's time went (the control plane's raised client rate limits keep its
+own controllers from being what is measured). Everything started is stopped at the end,
+also on failure or Ctrl-C; --keep leaves the logs.
 
     .venv/bin/python bench/operator_scale.py                  # 300 CacheClusters x 3 pods
     .venv/bin/python bench/operator_scale.py --clusters 30 --replicas 1 --nodes 3
+    .venv/bin/python bench/operator_scale.py --floor          # no operator: the floor
+    .venv/bin/python bench/operator_scale.py --operator-source DIR   # another version
+
+Machines are shared and their load moves: compare runs made one right after the other.
+`--floor` applies the objects the operator would make straight from here (as it does, eight
+clusters at a time) and times the pods to Ready: what the control plane needs on its own.
+`--operator-source DIR` runs another version of the operator, e.g. `git archive REV
+operator/cacheoperator | tar -x -C DIR` and DIR/operator, for before and after.
 
 The last line is the result: `operator-scale: <C> CacheClusters x <R> pods Ready in <S> s;
 operator peak RSS <M> MiB; CPU <T> s` (on one line).
@@ -236,7 +246,8 @@ class Bench:
         )
         self._operator_rbac(env, kubectl)
         self._start_kwok(kwok, stages)
-        self._start_operator()
+        if not self.args.floor:
+            self._start_operator()
 
     def _operator_rbac(self, env: dict, kubectl: str) -> None:
         """The chart's ServiceAccount and RBAC, nothing else of it (the operator runs here)."""
@@ -315,10 +326,14 @@ class Bench:
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": str(self.workdir),
         }
+        if self.args.operator_source:
+            env["PYTHONPATH"] = str(self.args.operator_source.resolve())
         self.operator = Process(
             "operator",
             [
-                str(Path(sys.executable).parent / "cacheoperator"),
+                sys.executable,
+                "-m",
+                "cacheoperator.main",
                 "--standalone",
                 "--report-timeout=0",
                 f"--liveness=http://127.0.0.1:{liveness}/healthz",
@@ -340,6 +355,48 @@ class Bench:
         log(f"operator up (pid {self.operator.pid}, peak RSS {rss:.0f} MiB so far)")
 
     # ---- the measurement ----------------------------------------------------------------
+
+    def run_floor(self) -> float:
+        """No operator: the objects it would make for each CacheCluster (its own builders,
+        no owner), applied as it applies them, 8 clusters at a time; seconds until every pod
+        is Ready. What the control plane takes on its own, on this machine, now."""
+        from cacheoperator.children import desired_objects
+        from cacheoperator.kube import Kube
+        from cacheoperator.models import parse_spec
+        from cacheoperator.naming import DEFAULT_IMAGE, LABEL_MANAGED_BY, MANAGED_BY, ClusterRef
+
+        args = self.args
+        kube = Kube(self.api)
+
+        def apply(index: int) -> None:
+            body = cache_cluster(index, args.replicas)
+            name = body["metadata"]["name"]
+            ref = ClusterRef(name, NAMESPACE, f"floor-{index}")
+            for obj in desired_objects(ref, parse_spec(name, body["spec"]), DEFAULT_IMAGE):
+                del obj["metadata"]["ownerReferences"]  # no owner: the collector keeps them
+                kube.apply(obj)
+
+        started = time.monotonic()
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(apply, range(args.clusters)))
+        log(f"objects of {args.clusters} clusters applied in {time.monotonic() - started:.1f} s")
+        want = args.clusters * args.replicas
+
+        def all_ready() -> bool:
+            pods = self.core.list_namespaced_pod(
+                NAMESPACE, label_selector=f"{LABEL_MANAGED_BY}={MANAGED_BY}"
+            ).items
+            ready = sum(
+                1
+                for pod in pods
+                if any(
+                    c.type == "Ready" and c.status == "True" for c in pod.status.conditions or []
+                )
+            )
+            return ready == want
+
+        wait_for(f"{want} pods to be Ready", all_ready, args.ready_timeout, interval=1.0)
+        return time.monotonic() - started
 
     def run(self) -> tuple[float, float, float]:
         args = self.args
@@ -417,6 +474,17 @@ class Bench:
     def _requests_total(self) -> int:
         return sum(audit_counts(self.audit_log).values())
 
+    def report_cpu(self) -> None:
+        """CPU seconds of every process of the bench so far: where the machine's time went."""
+        assert self.cluster is not None
+        parts = []
+        for rec in [*self.cluster.records, *(p.record for p in self.processes)]:
+            try:
+                parts.append(f"{rec.name} {cpu_seconds(rec.pid):.0f}")
+            except (OSError, ValueError):
+                parts.append(f"{rec.name} ?")
+        log(f"CPU seconds by process: {', '.join(parts)}")
+
     def report_requests(self) -> None:
         counts = audit_counts(self.audit_log)
         if not counts:
@@ -466,6 +534,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--timeout", type=float, default=120, help="seconds for each set-up step")
     parser.add_argument("--keep", action="store_true", help="keep the working directory (logs)")
+    parser.add_argument(
+        "--operator-source",
+        type=Path,
+        metavar="DIR",
+        help="run the cacheoperator package in DIR instead of this checkout's (e.g. another "
+        "commit's operator/ directory from `git archive`): before and after on one machine",
+    )
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="no operator: apply its objects for each cluster directly and time the pods "
+        "to Ready, the control plane's own share",
+    )
     args = parser.parse_args(argv)
     if args.nodes > 240:
         parser.error("--nodes: at most 240 (one address each on the cluster's /24)")
@@ -478,10 +559,14 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(args, workdir)
     signal.signal(signal.SIGTERM, interrupted)
     log(machine())
-    result = None
+    result = floor = None
     try:
         bench.start()
-        result = bench.run()
+        if args.floor:
+            floor = bench.run_floor()
+        else:
+            result = bench.run()
+        bench.report_cpu()
         bench.report_requests()
     except ClusterError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -493,10 +578,16 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"logs kept in {workdir}")
             else:
                 shutil.rmtree(workdir, ignore_errors=True)
+    log(machine())
+    if floor is not None:
+        print(
+            f"control-plane floor: {args.clusters} clusters x {args.replicas} pods (the "
+            f"operator's objects, applied directly) Ready in {floor:.1f} s"
+        )
+        return 0
     if result is None:
         return 1
     elapsed, rss, cpu = result
-    log(machine())
     print(
         f"operator-scale: {args.clusters} CacheClusters x {args.replicas} pods Ready in "
         f"{elapsed:.1f} s; operator peak RSS {rss:.0f} MiB; CPU {cpu:.1f} s"
