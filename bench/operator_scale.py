@@ -112,8 +112,9 @@ def kwok_files() -> tuple[Path, Path]:
 
 
 def fake_node(index: int, zones: int, racks: int, address: str) -> dict:
-    """A Node that kwok plays the kubelet of (the annotation), in zone z-<i mod zones> and
-    rack r-<i mod racks> of it, roomy enough that CPU and memory never limit placement."""
+    """A Node that kwok plays the kubelet of (the annotation): node i is in zone-<i mod
+    zones>, and in rack z<zone>-r<k> of that zone, k = (i div zones) mod racks; roomy
+    enough that CPU, memory and pod count never limit placement."""
     zone = index % zones
     rack = f"z{zone}-r{(index // zones) % racks}"
     room = {"cpu": "128", "memory": "1Ti", "pods": "250"}
