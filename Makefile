@@ -69,3 +69,10 @@ clean:
 # Side-by-side benchmark against memcached (not a test: numbers go to docs/benchmarks.md).
 bench: deps
 	$(BIN)/python bench/compare.py
+
+# The operator at scale (not a test: numbers go to docs/benchmarks.md): 300 CacheClusters x 3
+# pods on simulated nodes (kwok) against a real control plane, all stopped at the end.
+# BENCH_OPERATOR_ARGS passes flags, e.g. "--clusters 30 --replicas 1 --nodes 3".
+.PHONY: bench-operator
+bench-operator: deps e2e-bins
+	$(BIN)/python bench/operator_scale.py $(BENCH_OPERATOR_ARGS)

@@ -8,6 +8,8 @@
 #                                                               as bin/<name>-<version>
 #                  the CNI plugins bridge, host-local, loopback, portmap
 #                                                               as bin/cni-<version>/<name>
+#   benchmark:     kwok (simulated nodes and pods)              as bin/kwok-<version>
+#                  and kwokctl's default stages for it          as bin/kwok-stages-<version>.yaml
 # (CNI plugins are found by name in one directory, the one containerd's CNI config points at.)
 # runc comes from Debian (scripts/bootstrap.sh). The Go module and build caches live under the
 # same directory, so rebuilds are quick; with every binary present a run takes well under a second.
@@ -221,5 +223,26 @@ INTO_DIR=cni build cni-plugins "$cni_pkg" "$CNI_PLUGINS_VERSION" \
     loopback=$cni_pkg/plugins/main/loopback \
     ptp=$cni_pkg/plugins/main/ptp \
     portmap=$cni_pkg/plugins/meta/portmap
+
+# Simulated nodes and pods (no kubelet, no containers) for the operator's scale benchmark,
+# `make bench-operator`: kwok fakes the kubelet's side of every pod on nodes it owns.
+build kwok sigs.k8s.io/kwok "$KWOK_VERSION" \
+    "-X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v}" \
+    kwok=sigs.k8s.io/kwok/cmd/kwok
+# The kwok binary has no stages of its own (kwokctl hands it these): the defaults of kwokctl
+# at the same version, from the module, as one config file for `kwok --config`: nodes Ready
+# at once and kept alive by leases; pods Running and Ready as soon as they are bound.
+kwok_stages="$BIN/kwok-stages-$KWOK_VERSION.yaml"
+if ((force_pin)) || [ ! -s "$kwok_stages" ]; then
+    kwok_dir=$(cd "$here/controlplane/kwok" && "$GO" mod download -json "sigs.k8s.io/kwok@$KWOK_VERSION" |
+        python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
+    for stage in node/fast/node-initialize node/heartbeat-with-lease/node-heartbeat-with-lease \
+        pod/fast/pod-ready pod/fast/pod-complete pod/fast/pod-delete; do
+        printf -- '---\n'
+        cat "$kwok_dir/kustomize/stage/$stage.yaml"
+    done >"$kwok_stages.tmp"
+    mv -f "$kwok_stages.tmp" "$kwok_stages"
+    log "kwok $KWOK_VERSION: stages in ${kwok_stages#"$BIN/"}"
+fi
 
 log "all binaries ready in $BIN ($(($(date +%s) - total_start))s)"

@@ -26,7 +26,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from e2e import procs
@@ -146,11 +146,20 @@ def wait_for(
 class LocalCluster:
     """The control plane in ``workdir``; ``start()`` brings it up, ``stop()`` ends it all."""
 
-    def __init__(self, workdir: Path, name: str | None = None, detached: bool = False) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        name: str | None = None,
+        detached: bool = False,
+        extra_args: Mapping[str, Sequence[str]] | None = None,
+    ) -> None:
         """``detached``: the processes outlive this program (make up); otherwise they are
-        also killed by the kernel if this program dies without stopping them."""
+        also killed by the kernel if this program dies without stopping them.
+        ``extra_args``: more flags for a component, by process name (e.g. the client rate
+        limits of kube-controller-manager for `make bench-operator`)."""
         self.workdir = workdir.resolve()
         self.detached = detached
+        self.extra_args = {k: list(v) for k, v in (extra_args or {}).items()}
         self.name = name or f"e2e-{secrets.token_hex(3)}"
         self.pki = Pki(self.workdir / "pki")
         self.logs = self.workdir / "logs"
@@ -318,6 +327,7 @@ class LocalCluster:
     # ---- processes ----------------------------------------------------------------------
 
     def _spawn(self, name: str, argv: list[str]) -> None:
+        argv = [*argv, *self.extra_args.get(name, ())]
         rec, popen = procs.start(
             name, argv, self.logs / f"{name}.log", die_with_parent=not self.detached
         )

@@ -189,12 +189,16 @@ def _status_message(data: bytes | None) -> str:
         return (data or b"").decode("utf-8", "replace")[:500]
 
 
-def connect() -> Kube:
-    """In the cluster: the service account; outside: the current kubeconfig context."""
+def connect(connections: int = 10) -> Kube:
+    """In the cluster: the service account; outside: the current kubeconfig context.
+    `connections`: how many requests may be in flight at once (one per thread that makes
+    them); more would each open a new connection and close it again."""
     from kubernetes import config
 
     try:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
-    return Kube(k8s.ApiClient())
+    configuration = k8s.Configuration.get_default_copy()
+    configuration.connection_pool_maxsize = connections
+    return Kube(k8s.ApiClient(configuration))

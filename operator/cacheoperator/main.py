@@ -23,7 +23,7 @@ from cacheoperator.appliances import DEFAULT_TIMEOUT, ApplianceReports
 from cacheoperator.kube import connect
 from cacheoperator.metrics import OperatorMetrics
 from cacheoperator.naming import DEFAULT_IMAGE
-from cacheoperator.reconcile import ClusterController
+from cacheoperator.reconcile import WORKERS, ClusterController
 
 DEFAULT_PEERING = "cache-operator"
 DEFAULT_METRICS_PORT = 9160
@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("operator metrics on %s:%d/metrics", args.metrics_address, args.metrics_port)
     reports = ApplianceReports(timeout=args.report_timeout) if args.report_timeout else None
     controller = ClusterController(
-        connect(),
+        connect(connections=WORKERS),
         args.default_image,
         post_event=handlers.post_event,
         metrics=metrics,

@@ -1,16 +1,23 @@
 """One reconcile pass for one CacheCluster: read, build, apply, prune, observe, report.
 
 No kopf in here: the handlers call `ClusterController.reconcile(namespace, name)` from
-whichever event woke them (the cluster changed, or one of its pods or StatefulSets did).
-Each pass re-reads the cluster, so it never acts on an old spec or compares against an
-old status; passes for the same cluster never overlap (see `Coalescer`).
+whichever event woke them (the cluster changed, or one of its pods or StatefulSets did),
+which only queues the cluster; a few threads of the controller's own run the passes (see
+`WorkQueue`). Each pass re-reads the cluster, so it never acts on an old spec or compares
+against an old status; passes for the same cluster never overlap.
 """
 
 from __future__ import annotations
 
+import contextvars
+import hashlib
+import heapq
+import itertools
+import json
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -60,6 +67,15 @@ RELEASE_RETRY = 5.0
 POSTED_PLACEMENT_PROBLEMS = 1000
 # Pods that are on a node and not finished: the ones whose host ports the scheduler counts.
 ON_A_NODE = "spec.nodeName!=,status.phase!=Succeeded,status.phase!=Failed"
+# Threads that run passes (each mostly waits for the API server), and the wait before a pass
+# that met a passing API failure (a conflict, throttling, the server busy) runs again.
+WORKERS = 8
+RETRY_DELAY = 10.0
+# A child object that the operator applied and that is the same in the next pass is not sent
+# again for this long (seconds): StatefulSets are watched, and one changed by someone else
+# (its generation moved) or deleted is applied again at once; the others, which are not
+# watched, at the first pass after this time.
+APPLY_REFRESH = 300.0
 
 
 def utc_now() -> str:
@@ -76,33 +92,154 @@ class Outcome:
     status_written: bool = False
 
 
-class Coalescer:
-    """Runs at most one pass per key at a time; calls that arrive meanwhile fold into one
-    more pass after it, so a burst of pod events costs two passes, not one per event."""
+class WorkQueue:
+    """Keys (clusters) waiting for a pass, taken by a few threads.
+
+    A key waits at most once: the events that arrive while it waits fold into its one pass,
+    so a burst of pod events costs one pass, and nothing of the events is kept. Passes of a
+    key never overlap: a key added during its pass waits until that pass is `done`, then
+    once more. `add(key, delay)` queues it later (a retry).
+
+    Keys that have had a pass wait in a lane of their own, and the two lanes take turns: a
+    burst of new clusters (or the start of the operator, which passes over every cluster)
+    does not hold up the status of clusters already running, and neither starves the other.
+    """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._dirty: dict[Hashable, bool] = {}  # key present = a pass is running
+        self._cond = threading.Condition()
+        self._lanes: tuple[deque[Hashable], deque[Hashable]] = (deque(), deque())  # new, seen
+        self._turn = 1  # the lane that goes first when both have keys
+        self._seen: set[Hashable] = set()  # keys that have had a pass
+        self._waiting: set[Hashable] = set()  # in a lane
+        self._running: set[Hashable] = set()
+        self._again: set[Hashable] = set()  # added while running
+        self._later: list[tuple[float, int, Hashable]] = []  # heap of (when, seq, key)
+        self._seq = itertools.count()
 
-    def run(self, key: Hashable, fn: Callable[[], Any]) -> bool:
-        """True if this call ran the pass(es), False if it left them to a running one."""
-        with self._lock:
-            if key in self._dirty:
-                self._dirty[key] = True
-                return False
-            self._dirty[key] = False
-        try:
+    def add(self, key: Hashable, delay: float = 0.0) -> None:
+        with self._cond:
+            if delay > 0:
+                heapq.heappush(self._later, (time.monotonic() + delay, next(self._seq), key))
+                self._cond.notify()  # a waiting `get` may have to wake up sooner
+            else:
+                self._add_now(key)
+
+    def _add_now(self, key: Hashable) -> None:
+        if key in self._running:
+            self._again.add(key)
+        elif key not in self._waiting:
+            self._waiting.add(key)
+            self._lanes[key in self._seen].append(key)
+            self._cond.notify()
+
+    def _next(self) -> Hashable | None:
+        new, seen = self._lanes
+        if new and seen:
+            lane, self._turn = self._lanes[self._turn], 1 - self._turn
+        else:
+            lane = new or seen
+        return lane.popleft() if lane else None
+
+    def get(self, timeout: float | None = None) -> Hashable | None:
+        """The next key, whose pass runs from now until `done(key)`; None after `timeout`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
             while True:
-                fn()
-                with self._lock:
-                    if not self._dirty[key]:
-                        del self._dirty[key]
-                        return True
-                    self._dirty[key] = False
-        except BaseException:
-            with self._lock:
-                self._dirty.pop(key, None)
-            raise
+                now = time.monotonic()
+                while self._later and self._later[0][0] <= now:
+                    self._add_now(heapq.heappop(self._later)[2])
+                key = self._next()
+                if key is not None:
+                    self._waiting.discard(key)
+                    self._running.add(key)
+                    return key
+                if deadline is not None and now >= deadline:
+                    return None
+                soonest = self._later[0][0] if self._later else None
+                until = [t for t in (deadline, soonest) if t is not None]
+                self._cond.wait(min(until) - now if until else None)
+
+    def done(self, key: Hashable) -> None:
+        with self._cond:
+            self._running.discard(key)
+            self._seen.add(key)
+            if key in self._again:
+                self._again.discard(key)
+                self._add_now(key)
+
+    def forget(self, key: Hashable) -> None:
+        """The key is gone (a deleted cluster): a new one of that name is new again."""
+        with self._cond:
+            self._seen.discard(key)
+
+    def __len__(self) -> int:
+        """Keys waiting now (not those running, nor those added for later)."""
+        with self._cond:
+            return sum(len(lane) for lane in self._lanes)
+
+
+def digest(obj: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What the operator last sent for one child object and what the API server made of it."""
+
+    digest: str
+    uid: str | None
+    generation: int | None
+    until: float  # monotonic time after which it is sent again anyway
+
+
+class AppliedObjects:
+    """The child objects this operator applied, so that a pass sends only what changed: a
+    pass over an unchanged cluster sends nothing (the API server would keep every
+    resourceVersion anyway, but each apply is a round trip and a merge on both sides)."""
+
+    def __init__(self, refresh: float = APPLY_REFRESH, clock: Callable[[], float] = time.monotonic):
+        self.refresh = refresh
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._by_cluster: dict[tuple[str, str], dict[tuple[str, str], Applied]] = {}
+
+    @staticmethod
+    def _keys(ref: ClusterRef, obj: Mapping[str, Any]) -> tuple[tuple[str, str], tuple[str, str]]:
+        return (ref.namespace, ref.name), (obj["kind"], obj["metadata"]["name"])
+
+    def needed(
+        self,
+        ref: ClusterRef,
+        obj: Mapping[str, Any],
+        live: Mapping[str, Any] | None = None,
+        watched: bool = False,
+    ) -> bool:
+        """Whether `obj` must be applied: it is new, it changed, its last apply is older than
+        `refresh`, or (`watched`: the kinds the operator lists, with `live` the object as
+        listed, None if it is not there) it was deleted, replaced or its spec was changed."""
+        cluster, key = self._keys(ref, obj)
+        with self._lock:
+            last = self._by_cluster.get(cluster, {}).get(key)
+        if last is None or self._clock() >= last.until or last.digest != digest(obj):
+            return True
+        if watched:
+            meta = (live or {}).get("metadata") or {}
+            return (meta.get("uid"), meta.get("generation")) != (last.uid, last.generation)
+        return False
+
+    def record(self, ref: ClusterRef, obj: Mapping[str, Any], result: Mapping[str, Any]) -> None:
+        """`obj` was applied; `result` is the API server's answer."""
+        cluster, key = self._keys(ref, obj)
+        meta = result.get("metadata") or {}
+        applied = Applied(
+            digest(obj), meta.get("uid"), meta.get("generation"), self._clock() + self.refresh
+        )
+        with self._lock:
+            self._by_cluster.setdefault(cluster, {})[key] = applied
+
+    def forget(self, namespace: str, name: str) -> None:
+        with self._lock:
+            self._by_cluster.pop((namespace, name), None)
 
 
 def _endpoints(status: Mapping[str, Any]) -> list[Endpoint]:
@@ -131,27 +268,70 @@ class ClusterController:
         metrics: OperatorMetrics | None = None,
         clock: Callable[[], str] = utc_now,
         reports: ApplianceReports | None = None,
+        workers: int = WORKERS,
     ):
         """`reports` reads what the appliances say about their CPUs, memory and warm restart
-        (None: the endpoints go without, Pinned stays Unknown and status.appliances empty)."""
+        (None: the endpoints go without, Pinned stays Unknown and status.appliances empty);
+        `workers` threads run the passes."""
         self.kube = kube
         self.reports = reports
         self.default_image = default_image
         self.post_event = post_event
         self.metrics = metrics or OperatorMetrics()
         self.clock = clock
-        self.coalescer = Coalescer()
+        self.queue = WorkQueue()
+        self.applied = AppliedObjects()
+        self.workers = workers
+        self._threads: list[threading.Thread] = []
         self._nodes: dict[str, tuple[float, dict[str, str]]] = {}
         self._host_port_pods: dict[str | None, tuple[float, list[dict[str, Any]]]] = {}
         self._cache_lock = threading.Lock()
         self._posted: set[tuple[str, str]] = set()
-        self._retrying: set[tuple[str, str]] = set()  # clusters with a pass due (_pass_later)
 
     def reconcile(self, namespace: str, name: str) -> None:
-        self.coalescer.run((namespace, name), lambda: self._pass(namespace, name))
+        """Queue a pass over the cluster; it runs soon on one of the controller's threads."""
+        self._start()
+        self.queue.add((namespace, name))
+
+    def _start(self) -> None:
+        with self._cache_lock:
+            if self._threads:
+                return
+            for i in range(self.workers):
+                # Each thread runs in a copy of the context of the first caller: kopf's, from a
+                # handler, where kopf.event finds the queue that posts Kubernetes Events.
+                context = contextvars.copy_context()
+                thread = threading.Thread(
+                    target=context.run, args=(self._work,), name=f"reconcile-{i}", daemon=True
+                )
+                thread.start()
+                self._threads.append(thread)
+
+    def _work(self) -> None:
+        while True:
+            namespace, name = self.queue.get()
+            try:
+                self._pass(namespace, name)
+            except KubeError as exc:
+                if exc.retryable:
+                    log.warning("%s/%s: %s; again in %.0f s", namespace, name, exc, RETRY_DELAY)
+                    self.queue.add((namespace, name), RETRY_DELAY)
+                else:
+                    # e.g. forbidden: retrying will not help until someone fixes RBAC; the
+                    # next change to the cluster or its pods tries again.
+                    log.warning("%s/%s: %s", namespace, name, exc)
+            except Exception:
+                log.exception(
+                    "%s/%s: the pass failed; again in %.0f s", namespace, name, RETRY_DELAY
+                )
+                self.queue.add((namespace, name), RETRY_DELAY)
+            finally:
+                self.queue.done((namespace, name))
 
     def forget(self, namespace: str, name: str) -> None:
         self.metrics.forget(namespace, name)
+        self.queue.forget((namespace, name))
+        self.applied.forget(namespace, name)
         if self.reports is not None:
             self.reports.forget(namespace, name)
 
@@ -212,27 +392,10 @@ class ClusterController:
         return True
 
     def _pass_later(self, namespace: str, name: str) -> None:
-        """One more pass for the cluster in RELEASE_RETRY seconds (one waiting at a time),
-        and again while that pass fails for a reason that may pass."""
-        key = (namespace, name)
-        with self._cache_lock:
-            if key in self._retrying:
-                return
-            self._retrying.add(key)
-
-        def run() -> None:
-            with self._cache_lock:
-                self._retrying.discard(key)
-            try:
-                self.reconcile(namespace, name)
-            except Exception as exc:
-                log.warning("pass for %s/%s failed: %s", namespace, name, exc)
-                if not isinstance(exc, KubeError) or exc.retryable:
-                    self._pass_later(namespace, name)
-
-        timer = threading.Timer(RELEASE_RETRY, run)
-        timer.daemon = True
-        timer.start()
+        """One more pass for the cluster in RELEASE_RETRY seconds (the work queue folds it
+        into any pass already due; a pass that fails for a passing reason is retried there)."""
+        self._start()
+        self.queue.add((namespace, name), RELEASE_RETRY)
 
     def release_gated(self, pods: Sequence[Mapping[str, Any]], cluster: Mapping[str, Any]) -> None:
         """Release the gated pods a pass sees. Each pod's own event releases it as a rule;
@@ -262,10 +425,27 @@ class ClusterController:
         except Exception as exc:  # an event is worth less than the pass that posts it
             log.warning("cannot post event %s: %s", reason, exc)
 
+    def _apply(
+        self,
+        ref: ClusterRef,
+        obj: dict[str, Any],
+        live: Mapping[str, Any] | None = None,
+        watched: bool = False,
+    ) -> dict[str, Any] | None:
+        """Server-side apply of `obj` unless this operator sent the same already (see
+        `AppliedObjects`); the API server's answer, or None when nothing was sent."""
+        if not self.applied.needed(ref, obj, live, watched):
+            return None
+        result = self.kube.apply(obj)
+        self.applied.record(ref, obj, result)
+        return result
+
     def _pass(self, namespace: str, name: str) -> Outcome | None:
         body = self.kube.get(CACHECLUSTERS, namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
-            return None  # gone or going: the garbage collector removes the children
+            # Gone or going: the garbage collector removes the children.
+            self.applied.forget(namespace, name)
+            return None
         started = time.monotonic()
         try:
             outcome = self.reconcile_body(body)
@@ -309,11 +489,12 @@ class ClusterController:
             # A new cluster (or one from before auto discovery): its pods mount the
             # membership, so publish the first one, empty, before they exist.
             first = next_discovery(None, [], endpoint, now)
-            self.kube.apply(configmap(ref, spec, _endpoints(previous), first))
+            self._apply(ref, configmap(ref, spec, _endpoints(previous), first))
         apply_error = None
         held: dict[str, str] = {}
+        statefulsets = self.statefulsets(ref)
         try:
-            held = self.apply_children(ref, spec)
+            held = self.apply_children(ref, spec, statefulsets)
         except KubeError as exc:
             if exc.retryable:
                 raise
@@ -321,7 +502,7 @@ class ClusterController:
         # With auth or TLS the memcached port wants what the operator does not hold: the
         # appliances' reports are read from /stats on their metrics port instead.
         stats_port = spec.metrics_port if spec.secured else None
-        observed = self.observe(ref, stats_port)
+        observed = self.observe(ref, statefulsets, stats_port)
         self.release_gated(observed.pods, body)
         discovery = published
         if apply_error is None:
@@ -342,24 +523,38 @@ class ClusterController:
             # Last, so that it lists the endpoints this very pass observed. The status (the
             # operator's memory of the version) is written after it, so a version is never
             # recorded that the appliances were not given.
-            self.kube.apply(configmap(ref, spec, _endpoints(status), discovery))
+            self._apply(ref, configmap(ref, spec, _endpoints(status), discovery))
         return self._report(ref, "error" if apply_error else "ok", previous, status)
 
-    def apply_children(self, ref: ClusterRef, spec: CacheClusterSpec) -> dict[str, str]:
-        """Apply what the spec wants; returns the StatefulSets whose new template waits for
-        another's rollout (name -> what it waits for)."""
+    def statefulsets(self, ref: ClusterRef) -> list[dict[str, Any]]:
+        """The cluster's StatefulSets as the API server has them now."""
+        listed = self.kube.list(STATEFULSETS, ref.namespace, selector_string(ref.name))
+        return [s for s in listed if owned_by(s, ref.uid)]
+
+    def apply_children(
+        self, ref: ClusterRef, spec: CacheClusterSpec, existing: list[dict[str, Any]]
+    ) -> dict[str, str]:
+        """Apply what the spec wants and what changed since this operator last applied it;
+        returns the StatefulSets whose new template waits for another's rollout (name ->
+        what it waits for). `existing` are the cluster's StatefulSets as listed before; each
+        one applied is replaced there by the API server's answer, so it stays current."""
         desired = desired_objects(ref, spec, self.default_image)
-        existing = [
-            s
-            for s in self.kube.list(STATEFULSETS, ref.namespace, selector_string(ref.name))
-            if owned_by(s, ref.uid)
-        ]
         wanted_sets = [o for o in desired if o["kind"] == "StatefulSet"]
         held = held_statefulsets(wanted_sets, existing)
+        listed = {s["metadata"]["name"]: i for i, s in enumerate(existing)}
         for obj in desired:
-            if obj["kind"] == "ConfigMap" or obj["metadata"]["name"] in held:
+            name = obj["metadata"]["name"]
+            if obj["kind"] == "ConfigMap" or name in held:
                 continue  # (only StatefulSets are ever held)
-            self.kube.apply(obj)
+            if obj["kind"] != "StatefulSet":
+                self._apply(ref, obj)
+                continue
+            index = listed.get(name)
+            result = self._apply(ref, obj, None if index is None else existing[index], watched=True)
+            if result and index is None:
+                existing.append(result)
+            elif result and index is not None:
+                existing[index] = result
         if held:
             log.info(
                 "%s/%s: StatefulSet(s) %s wait for %s",
@@ -379,14 +574,18 @@ class ClusterController:
                 self.kube.delete(STATEFULSETS, ref.namespace, sts_meta["name"], sts_meta["uid"])
         return held
 
-    def observe(self, ref: ClusterRef, stats_port: int | None = None) -> Observed:
-        """``stats_port``: where the appliances' stats are read over HTTP (None: over the
+    def observe(
+        self,
+        ref: ClusterRef,
+        statefulsets: list[dict[str, Any]] | None = None,
+        stats_port: int | None = None,
+    ) -> Observed:
+        """What exists of the cluster; `statefulsets` if this pass has them already.
+        ``stats_port``: where the appliances' stats are read over HTTP (None: over the
         memcached protocol on their own ports)."""
-        selector = selector_string(ref.name)
-        statefulsets = [
-            s for s in self.kube.list(STATEFULSETS, ref.namespace, selector) if owned_by(s, ref.uid)
-        ]
-        pods = self.kube.list(PODS, ref.namespace, selector)
+        if statefulsets is None:
+            statefulsets = self.statefulsets(ref)
+        pods = self.kube.list(PODS, ref.namespace, selector_string(ref.name))
         holders: list[dict[str, Any]] = []
         note = ""
         if needs_host_port_pods(pods):
