@@ -107,6 +107,9 @@ def test_spec_change_rolls_the_pods_progressing_then_ready(caches):
     assert set(after) == set(before) and not set(after.values()) & set(before.values())
     for ep in endpoints(status):  # the new flag reached every server
         assert stats(ep, "settings")["maxconns"] == "2048"
+    # The operator wrote only the status: no bookkeeping of kopf's on the user's object.
+    annotations = caches.get(name)["metadata"].get("annotations") or {}
+    assert not [k for k in annotations if "kopf" in k or k.startswith("cache.appliance.io/")]
 
 
 def test_killed_server_is_restarted_degraded_then_ready(caches, agent):
