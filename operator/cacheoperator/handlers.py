@@ -94,7 +94,9 @@ def register(registry: kopf.OperatorRegistry) -> None:
     ) -> None:
         if type == "DELETED":
             memo.controller.forget(namespace, name)
-        elif needs_pass(type, body):
+            return
+        memo.controller.seen(body)
+        if needs_pass(type, body):
             memo.controller.reconcile(namespace, name)
 
     @kopf.on.event(

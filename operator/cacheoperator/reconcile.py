@@ -65,6 +65,9 @@ RELEASE_RETRY = 5.0
 # Placement problems already posted as events, by (pod uid, reason): once each, not once
 # per pass that retries. Forgotten wholesale past this many.
 POSTED_PLACEMENT_PROBLEMS = 1000
+# A pod being released, or released this recently (seconds), is not patched again: its own
+# next events, and a pass that listed it before the patch landed, still show it gated.
+RELEASED_MEMORY = 30.0
 # Pods that are on a node and not finished: the ones whose host ports the scheduler counts.
 ON_A_NODE = "spec.nodeName!=,status.phase!=Succeeded,status.phase!=Failed"
 # Threads that run passes (each mostly waits for the API server), and the wait before a pass
@@ -287,6 +290,16 @@ class ClusterController:
         self._host_port_pods: dict[str | None, tuple[float, list[dict[str, Any]]]] = {}
         self._cache_lock = threading.Lock()
         self._posted: set[tuple[str, str]] = set()
+        self._released: dict[str, float] = {}  # pod uid -> until when it counts as released
+        # Each cluster's object as its watch events last showed it: what a release needs
+        # (status.lastNodes) without a read per pod.
+        self._clusters: dict[tuple[str, str], Mapping[str, Any]] = {}
+
+    def seen(self, body: Mapping[str, Any]) -> None:
+        """A CacheCluster as a watch event shows it (kept for releases; see `release`)."""
+        meta = body["metadata"]
+        with self._cache_lock:
+            self._clusters[(meta["namespace"], meta["name"])] = body
 
     def reconcile(self, namespace: str, name: str) -> None:
         """Queue a pass over the cluster; it runs soon on one of the controller's threads."""
@@ -329,6 +342,8 @@ class ClusterController:
                 self.queue.done((namespace, name))
 
     def forget(self, namespace: str, name: str) -> None:
+        with self._cache_lock:
+            self._clusters.pop((namespace, name), None)
         self.metrics.forget(namespace, name)
         self.queue.forget((namespace, name))
         self.applied.forget(namespace, name)
@@ -338,13 +353,36 @@ class ClusterController:
     def release(self, pod: Mapping[str, Any], cluster: Mapping[str, Any] | None = None) -> bool:
         """Take the placement gate off a gated pod (gate.py), preferring the node where the
         pod of its name last ran ready; True if this call released it. `cluster`: its
-        CacheCluster as just read, else read here. Two API calls (the read and one patch),
-        three when the API server refuses the preference and the pod goes without it. A pod
+        CacheCluster as just read, else as its last watch event showed it (`seen`), else
+        read here. One patch (and that read, if it is needed), two patches when the API
+        server refuses the preference and the pod goes without it. A pod being released or
+        just released (RELEASED_MEMORY) is left alone. A pod
         that cannot be released is logged and posted, and its cluster gets another pass
         (which releases what it finds gated) after RELEASE_RETRY seconds when the failure
         may pass."""
         if not is_gated(pod):
             return False
+        meta = pod["metadata"]
+        namespace = meta["namespace"]
+        cluster_name = (meta.get("labels") or {}).get(LABEL_CLUSTER, "")
+        uid = str(meta.get("uid") or "")
+        now = time.monotonic()
+        with self._cache_lock:
+            if uid and self._released.get(uid, 0.0) > now:
+                return False
+            if len(self._released) >= POSTED_PLACEMENT_PROBLEMS:
+                self._released = {k: t for k, t in self._released.items() if t > now}
+            if uid:
+                self._released[uid] = now + RELEASED_MEMORY
+            if cluster is None:
+                cluster = self._clusters.get((namespace, cluster_name))
+        released = self._release(pod, cluster)
+        if not released and uid:
+            with self._cache_lock:
+                self._released.pop(uid, None)
+        return released
+
+    def _release(self, pod: Mapping[str, Any], cluster: Mapping[str, Any] | None) -> bool:
         meta = pod["metadata"]
         namespace, name = meta["namespace"], meta["name"]
         cluster_name = (meta.get("labels") or {}).get(LABEL_CLUSTER, "")

@@ -321,3 +321,17 @@ def test_a_pod_event_releases_the_pod_before_the_pass():
     # At start-up (no type), added, modified: released first; deleted, or a pod no gate
     # holds: only the pass.
     assert done == [release, run, release, run, release, run, run, run]
+
+
+def test_a_pod_is_patched_once_and_the_watched_cluster_spares_the_read():
+    # The pod's own later events and a pass that listed it before the patch landed still
+    # show it gated: one patch. The cluster as its watch last showed it is used, not read.
+    api = Api(get_error=KubeError(500, "must not be read"))
+    ctl, posted = controller(api)
+    ctl.seen(cluster_with(REMEMBERED))
+    gated = pod("demo-1", "c")
+    assert ctl.release(gated) is True
+    assert ctl.release(gated) is False
+    ctl.release_gated([gated], cluster_with(REMEMBERED))
+    assert api.calls == [("patch", "pods", "demo-1", release_patch(gated, "n2"))]
+    assert posted == []
