@@ -11,9 +11,11 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 STARTUP_TIMEOUT = 15.0
 
@@ -138,6 +140,22 @@ def stats(server: RunningServer, sub: str = "") -> dict[str, str]:
         parts[1]: parts[2]
         for parts in (line.split(" ", 2) for line in reply.splitlines())
         if len(parts) == 3 and parts[0] == "STAT"
+    }
+
+
+def metrics_text(port: int, proc: subprocess.Popen[bytes]) -> str:
+    """The /metrics page of a server's metrics port (it may open after the memcached port)."""
+    wait_for_port(port, proc)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        return reply.read().decode()
+
+
+def scrape(server: RunningServer, port: int) -> dict[tuple[str, tuple], float]:
+    """Every sample of a server's /metrics: (name, sorted labels) -> value."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(metrics_text(port, server.proc))
+        for s in family.samples
     }
 
 

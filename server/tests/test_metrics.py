@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import socket
-import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from servers import RunningServer, free_port, request, start_cacheserver, wait_for_port
+from servers import free_port, metrics_text, request, scrape, start_cacheserver
 
 
 def test_metrics_endpoint_reports_memcached_exporter_names() -> None:
@@ -15,14 +14,7 @@ def test_metrics_endpoint_reports_memcached_exporter_names() -> None:
     server = start_cacheserver("-m", "64", "--metrics-port", str(metrics_port))
     try:
         request(server, b"set a 0 0 1\r\n1\r\nget a\r\nget b\r\n", b"END\r\n")
-        wait_for_port(metrics_port, server.proc)  # it may open after the memcached port
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
-            text = r.read().decode()
-        samples = {
-            (s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text)
-            for s in family.samples
-        }
+        samples = scrape(server, metrics_port)
         assert samples[("memcached_up", ())] == 1
         assert samples[("memcached_commands_total", (("command", "get"), ("status", "hit")))] == 1
         assert samples[("memcached_commands_total", (("command", "get"), ("status", "miss")))] == 1
@@ -67,10 +59,8 @@ def test_latency_histogram_samples_one_read_in_64() -> None:
             for _ in range(64 * 3):  # one request per round trip: one read each
                 sock.sendall(b"get nothing\r\n")
                 assert sock.recv(100) == b"END\r\n"
-        wait_for_port(metrics_port, server.proc)
-        url = f"http://127.0.0.1:{metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as r:
-            families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+        text = metrics_text(metrics_port, server.proc)
+        families = {f.name: f for f in text_string_to_metric_families(text)}
         hist = families["cacheappliance_request_duration_seconds"]
         count = next(s.value for s in hist.samples if s.name.endswith("_count"))
         total = next(s.value for s in hist.samples if s.name.endswith("_sum"))
@@ -78,17 +68,6 @@ def test_latency_histogram_samples_one_read_in_64() -> None:
         assert 0 < total < 1  # three reads took some time, and well under a second
     finally:
         server.stop()
-
-
-def scrape(server: RunningServer, port: int) -> dict[tuple[str, tuple], float]:
-    wait_for_port(port, server.proc)  # the metrics port may open after the memcached one
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 def test_pod_info_reports_the_downward_api_env_with_one_or_many_workers() -> None:
