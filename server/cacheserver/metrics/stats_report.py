@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 
 from cacheserver.config import Settings
 from cacheserver.metrics.counters import Counters
+from cacheserver.metrics.table import reading
 from cacheserver.storage import Store
 
 StatLines = Iterable[tuple[str, object]]
@@ -66,6 +67,13 @@ class StatsReport:
         for name in self.counters.as_dict():
             setattr(self.counters, name, 0)
         self.counters.curr_connections = connections[0]
+
+    def reading(self) -> dict[str, str]:
+        """``stats``, ``stats settings`` and ``stats slabs`` as the metrics table reads them
+        (metrics/table.py): what a scrape exports."""
+        return reading(
+            {"": self.general(), "settings": self.settings_lines(), "slabs": self.slabs_lines()}
+        )
 
     def general(self) -> StatLines:
         c = self.counters
