@@ -106,6 +106,7 @@ class Worker:
         )
         self.registry = CollectorRegistry(auto_describe=False)
         self.collector = ServerCollector(self.report)
+        self.report.accepting = lambda: self.tcp.accepting
         self.report.extra_general.append(self.tcp.latency.stats_fields)
         self.report.extra_settings.append(
             lambda: [("fast_path", "compiled" if self.engine is not None else "python")]

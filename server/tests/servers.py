@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import resource
 import shutil
 import signal
 import socket
@@ -82,16 +83,31 @@ class RunningServer:
 
 
 def start_cacheserver(
-    *args: str, udp: bool = True, env: dict[str, str] | None = None, port: int = 0
+    *args: str,
+    udp: bool = True,
+    env: dict[str, str] | None = None,
+    port: int = 0,
+    max_files: int | None = None,
 ) -> RunningServer:
-    """Start one on a free port, or on ``port`` (e.g. to restart one where it was)."""
+    """Start one on a free port, or on ``port`` (e.g. to restart one where it was);
+    ``max_files``: its limit of open file descriptors (RLIMIT_NOFILE)."""
     port = port or free_port()
     cmd = [sys.executable, "-m", "cacheserver", "-l", "127.0.0.1", "-p", str(port)]
     if udp:
         cmd += ["-U", str(port)]
     cmd += list(args)
     full_env = {**os.environ, **(env or {})}
-    proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def limit_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))
+
+    proc = subprocess.Popen(
+        cmd,
+        env=full_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=limit_files if max_files is not None else None,
+    )
     try:
         wait_for_port(port, proc)
     except Exception:

@@ -24,9 +24,11 @@ from cacheserver.storage import Store
 from servers import (
     free_port,
     metrics_text,
+    recv_until,
     request,
     scrape,
     start_cacheserver,
+    stats,
 )
 from tlscerts import make_certificates, tls_args
 
@@ -242,3 +244,93 @@ def test_a_family_added_to_the_table_is_exported_alone_and_with_workers(
         for worker in ("0", "1") if name != POD.name else ():
             other = together[(name, tuple(sorted((*labels, ("worker", worker)))))]
             assert other == value or name.startswith(tuple(moving)), name
+
+
+# ---- memcached_exporter's metrics, with the values memcached's would have -----------------
+
+
+def test_the_memcached_exporter_metrics_follow_what_the_server_does() -> None:
+    metrics_port = free_port()
+    server = start_cacheserver("-m", "1", "--metrics-port", str(metrics_port), udp=False)
+    try:
+        version = request(server, b"version\r\n").split()[1].decode()
+        before = scrape(server, metrics_port)
+        # -m 1 holds 1 MiB: the largest value -I 1m allows (an item is the value, its key,
+        # \r\n and memcached's 57-byte header) does not fit with what this server's items
+        # cost besides; one byte more is over -I.
+        largest = 1024 * 1024 - 57 - len(b"big") - 2
+        for size, error in (
+            (largest, b"SERVER_ERROR out of memory storing object\r\n"),
+            (largest + 1, b"SERVER_ERROR object too large for cache\r\n"),
+        ):
+            assert request(server, b"set big 0 0 %d\r\n%s\r\n" % (size, b"x" * size)) == error
+        request(server, b"set small 0 0 5\r\nhello\r\n")
+        cpu_before = process_cpu_seconds(server.proc.pid)
+        after = scrape(server, metrics_port)
+        cpu_after = process_cpu_seconds(server.proc.pid)
+        malloced = stats(server, "slabs")["total_malloced"]
+    finally:
+        server.stop()
+    assert after[("memcached_version", (("version", version),))] == 1
+    assert abs(after[("memcached_time_seconds", ())] - time.time()) < 5
+    for name in ("memcached_item_no_memory_total", "memcached_item_too_large_total"):
+        assert (before[(name, ())], after[(name, ())]) == (0, 1), name
+    assert before[("memcached_malloced_bytes", ())] == 0
+    assert after[("memcached_malloced_bytes", ())] == int(malloced) > 0
+    user = after[("memcached_process_user_cpu_seconds_total", ())]
+    system = after[("memcached_process_system_cpu_seconds_total", ())]
+    # The kernel's count, in clock ticks, read just before and after the scrape.
+    assert cpu_before[0] - 0.02 <= user <= cpu_after[0] + 0.02
+    assert cpu_before[1] - 0.02 <= system <= cpu_after[1] + 0.02
+    assert after[("memcached_accepting_connections", ())] == 1
+    assert after[("memcached_connections_listener_disabled_total", ())] == 0
+    # No -R here: a read's requests are served whole, nothing yields.
+    assert after[("memcached_connections_yielded_total", ())] == 0
+
+
+def process_cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of a process, from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / ticks, int(fields[12]) / ticks
+
+
+def test_out_of_file_descriptors_the_listener_pauses_and_is_counted() -> None:
+    """As memcached: a process out of descriptors stops accepting for a moment (the clients
+    wait in the backlog), which `stats` and /metrics count, and takes them once it can."""
+    metrics_port = free_port()
+    server = start_cacheserver(
+        "-c", "1000", "--metrics-port", str(metrics_port), udp=False, max_files=64
+    )
+    clients: list[socket.socket] = []
+    try:
+        metrics_text(metrics_port, server.proc)
+        with socket.create_connection(server.address, timeout=5) as watcher:
+
+            def watch() -> dict[str, str]:
+                watcher.sendall(b"stats\r\n")
+                reply = recv_until(watcher, b"END\r\n").decode()
+                return dict(line.split(" ", 2)[1:] for line in reply.splitlines()[:-1])
+
+            assert (watch()["accepting_conns"], watch()["listen_disabled_num"]) == ("1", "0")
+            # More clients than the process has descriptors for: connected (the kernel's
+            # backlog), not all accepted.
+            clients += [socket.create_connection(server.address, timeout=5) for _ in range(80)]
+            deadline = time.monotonic() + 5
+            while (now := watch())["accepting_conns"] != "0":
+                assert time.monotonic() < deadline, now
+                time.sleep(0.02)
+            assert int(now["listen_disabled_num"]) >= 1
+            assert int(now["curr_connections"]) < 80
+            for client in clients:
+                client.close()
+            # Once descriptors are free, the server accepts again.
+            assert request(server, b"version\r\n").startswith(b"VERSION ")
+        samples = scrape(server, metrics_port)
+    finally:
+        for client in clients:
+            client.close()
+        server.stop()
+    assert samples[("memcached_connections_listener_disabled_total", ())] >= 1
+    assert samples[("memcached_accepting_connections", ())] == 1

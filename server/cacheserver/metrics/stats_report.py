@@ -41,6 +41,8 @@ class StatsReport:
         self.extra_general: list[Callable[[], StatLines]] = []
         # `stats conns`: (fd, name, value) of every socket, from the network layer.
         self.conns: Callable[[], list[tuple[int, str, str]]] | None = None
+        # Whether the listeners accept (the network layer pauses them without descriptors).
+        self.accepting: Callable[[], bool] = lambda: True
 
     def __call__(self, sub: bytes) -> bytes | None:
         if sub == b"":
@@ -121,8 +123,13 @@ class StatsReport:
             ("bytes_read", c.bytes_read),
             ("bytes_written", c.bytes_written),
             ("limit_maxbytes", store.capacity),
-            ("accepting_conns", 1),
+            ("accepting_conns", 1 if self.accepting() else 0),
+            ("listen_disabled_num", c.listen_disabled_num),
             ("threads", self.settings.workers),
+            # memcached's -R: a connection yields after so many requests in one event. Here a
+            # read is served whole (its replies bounded by the session's reply limit), so
+            # there is nothing to count.
+            ("conn_yields", 0),
             ("bytes", store.bytes_used),
             ("curr_items", store.curr_items),
             ("total_items", s.total_items),

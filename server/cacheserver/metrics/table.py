@@ -100,7 +100,15 @@ FAMILIES: tuple[Family, ...] = (
     POD,
     # -- memcached_exporter's names ------------------------------------------------------------
     gauge("memcached_uptime_seconds", "Seconds since start.", "uptime"),
+    gauge("memcached_time_seconds", "The server's clock: seconds since the epoch.", "time"),
     info("memcached_version_info", "The server's version.", version="version"),
+    info("memcached_version", "The server's version (always 1).", kind="gauge", version="version"),
+    counter("memcached_process_user_cpu_seconds_total", "CPU seconds in user mode.", "rusage_user"),
+    counter(
+        "memcached_process_system_cpu_seconds_total",
+        "CPU seconds in the kernel.",
+        "rusage_system",
+    ),
     Family(
         "memcached_commands_total",
         "counter",
@@ -112,8 +120,23 @@ FAMILIES: tuple[Family, ...] = (
     counter("memcached_items_total", "Items ever stored.", "total_items"),
     gauge("memcached_current_bytes", "Bytes the items take.", "bytes"),
     gauge("memcached_limit_bytes", "Bytes the cache may hold.", "limit_maxbytes"),
+    gauge(
+        "memcached_malloced_bytes",
+        "Bytes allocated for items (no slab pages here: the items' own size).",
+        "slabs total_malloced",
+    ),
     counter("memcached_items_evicted_total", "Valid items evicted to make room.", "evictions"),
     counter("memcached_items_reclaimed_total", "Expired items reclaimed.", "reclaimed"),
+    counter(
+        "memcached_item_too_large_total",
+        "Stores refused because the item is larger than -I allows.",
+        "store_too_large",
+    ),
+    counter(
+        "memcached_item_no_memory_total",
+        "Stores refused because the item does not fit in the cache at all.",
+        "store_no_memory",
+    ),
     gauge("memcached_current_connections", "Open connections.", "curr_connections"),
     gauge("memcached_max_connections", "The connection limit (-c).", "max_connections"),
     counter("memcached_connections_total", "Connections accepted.", "total_connections"),
@@ -121,6 +144,21 @@ FAMILIES: tuple[Family, ...] = (
         "memcached_connections_rejected_total",
         "Connections refused at the limit.",
         "rejected_connections",
+    ),
+    gauge(
+        "memcached_accepting_connections",
+        "1 while the listeners accept, 0 while they are paused (out of file descriptors).",
+        "accepting_conns",
+    ),
+    counter(
+        "memcached_connections_listener_disabled_total",
+        "Times the listeners were paused because the process ran out of file descriptors.",
+        "listen_disabled_num",
+    ),
+    counter(
+        "memcached_connections_yielded_total",
+        "Connections that yielded at a per-read request limit (-R): none here, always 0.",
+        "conn_yields",
     ),
     counter("memcached_read_bytes_total", "Bytes read from clients.", "bytes_read"),
     counter("memcached_written_bytes_total", "Bytes written to clients.", "bytes_written"),
