@@ -4,60 +4,19 @@ memcached, each as its own process on a free loopback port."""
 from __future__ import annotations
 
 import os
-import random
 import resource
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from dataclasses import dataclass, field
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-STARTUP_TIMEOUT = 15.0
-
-
-# Below Linux's default ephemeral range (32768-60999), so a client socket's local port never
-# takes a port a server here is about to bind (worker i of -t N binds port+i).
-_PORT_RANGE = (20000, 32000)
-
-
-def free_port(span: int = 8) -> int:
-    """A port whose ``span`` consecutive ports are all free for TCP and UDP on 127.0.0.1."""
-    for _ in range(200):
-        base = random.randrange(_PORT_RANGE[0], _PORT_RANGE[1] - span)
-        if all(_bindable(base + i) for i in range(span)):
-            return base
-    raise RuntimeError("no free port range found")
-
-
-def _bindable(port: int) -> bool:
-    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-        with socket.socket(socket.AF_INET, kind) as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                return False
-    return True
-
-
-def wait_for_port(
-    port: int, proc: subprocess.Popen[bytes], timeout: float = STARTUP_TIMEOUT
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited early with code {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+from testkit.ports import free_port, wait_for_port
 
 
 @dataclass

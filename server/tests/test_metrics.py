@@ -30,6 +30,7 @@ from servers import (
     start_cacheserver,
     stats,
 )
+from testkit.procs import cpu_seconds
 from tlscerts import make_certificates, tls_args
 
 
@@ -265,9 +266,9 @@ def test_the_memcached_exporter_metrics_follow_what_the_server_does() -> None:
         ):
             assert request(server, b"set big 0 0 %d\r\n%s\r\n" % (size, b"x" * size)) == error
         request(server, b"set small 0 0 5\r\nhello\r\n")
-        cpu_before = process_cpu_seconds(server.proc.pid)
+        cpu_before = cpu_seconds(server.proc.pid)
         after = scrape(server, metrics_port)
-        cpu_after = process_cpu_seconds(server.proc.pid)
+        cpu_after = cpu_seconds(server.proc.pid)
         malloced = stats(server, "slabs")["total_malloced"]
     finally:
         server.stop()
@@ -286,14 +287,6 @@ def test_the_memcached_exporter_metrics_follow_what_the_server_does() -> None:
     assert after[("memcached_connections_listener_disabled_total", ())] == 0
     # No -R here: a read's requests are served whole, nothing yields.
     assert after[("memcached_connections_yielded_total", ())] == 0
-
-
-def process_cpu_seconds(pid: int) -> tuple[float, float]:
-    """User and system CPU seconds of a process, from /proc/PID/stat."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / ticks, int(fields[12]) / ticks
 
 
 def test_out_of_file_descriptors_the_listener_pauses_and_is_counted() -> None:
