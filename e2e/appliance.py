@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from e2e.cluster import ClusterError
+from e2e.base import ClusterError
+from e2e.nodes import container_main_pid
 
 GROUP, VERSION, PLURAL = "cache.appliance.io", "v1alpha1", "cacheclusters"
 LABEL_CLUSTER = "cache.appliance.io/cluster"
@@ -298,8 +299,6 @@ def udp_request(address: str, port: int, command: bytes, timeout: float = 2.0) -
 def pid_of(pod) -> int:
     """The host pid of the pod's (first) container's main process, found through the
     container's cgroup on its node."""
-    from e2e.nodes import container_main_pid
-
     return container_main_pid(pod)
 
 

@@ -41,7 +41,7 @@ from kubernetes import client
 from cacheoperator.naming import LABEL_PARTITION, LABEL_STATEFULSET, common_labels
 from e2e import monitoring
 from e2e.appliance import pid_of
-from e2e.cluster import REPO_ROOT, ClusterError, binary, wait_for
+from e2e.base import REPO_ROOT, ClusterError, binary, wait_for
 from e2e.nodes import RACK_LABEL, ZONE_LABEL
 from e2e.prometheus import (
     Prometheus,
