@@ -23,8 +23,6 @@ from e2e.nodes import container_main_pid
 GROUP, VERSION, PLURAL = "cache.appliance.io", "v1alpha1", "cacheclusters"
 LABEL_CLUSTER = "cache.appliance.io/cluster"
 LABEL_PARTITION = "cache.appliance.io/partition"
-ZONE_LABEL = "topology.kubernetes.io/zone"
-RACK_LABEL = "topology.cache.appliance.io/rack"
 
 
 def load_manifest(path: Path) -> dict[str, Any]:
