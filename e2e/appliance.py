@@ -152,12 +152,9 @@ class CacheClusters:
             lines.append(f"  {c['type']}={c['status']} {c['reason']}: {c.get('message', '')}")
         try:
             for pod in self.pods(name):
-                ready = any(
-                    c.type == "Ready" and c.status == "True" for c in pod.status.conditions or []
-                )
                 lines.append(
                     f"  pod {pod.metadata.name} on {pod.spec.node_name}: "
-                    f"{pod.status.phase} ready={ready}"
+                    f"{pod.status.phase} ready={is_ready(pod)}"
                 )
         except Exception as e:
             lines.append(f"  (pods unknown: {e})")
@@ -292,6 +289,11 @@ def udp_request(address: str, port: int, command: bytes, timeout: float = 2.0) -
             if struct.unpack("!H", data[:2])[0] == request_id:
                 return data[8:]
     raise AssertionError("unreachable")
+
+
+def is_ready(pod) -> bool:
+    """Whether a pod (the API client's V1Pod) has its Ready condition."""
+    return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
 
 
 def pid_of(pod) -> int:

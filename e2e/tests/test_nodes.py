@@ -20,7 +20,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from e2e.appliance import pid_of, process_env
+from e2e.appliance import is_ready, pid_of, process_env
 from e2e.base import binary, wait_for
 from e2e.nodes import (
     NETWORK_PREFIX,
@@ -70,10 +70,6 @@ def accepts(address: str, port: int) -> bool:
     with contextlib.suppress(OSError), socket.create_connection((address, port), timeout=1):
         return True
     return False
-
-
-def is_ready(pod: client.V1Pod) -> bool:
-    return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
 
 
 def sleeper(image: str, name: str, script: str, resources: dict | None = None, **spec) -> dict:
