@@ -41,7 +41,7 @@ from pathlib import Path
 # The repository root, for testkit/ (the helpers the tests and the benchmarks share).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from testkit.ports import free_port, wait_for_port
+from testkit.net import free_port, wait_for_port
 from testkit.procs import cpu_seconds, status_kib
 
 HERE = Path(__file__).resolve().parent

@@ -24,7 +24,7 @@ from pathlib import Path
 # The repository root, for testkit/ (the helpers the tests and the benchmarks share).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from testkit.ports import free_port, wait_for_port
+from testkit.net import free_port, wait_for_port
 from testkit.procs import status_kib
 
 MIB = 1 << 20

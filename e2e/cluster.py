@@ -31,7 +31,7 @@ from e2e import images, nodes, procs, product
 from e2e.base import REPO_ROOT, ClusterError, binary, missing_binaries, wait_for
 from e2e.nodes import Network
 from e2e.pki import KUBERNETES_SERVICE_IP, SERVICE_CIDR, Pki
-from testkit.ports import free_port
+from testkit.net import free_port
 
 DEFAULT_STATE_DIR = REPO_ROOT / ".e2e"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"

@@ -28,7 +28,7 @@ import yaml
 from e2e import procs
 from e2e.base import ClusterError, wait_for
 from e2e.base import binary as cluster_binary
-from testkit.ports import free_port
+from testkit.net import free_port
 
 START_TIMEOUT = 60.0
 

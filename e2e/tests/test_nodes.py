@@ -29,7 +29,7 @@ from e2e.nodes import (
     ZONE_LABEL,
     container_cgroup,
 )
-from testkit.ports import free_port
+from testkit.net import free_port
 
 HOST_IP_ENV = {"name": "HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}}
 

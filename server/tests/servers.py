@@ -12,11 +12,12 @@ import subprocess
 import sys
 import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from testkit.ports import free_port, wait_for_port
+from testkit.net import free_port, recv_until, wait_for_port
 
 
 @dataclass
@@ -76,6 +77,24 @@ def start_cacheserver(
     return RunningServer("cacheserver", port, port if udp else 0, proc)
 
 
+def run_to_exit(
+    termination_log: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    """Run a cacheserver that should stop by itself (it cannot run) on loopback, with
+    ``termination_log`` as the file Kubernetes reads the reason from (the kubelet creates it;
+    a missing one is left missing) and none of the test run's CACHESERVER_* variables."""
+    return subprocess.run(
+        [sys.executable, "-m", "cacheserver", "-l", "127.0.0.1", *args],
+        env={
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "CACHESERVER_TERMINATION_LOG": str(termination_log),
+            **(env or {}),
+        },
+        capture_output=True,
+        timeout=30,
+    )
+
+
 def start_memcached(*args: str, udp: bool = True) -> RunningServer:
     binary = shutil.which("memcached")
     if binary is None:
@@ -88,18 +107,6 @@ def start_memcached(*args: str, udp: bool = True) -> RunningServer:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_port(port, proc)
     return RunningServer("memcached", port, port if udp else 0, proc)
-
-
-def recv_until(sock: socket.socket, terminator: bytes, timeout: float = 5.0) -> bytes:
-    """Read until the data ends with ``terminator`` (or the peer closes)."""
-    sock.settimeout(timeout)
-    data = b""
-    while not data.endswith(terminator):
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 def request(server: RunningServer, payload: bytes, terminator: bytes = b"\r\n") -> bytes:

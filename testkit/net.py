@@ -1,4 +1,4 @@
-"""Free ports and waiting for a server to listen on one."""
+"""Sockets in tests: a free port, waiting for a server to listen on it, reading a reply."""
 
 from __future__ import annotations
 
@@ -45,3 +45,15 @@ def wait_for_port(
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+def recv_until(sock: socket.socket, terminator: bytes, timeout: float = 5.0) -> bytes:
+    """Read until the data ends with ``terminator`` (or the peer closes)."""
+    sock.settimeout(timeout)
+    data = b""
+    while not data.endswith(terminator):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
