@@ -38,11 +38,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+# The repository root, for testkit/ (the helpers the tests and the benchmarks share).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from testkit.net import free_port, wait_for_port
+from testkit.procs import cpu_seconds, status_kib
+
 HERE = Path(__file__).resolve().parent
 LOADGEN = HERE / ".build" / "loadgen"
 CREDENTIALS = ("bench", "bench-password")
 HOST = "127.0.0.1"
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -56,24 +61,6 @@ class Result:
     @property
     def cpu_per_million(self) -> float:
         return self.cpu_seconds / self.requests * 1e6 if self.requests else float("nan")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
 
 
 class Server:
@@ -106,23 +93,16 @@ class Server:
         self.proc = subprocess.Popen(
             taskset + cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
         )
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection((HOST, self.port), timeout=0.5).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"{name} did not start")
+        wait_for_port(self.port, self.proc, host=HOST)
 
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=10)
 
     def measure(self, load: Callable[[], tuple[float, float, float, int]]) -> Result:
-        before = cpu_seconds(self.proc.pid)
+        before = sum(cpu_seconds(self.proc.pid))
         ops, median, p99, requests = load()
-        return Result(ops, median, p99, requests, cpu_seconds(self.proc.pid) - before)
+        return Result(ops, median, p99, requests, sum(cpu_seconds(self.proc.pid)) - before)
 
 
 def log2_quantiles(text: str, section: str) -> tuple[float, float]:
@@ -203,7 +183,7 @@ def loadgen(
 
 def idle_connection_bytes(server: Server, count: int) -> float:
     """Resident memory per idle connection: RSS before and after opening ``count``."""
-    before = rss_bytes(server.proc.pid)
+    before = status_kib(server.proc.pid, "VmRSS") * 1024
     socks = []
     try:
         for _ in range(count):
@@ -214,7 +194,7 @@ def idle_connection_bytes(server: Server, count: int) -> float:
             s.sendall(b"version\r\n")
             s.recv(100)
         time.sleep(1)
-        return (rss_bytes(server.proc.pid) - before) / count
+        return (status_kib(server.proc.pid, "VmRSS") * 1024 - before) / count
     finally:
         for s in socks:
             s.close()

@@ -19,35 +19,15 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
+
+# The repository root, for testkit/ (the helpers the tests and the benchmarks share).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from testkit.net import free_port, wait_for_port
+from testkit.procs import status_kib
 
 MIB = 1 << 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with code {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port}")
-
-
-def status_kib(pid: int, field: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
 
 
 def key(n: int) -> bytes:
@@ -117,7 +97,7 @@ class Result:
 def measure(name: str, argv: list[str], port: int, args: argparse.Namespace) -> Result:
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for_port(port, proc)
+        wait_for_port(port, proc, timeout=20)
         time.sleep(0.5)
         rss_start = status_kib(proc.pid, "VmRSS") * 1024
         seconds = fill(port, args.items, args.value_size, args.batch)

@@ -52,17 +52,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from e2e import procs
-from e2e.cluster import (
-    REPO_ROOT,
-    ClusterError,
-    LocalCluster,
-    binary,
-    cache_dir,
-    free_port,
-    versions,
-    wait_for,
-)
+from e2e.base import REPO_ROOT, ClusterError, binary, cache_dir, versions, wait_for
+from e2e.cluster import LocalCluster
 from e2e.product import RELEASE, helm_env, run_tool, service_account_kubeconfig
+from testkit.net import free_port
 
 CHART = REPO_ROOT / "charts" / "cache-operator"
 CRDS = REPO_ROOT / "crds"

@@ -17,13 +17,12 @@ from typing import Any
 
 import yaml
 
-from e2e.cluster import ClusterError
+from e2e.base import ClusterError
+from e2e.nodes import container_main_pid
 
 GROUP, VERSION, PLURAL = "cache.appliance.io", "v1alpha1", "cacheclusters"
 LABEL_CLUSTER = "cache.appliance.io/cluster"
 LABEL_PARTITION = "cache.appliance.io/partition"
-ZONE_LABEL = "topology.kubernetes.io/zone"
-RACK_LABEL = "topology.cache.appliance.io/rack"
 
 
 def load_manifest(path: Path) -> dict[str, Any]:
@@ -153,12 +152,9 @@ class CacheClusters:
             lines.append(f"  {c['type']}={c['status']} {c['reason']}: {c.get('message', '')}")
         try:
             for pod in self.pods(name):
-                ready = any(
-                    c.type == "Ready" and c.status == "True" for c in pod.status.conditions or []
-                )
                 lines.append(
                     f"  pod {pod.metadata.name} on {pod.spec.node_name}: "
-                    f"{pod.status.phase} ready={ready}"
+                    f"{pod.status.phase} ready={is_ready(pod)}"
                 )
         except Exception as e:
             lines.append(f"  (pods unknown: {e})")
@@ -295,11 +291,14 @@ def udp_request(address: str, port: int, command: bytes, timeout: float = 2.0) -
     raise AssertionError("unreachable")
 
 
+def is_ready(pod) -> bool:
+    """Whether a pod (the API client's V1Pod) has its Ready condition."""
+    return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
+
+
 def pid_of(pod) -> int:
     """The host pid of the pod's (first) container's main process, found through the
     container's cgroup on its node."""
-    from e2e.nodes import container_main_pid
-
     return container_main_pid(pod)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from e2e.cluster import REPO_ROOT, versions
+from e2e.base import REPO_ROOT, versions
 
 CHART = REPO_ROOT / "charts" / "cache-operator"
 DASHBOARDS = sorted((CHART / "dashboards").glob("*.json"))

@@ -32,14 +32,16 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from e2e import procs
+from e2e.base import ClusterError, binary, cni_dir, wait_for
 from e2e.pki import SERVICE_CIDR
 
 ZONE_LABEL = "topology.kubernetes.io/zone"
@@ -385,8 +387,6 @@ class NodeBinaries:
 
     @classmethod
     def find(cls) -> NodeBinaries:
-        from e2e.cluster import binary, cni_dir
-
         runc = shutil.which("runc") or "/usr/sbin/runc"
         if not os.access(runc, os.X_OK):
             raise NodeError("runc is not installed: make deps (scripts/bootstrap.sh) installs it")
@@ -667,7 +667,6 @@ class Node:
             [bins.containerd, "--config", str(p.work / "containerd.toml"), "--log-level", "warn"],
             env=env,
         )
-        from e2e.cluster import wait_for
 
         def serving() -> bool:
             self.ctr(bins, "version", timeout=5)  # raises until the server answers
@@ -764,7 +763,7 @@ class Nodes:
 
     def start(self, images: Iterable[Path], timeout: float = 180.0) -> Nodes:
         bins = NodeBinaries.find()
-        sweep_stale()
+        sweep_stale(type(self.cluster).load)
         owner = RUN_ROOT / self.network.tag / "owner.json"
         owner.parent.mkdir(parents=True, exist_ok=True)
         owner.write_text(
@@ -868,11 +867,11 @@ def stop_from_state(state_file: Path) -> None:
         raise NodeError("; ".join(errors))
 
 
-def sweep_stale() -> None:
+def sweep_stale(load_cluster: Callable[[Path], Any]) -> None:
     """Remove the nodes of clusters whose control plane is gone (a test run that was killed
-    before it could clean up): their processes, mounts, cgroups and network namespaces."""
-    from e2e.cluster import ClusterError, LocalCluster
-
+    before it could clean up): their processes, mounts, cgroups and network namespaces.
+    ``load_cluster``: the control plane recorded in a state directory (LocalCluster.load),
+    asked whether it is ``alive()`` and told to ``stop()``."""
     if not RUN_ROOT.is_dir():
         return
     for tag_dir in RUN_ROOT.iterdir():
@@ -880,12 +879,12 @@ def sweep_stale() -> None:
         try:
             raw = json.loads(owner.read_text())
             nodes_state, cluster_state = Path(raw["nodes"]), Path(raw["cluster"])
-            if cluster_state.exists() and LocalCluster.load(cluster_state.parent).alive():
+            if cluster_state.exists() and load_cluster(cluster_state.parent).alive():
                 continue
             if nodes_state.exists():
                 stop_from_state(nodes_state)
             if cluster_state.exists():
-                LocalCluster.load(cluster_state.parent).stop()
+                load_cluster(cluster_state.parent).stop()
         except (OSError, ValueError, KeyError, NodeError, ClusterError):
             pass
         sweep_tag(tag)
@@ -922,8 +921,6 @@ def wait_nodes_ready(api_client, names: Iterable[str], timeout: float) -> None:
     (node.kubernetes.io/not-ready and friends, which the node lifecycle controller removes),
     so the scheduler will place pods on it; taints a node registered with stay."""
     from kubernetes import client
-
-    from e2e.cluster import wait_for
 
     core = client.CoreV1Api(api_client)
     wanted = set(names)

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import yaml
 
-from e2e.cluster import REPO_ROOT, ClusterError, wait_for
+from e2e.appliance import describe_endpoints, load_manifest, wait_phase
+from e2e.base import REPO_ROOT, ClusterError, wait_for
+from e2e.nodes import container_main_pid
 
 CHART = REPO_ROOT / "charts" / "cache-operator"
 EXAMPLES = REPO_ROOT / "examples"
@@ -182,8 +184,6 @@ class OperatorPod:
 
     def pid(self) -> int:
         """The operator's process on this machine (its container's first process)."""
-        from e2e.nodes import container_main_pid
-
         return container_main_pid(self.pod())
 
     @property
@@ -235,8 +235,6 @@ class OperatorPod:
 def install(cluster, state_dir: Path, image: str, timeout: float = 180) -> None:
     """After the nodes are Ready (the image imported): install the chart, wait for the
     operator's pod, apply the example and wait for it to be Ready; print its endpoints."""
-    from e2e.appliance import describe_endpoints, load_manifest, wait_phase
-
     bin_dir = state_dir / "bin"
     print(f"installing {CHART.relative_to(REPO_ROOT)} as release {RELEASE} ...", flush=True)
     started = time.monotonic()

@@ -26,8 +26,9 @@ from typing import Any
 import yaml
 
 from e2e import procs
-from e2e.cluster import ClusterError, free_port, wait_for
-from e2e.cluster import binary as cluster_binary
+from e2e.base import ClusterError, wait_for
+from e2e.base import binary as cluster_binary
+from testkit.net import free_port
 
 START_TIMEOUT = 60.0
 

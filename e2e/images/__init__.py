@@ -17,7 +17,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from e2e.cluster import REPO_ROOT
+from e2e.base import REPO_ROOT
 
 SCRIPT = REPO_ROOT / "scripts" / "image.sh"
 # A cold build of the project image: debootstrap of a base, then the Dockerfile.

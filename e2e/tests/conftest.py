@@ -15,14 +15,8 @@ import pytest
 
 from e2e import images, nodes, product
 from e2e.appliance import GROUP, LABEL_CLUSTER, PLURAL, VERSION, CacheClusters
-from e2e.cluster import (
-    ClusterError,
-    ExternalCluster,
-    LocalCluster,
-    binary,
-    missing_binaries,
-    wait_for,
-)
+from e2e.base import ClusterError, binary, missing_binaries, wait_for
+from e2e.cluster import ExternalCluster, LocalCluster
 
 START_TIMEOUT = 120.0
 # Enough for every placement strategy of examples/: 3 pods in one zone (cluster), 6 on

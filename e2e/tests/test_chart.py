@@ -13,7 +13,7 @@ from kubernetes import client
 
 from e2e import product
 from e2e.appliance import process_env
-from e2e.cluster import versions
+from e2e.base import versions
 
 CHART = str(product.CHART)
 # Value sets the tests render: the defaults, and the variants that change which objects

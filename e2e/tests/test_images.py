@@ -24,7 +24,7 @@ import yaml
 
 from cacheoperator.naming import DEFAULT_IMAGE
 from e2e import images
-from e2e.cluster import free_port
+from testkit.net import free_port
 
 CHART = images.REPO_ROOT / "charts" / "cache-operator"
 # A cold build: a Debian base made with debootstrap, then the Dockerfile (minutes).

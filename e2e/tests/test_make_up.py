@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from e2e import procs
-from e2e.cluster import REPO_ROOT, missing_binaries
+from e2e.base import REPO_ROOT, missing_binaries
 from e2e.nodes import HOST_SYSCTLS, Network
 
 pytestmark = pytest.mark.skipif(

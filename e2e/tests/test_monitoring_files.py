@@ -20,7 +20,8 @@ from cacheoperator.metrics import OperatorMetrics
 from cacheoperator.models import parse_spec
 from cacheoperator.naming import ClusterRef
 from e2e import monitoring
-from e2e.cluster import REPO_ROOT, ClusterError, binary, free_port
+from e2e.base import REPO_ROOT, ClusterError, binary
+from testkit.net import free_port
 
 OVERVIEW = monitoring.CHART / "dashboards" / "cache-cluster-overview.json"
 OPERATOR = monitoring.CHART / "dashboards" / "cache-operator.json"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import secrets
 import signal
 import socket
@@ -21,8 +20,8 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from e2e.appliance import pid_of, process_env
-from e2e.cluster import binary
+from e2e.appliance import is_ready, pid_of, process_env
+from e2e.base import binary, wait_for
 from e2e.nodes import (
     NETWORK_PREFIX,
     RACK_LABEL,
@@ -30,6 +29,7 @@ from e2e.nodes import (
     ZONE_LABEL,
     container_cgroup,
 )
+from testkit.net import free_port
 
 HOST_IP_ENV = {"name": "HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}}
 
@@ -66,18 +66,10 @@ def pod_template(app: str, container: dict) -> dict:
     }
 
 
-def free_port() -> int:
-    return random.randint(20000, 29999)
-
-
 def accepts(address: str, port: int) -> bool:
     with contextlib.suppress(OSError), socket.create_connection((address, port), timeout=1):
         return True
     return False
-
-
-def is_ready(pod: client.V1Pod) -> bool:
-    return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
 
 
 def sleeper(image: str, name: str, script: str, resources: dict | None = None, **spec) -> dict:
@@ -213,8 +205,6 @@ def test_api_server_rejects_invalid_objects(api, namespace):
                 if e.status == 404:
                     return None
                 raise
-
-        from e2e.cluster import wait_for
 
         wait_for("the Widget CRD to be served", established, 30)
         with pytest.raises(ApiException) as invalid:

@@ -40,8 +40,8 @@ from kubernetes import client
 
 from cacheoperator.naming import LABEL_PARTITION, LABEL_STATEFULSET, common_labels
 from e2e import monitoring
-from e2e.appliance import pid_of
-from e2e.cluster import REPO_ROOT, ClusterError, binary, wait_for
+from e2e.appliance import is_ready, pid_of
+from e2e.base import REPO_ROOT, ClusterError, binary, wait_for
 from e2e.nodes import RACK_LABEL, ZONE_LABEL
 from e2e.prometheus import (
     Prometheus,
@@ -201,10 +201,6 @@ def appliance_statefulset(partition: int, replicas: int, port: int, image: str) 
             },
         },
     }
-
-
-def is_ready(pod: client.V1Pod) -> bool:
-    return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
 
 
 def grant_prometheus(cluster, rbac: client.RbacAuthorizationV1Api) -> tuple[dict, str]:

@@ -28,7 +28,7 @@ from e2e.appliance import (
     pid_of,
     stats,
 )
-from e2e.cluster import wait_for
+from e2e.base import wait_for
 from e2e.nodes import container_cgroup
 
 DEFAULT = product.EXAMPLES / "cachecluster.yaml"  # 3 appliances, every default

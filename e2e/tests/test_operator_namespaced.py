@@ -8,7 +8,7 @@ import subprocess
 
 from e2e import product
 from e2e.appliance import CacheClusters, endpoints, load_manifest, memcached_roundtrip
-from e2e.cluster import wait_for
+from e2e.base import wait_for
 
 RELEASE = "cache-operator-ns"  # the chart names its objects and ServiceAccount after it
 

@@ -17,7 +17,6 @@ import pytest
 
 from e2e import product
 from e2e.appliance import (
-    ZONE_LABEL,
     conditions,
     endpoints,
     kubectl,
@@ -25,11 +24,10 @@ from e2e.appliance import (
     memcached_roundtrip,
     stats,
 )
-from e2e.nodes import SHARED_CPUS_TAINT
+from e2e.nodes import HOSTNAME_LABEL, SHARED_CPUS_TAINT, ZONE_LABEL
 
 DEFAULT = product.EXAMPLES / "cachecluster.yaml"  # 3 appliances, every default
 TIMEOUT = 120
-HOSTNAME_LABEL = "kubernetes.io/hostname"
 CPU_LIST = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
 # Small appliances that do not ask for whole CPUs, so two fit on one node's allocatable.
 SMALL = {"pinning": False, "resources": {"cpu": "200m", "memory": "128Mi"}}

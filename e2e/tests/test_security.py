@@ -29,6 +29,7 @@ import pytest
 
 from e2e import product
 from e2e.appliance import Endpoint, conditions, endpoints, load_manifest
+from testkit.net import recv_until
 from tlscerts import Certificates, Pair, client_context, make_cert, make_certificates
 
 SECURED = product.EXAMPLES / "cachecluster-secured.yaml"
@@ -68,13 +69,7 @@ def _ask(ep: Endpoint, context: ssl.SSLContext | None, payload: bytes, end: byte
     try:
         with _connect(ep, context) as sock:
             sock.sendall(payload)
-            data = b""
-            while not data.endswith(end):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-            return data
+            return recv_until(sock, end)
     except (OSError, ssl.SSLError):
         return b""
 

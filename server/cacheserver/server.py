@@ -11,11 +11,10 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, Metric
 
 from cacheserver import __version__
 from cacheserver.config import Settings, worker_path
@@ -25,7 +24,6 @@ from cacheserver.fastpath import make_engine
 from cacheserver.metrics.collector import ServerCollector
 from cacheserver.metrics.counters import Counters
 from cacheserver.metrics.http import serve_metrics
-from cacheserver.metrics.identity import PodIdentity
 from cacheserver.metrics.latency import LatencyHistogram
 from cacheserver.metrics.stats_report import StatsReport
 from cacheserver.network.tcp import TCPServer
@@ -107,22 +105,19 @@ class Worker:
             self.credentials,
         )
         self.registry = CollectorRegistry(auto_describe=False)
-        self.collector = ServerCollector(self.report, self.tcp.latency)
+        self.collector = ServerCollector(self.report)
+        self.report.accepting = lambda: self.tcp.accepting
         self.report.extra_general.append(self.tcp.latency.stats_fields)
         self.report.extra_settings.append(
             lambda: [("fast_path", "compiled" if self.engine is not None else "python")]
         )
         self.cpus = CpuPlacement.observe(cpus_allowed)
         self.report.extra_settings.append(self.cpus.settings)
-        self.collector.extra.append(PodIdentity.from_env().metrics)
         if self.discovery is not None:
             self.report.extra_general.append(self.discovery.stats_fields)
             self.report.extra_settings.append(self.discovery.settings_fields)
-            self.collector.extra.append(self.discovery.metrics)
         if self.credentials is not None:
             self.report.extra_general.append(self.credentials.stats_fields)
-            self.collector.extra.append(self.credentials.metrics)
-            self.collector.extra.append(self._auth_metrics)
         self.report.extra_settings.append(lambda: tls_settings.settings_fields(settings))
         if self.tls is not None:
             counters = self.counters
@@ -130,8 +125,6 @@ class Worker:
                 lambda: [("ssl_handshake_errors", counters.ssl_handshake_errors)]
             )
             self.report.extra_general.append(self.tls.stats_fields)
-            self.collector.extra.append(self.tls.metrics)
-            self.collector.extra.append(self._tls_metrics)
         self.registry.register(self.collector)
         self._servers: list[asyncio.Server] = []
         self.udp = UDPServer(self.commands, self.counters, settings.udp_allow_all, self.engine)
@@ -152,7 +145,6 @@ class Worker:
                 started=self.report.started,
             )
             self.report.extra_general.append(self.warm.stats_fields)
-            self.collector.extra.append(self.warm.metrics)
 
     def set_memlimit(self, nbytes: int) -> None:
         """cache_memlimit: resize the store (evicting down to a smaller size at once)."""
@@ -201,24 +193,6 @@ class Worker:
             )
             log.info("metrics on http://%s:%d/metrics", st.host, st.metrics_port)
         self._ticker = loop.call_later(SWEEP_PERIOD, self._tick)
-
-    def _auth_metrics(self) -> Iterator[Metric]:
-        c = self.counters
-        yield CounterMetricFamily(
-            "cacheappliance_auth_commands", "Logins tried (-Y), right or wrong.", c.auth_cmds
-        )
-        yield CounterMetricFamily(
-            "cacheappliance_auth_errors",
-            "Logins refused (-Y): wrong user or password.",
-            c.auth_errors,
-        )
-
-    def _tls_metrics(self) -> Iterator[Metric]:
-        yield CounterMetricFamily(
-            "cacheappliance_tls_handshake_errors",
-            "TLS handshakes that failed: plaintext clients, refused client certificates.",
-            self.counters.ssl_handshake_errors,
-        )
 
     def _stats(self, worker: int, sub: str) -> bytes | None:
         """This worker's ``stats [sub]`` for the HTTP endpoint."""

@@ -23,12 +23,8 @@ import mmap
 import os
 import re
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
-from prometheus_client.metrics_core import Metric
 
 from cacheserver.storage import Store
 from cacheserver.storage.snapshot import (
@@ -264,21 +260,6 @@ class WarmRestart:
             ("warm_restart_expired_items", out.expired),
             ("warm_restart_restore_seconds", f"{out.seconds:.3f}"),
         ]
-
-    def metrics(self) -> Iterator[Metric]:
-        out = self.outcome
-        info = InfoMetricFamily(
-            "cacheappliance_warm_restart",
-            "What the last start did with its warm-restart snapshot.",
-        )
-        info.add_metric([], {"result": out.result, "reason": out.reason})
-        yield info
-        for name, doc, value in (
-            ("restored_items", "Items restored from the snapshot at start.", out.items),
-            ("restored_bytes", "Bytes of keys and items restored at start.", out.nbytes),
-            ("restore_seconds", "Seconds the restore took.", out.seconds),
-        ):
-            yield GaugeMetricFamily(f"cacheappliance_warm_restart_{name}", doc, value=value)
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -4,57 +4,20 @@ memcached, each as its own process on a free loopback port."""
 from __future__ import annotations
 
 import os
-import random
+import resource
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import time
+import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-STARTUP_TIMEOUT = 15.0
-
-
-# Below Linux's default ephemeral range (32768-60999), so a client socket's local port never
-# takes a port a server here is about to bind (worker i of -t N binds port+i).
-_PORT_RANGE = (20000, 32000)
-
-
-def free_port(span: int = 8) -> int:
-    """A port whose ``span`` consecutive ports are all free for TCP and UDP on 127.0.0.1."""
-    for _ in range(200):
-        base = random.randrange(_PORT_RANGE[0], _PORT_RANGE[1] - span)
-        if all(_bindable(base + i) for i in range(span)):
-            return base
-    raise RuntimeError("no free port range found")
-
-
-def _bindable(port: int) -> bool:
-    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-        with socket.socket(socket.AF_INET, kind) as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                return False
-    return True
-
-
-def wait_for_port(
-    port: int, proc: subprocess.Popen[bytes], timeout: float = STARTUP_TIMEOUT
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited early with code {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+from testkit.net import free_port, recv_until, wait_for_port
 
 
 @dataclass
@@ -80,16 +43,31 @@ class RunningServer:
 
 
 def start_cacheserver(
-    *args: str, udp: bool = True, env: dict[str, str] | None = None, port: int = 0
+    *args: str,
+    udp: bool = True,
+    env: dict[str, str] | None = None,
+    port: int = 0,
+    max_files: int | None = None,
 ) -> RunningServer:
-    """Start one on a free port, or on ``port`` (e.g. to restart one where it was)."""
+    """Start one on a free port, or on ``port`` (e.g. to restart one where it was);
+    ``max_files``: its limit of open file descriptors (RLIMIT_NOFILE)."""
     port = port or free_port()
     cmd = [sys.executable, "-m", "cacheserver", "-l", "127.0.0.1", "-p", str(port)]
     if udp:
         cmd += ["-U", str(port)]
     cmd += list(args)
     full_env = {**os.environ, **(env or {})}
-    proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def limit_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))
+
+    proc = subprocess.Popen(
+        cmd,
+        env=full_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=limit_files if max_files is not None else None,
+    )
     try:
         wait_for_port(port, proc)
     except Exception:
@@ -97,6 +75,24 @@ def start_cacheserver(
         _, err = proc.communicate(timeout=10)
         raise RuntimeError(f"cacheserver did not start: {err.decode(errors='replace')}") from None
     return RunningServer("cacheserver", port, port if udp else 0, proc)
+
+
+def run_to_exit(
+    termination_log: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    """Run a cacheserver that should stop by itself (it cannot run) on loopback, with
+    ``termination_log`` as the file Kubernetes reads the reason from (the kubelet creates it;
+    a missing one is left missing) and none of the test run's CACHESERVER_* variables."""
+    return subprocess.run(
+        [sys.executable, "-m", "cacheserver", "-l", "127.0.0.1", *args],
+        env={
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "CACHESERVER_TERMINATION_LOG": str(termination_log),
+            **(env or {}),
+        },
+        capture_output=True,
+        timeout=30,
+    )
 
 
 def start_memcached(*args: str, udp: bool = True) -> RunningServer:
@@ -113,18 +109,6 @@ def start_memcached(*args: str, udp: bool = True) -> RunningServer:
     return RunningServer("memcached", port, port if udp else 0, proc)
 
 
-def recv_until(sock: socket.socket, terminator: bytes, timeout: float = 5.0) -> bytes:
-    """Read until the data ends with ``terminator`` (or the peer closes)."""
-    sock.settimeout(timeout)
-    data = b""
-    while not data.endswith(terminator):
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
 def request(server: RunningServer, payload: bytes, terminator: bytes = b"\r\n") -> bytes:
     with socket.create_connection(server.address, timeout=5) as sock:
         sock.sendall(payload)
@@ -138,6 +122,22 @@ def stats(server: RunningServer, sub: str = "") -> dict[str, str]:
         parts[1]: parts[2]
         for parts in (line.split(" ", 2) for line in reply.splitlines())
         if len(parts) == 3 and parts[0] == "STAT"
+    }
+
+
+def metrics_text(port: int, proc: subprocess.Popen[bytes]) -> str:
+    """The /metrics page of a server's metrics port (it may open after the memcached port)."""
+    wait_for_port(port, proc)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        return reply.read().decode()
+
+
+def scrape(server: RunningServer, port: int) -> dict[tuple[str, tuple], float]:
+    """Every sample of a server's /metrics: (name, sorted labels) -> value."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(metrics_text(port, server.proc))
+        for s in family.samples
     }
 
 

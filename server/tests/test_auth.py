@@ -32,6 +32,7 @@ from servers import (
     RunningServer,
     free_port,
     recv_until,
+    run_to_exit,
     start_cacheserver,
     start_memcached,
     stats,
@@ -319,13 +320,7 @@ def test_a_bad_credentials_file_stops_the_server_naming_it(
         path.write_bytes(content)
     log = tmp_path / "termination-log"
     log.write_bytes(b"")
-    command = [sys.executable, "-m", "cacheserver", "-p", str(free_port()), "-Y", str(path)]
-    run = subprocess.run(
-        [*command, "--termination-log", str(log)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    run = run_to_exit(log, "-p", str(free_port()), "-Y", str(path))
     assert run.returncode != 0
     message = log.read_text()
     assert message.startswith("cannot use the credentials file (-Y)") and why in message

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from servers import recv_until, request, start_cacheserver
+from testkit.procs import status_kib
 
 
 def test_connection_limit_answers_like_memcached_and_closes() -> None:
@@ -89,13 +90,6 @@ def test_a_client_that_does_not_read_its_replies_gets_them_all_later() -> None:
         server.stop()
 
 
-def _rss_bytes(pid: int) -> int:
-    for line in open(f"/proc/{pid}/status"):  # noqa: SIM115 - a short read of procfs
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 @pytest.mark.parametrize("path", ["compiled", "python"])
 def test_a_burst_of_large_gets_is_answered_in_full_without_building_it_all(path: str) -> None:
     """400 pipelined gets of a 1 MB value ask for 400 MB of replies in one 4 kB write. The
@@ -106,7 +100,7 @@ def test_a_burst_of_large_gets_is_answered_in_full_without_building_it_all(path:
     count = 400
     try:
         assert request(server, b"set big 0 0 %d\r\n%s\r\n" % (len(value), value)) == b"STORED\r\n"
-        start_rss = _rss_bytes(server.proc.pid)
+        start_rss = status_kib(server.proc.pid, "VmRSS") * 1024
         peak_rss = start_rss
         expected = b"VALUE big 0 %d\r\n%s\r\nEND\r\n" % (len(value), value)
         with socket.create_connection(server.address, timeout=10) as sock:
@@ -119,7 +113,7 @@ def test_a_burst_of_large_gets_is_answered_in_full_without_building_it_all(path:
                 received += chunk
                 reads += 1
                 if reads % 16 == 0:
-                    peak_rss = max(peak_rss, _rss_bytes(server.proc.pid))
+                    peak_rss = max(peak_rss, status_kib(server.proc.pid, "VmRSS") * 1024)
                 # Check and drop the replies complete so far: the client keeps little too.
                 whole = min(len(received) // len(expected), count)
                 if whole:

@@ -35,6 +35,7 @@ from servers import (
     free_port,
     recv_until,
     request,
+    scrape,
     start_cacheserver,
     start_memcached,
     wait_for_port,
@@ -348,7 +349,6 @@ def test_udp_answers_as_memcached_to_an_unknown_command(volume):
 
 
 def test_every_worker_answers_and_the_metrics_show_the_version(volume):
-    from test_metrics import scrape
 
     metrics_port = free_port()
     server = start_cacheserver(
@@ -374,7 +374,6 @@ def test_every_worker_answers_and_the_metrics_show_the_version(volume):
 
 
 def test_one_worker_exports_the_discovery_metrics(volume):
-    from test_metrics import scrape
 
     volume.publish(membership_json(9, THREE, changed="2001-01-01T00:00:00Z"))
     metrics_port = free_port()

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import urllib.request
 
-from servers import RunningServer, free_port, start_cacheserver, stats, wait_for_port
+from servers import (
+    RunningServer,
+    free_port,
+    metrics_text,
+    start_cacheserver,
+    stats,
+    wait_for_port,
+)
 
 MIB = 1 << 20
 ENV = "CACHESERVER_CONTAINER_MEMORY_LIMIT"
@@ -50,10 +56,7 @@ def test_metrics_show_the_memory_layer() -> None:
         "--metrics-port", str(metrics_port), udp=False, env={ENV: str(300 * MIB)}
     )
     try:
-        # The metrics listener may open a moment after the memcached port.
-        wait_for_port(metrics_port, server.proc)
-        url = f"http://127.0.0.1:{metrics_port}/metrics"
-        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        text = metrics_text(metrics_port, server.proc)
     finally:
         server.stop()
     samples = {
@@ -100,9 +103,7 @@ def test_workers_share_the_sized_capacity() -> None:
     try:
         wait_for_port(second.port, server.proc)
         first_settings, second_settings = stats(server, "settings"), stats(second, "settings")
-        wait_for_port(metrics_port, server.proc)
-        url = f"http://127.0.0.1:{metrics_port}/metrics"
-        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        text = metrics_text(metrics_port, server.proc)
     finally:
         server.stop()
     for worker in ("0", "1"):

@@ -3,36 +3,19 @@ termination message (the kubelet creates it; here an empty file stands in for it
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
-import sys
-from pathlib import Path
 
 from cacheserver.termination import MAX_BYTES, record_fatal
-from servers import free_port
+from servers import free_port, run_to_exit
 
 MIB = 1 << 20
-
-
-def run_server(termination_log: Path, *args: str, env: dict[str, str] | None = None):
-    return subprocess.run(
-        [sys.executable, "-m", "cacheserver", "-l", "127.0.0.1", *args],
-        env={
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "CACHESERVER_TERMINATION_LOG": str(termination_log),
-            **(env or {}),
-        },
-        capture_output=True,
-        timeout=30,
-    )
 
 
 def test_a_limit_too_small_leaves_its_numbers_as_the_termination_message(tmp_path):
     log = tmp_path / "termination-log"
     log.touch()
     limit = {"CACHESERVER_CONTAINER_MEMORY_LIMIT": str(40 * MIB)}
-    proc = run_server(log, "-p", str(free_port()), env=limit)
+    proc = run_to_exit(log, "-p", str(free_port()), env=limit)
     assert proc.returncode == 2
     message = log.read_text()
     assert message.startswith("cannot size memory: the memory limit 40.0 MiB (env) leaves")
@@ -46,7 +29,7 @@ def test_a_port_in_use_is_the_termination_message(tmp_path):
         taken.bind(("127.0.0.1", free_port()))
         taken.listen()
         port = taken.getsockname()[1]
-        proc = run_server(log, "-p", str(port), "-m", "8")
+        proc = run_to_exit(log, "-p", str(port), "-m", "8")
     assert proc.returncode == 1
     assert log.read_text().startswith("cannot start: ")
     assert "address already in use" in log.read_text().lower()
@@ -59,7 +42,7 @@ def test_a_worker_names_itself_and_its_supervisor_does_not_overwrite_it(tmp_path
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", port + 1))
         taken.listen()
-        proc = run_server(log, "-p", str(port), "-t", "2", "-m", "8")
+        proc = run_to_exit(log, "-p", str(port), "-t", "2", "-m", "8")
     assert proc.returncode == 1
     message = log.read_text()
     assert message.startswith("worker 1 cannot start: "), message
@@ -69,7 +52,7 @@ def test_a_worker_names_itself_and_its_supervisor_does_not_overwrite_it(tmp_path
 def test_nothing_is_created_outside_kubernetes(tmp_path):
     missing = tmp_path / "termination-log"
     limit = {"CACHESERVER_CONTAINER_MEMORY_LIMIT": str(40 * MIB)}
-    proc = run_server(missing, "-p", str(free_port()), env=limit)
+    proc = run_to_exit(missing, "-p", str(free_port()), env=limit)
     assert proc.returncode == 2
     assert not missing.exists()
     assert b"cannot size memory" in proc.stderr  # the log still says it

@@ -8,8 +8,6 @@ from __future__ import annotations
 import os
 import socket
 import ssl
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from servers import (
     RunningServer,
     free_port,
     recv_until,
+    run_to_exit,
     start_cacheserver,
     start_memcached,
     wait_for_port,
@@ -249,13 +248,7 @@ def test_bad_certificates_stop_the_server_naming_them(
     log = tmp_path / "termination-log"
     log.write_bytes(b"")
     options = f"ssl_chain_cert={chain},ssl_key={key},ssl_ca_cert={ca},ssl_verify_mode=2"
-    command = [sys.executable, "-m", "cacheserver", "-p", str(free_port()), "-Z", "-o", options]
-    run = subprocess.run(
-        [*command, "--termination-log", str(log)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    run = run_to_exit(log, "-p", str(free_port()), "-Z", "-o", options)
     assert run.returncode != 0
     message = log.read_text()
     assert message.startswith(f"cannot use the TLS certificates (-Z): {said}"), message

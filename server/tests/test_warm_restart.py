@@ -9,7 +9,6 @@ import signal
 import socket
 import struct
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 from pymemcache.client.base import Client
 
 from cacheserver.metrics.aggregate import fetch_stats
-from servers import RunningServer, free_port, start_cacheserver, wait_for_port
+from servers import RunningServer, free_port, metrics_text, start_cacheserver, wait_for_port
 
 N_KEYS = 1500
 
@@ -117,9 +116,7 @@ def test_a_graceful_stop_keeps_every_item_byte_exact_with_flags_and_cas(
             c.set("fresh", b"x")
             _, cas = c.gets("fresh")
             assert int(cas) > max(int(v[2]) for v in after.values())
-        wait_for_port(metrics, server.proc)
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as r:
-            text = r.read().decode()
+        text = metrics_text(metrics, server.proc)
         assert f"cacheappliance_warm_restart_restored_items {float(N_KEYS)}" in text
         assert 'cacheappliance_warm_restart_info{reason="",result="restored"} 1.0' in text
     finally:
@@ -274,9 +271,7 @@ def test_a_snapshot_that_does_not_check_out_is_refused_and_nothing_is_served(
         assert s["warm_restart"] == "refused"
         assert s["warm_restart_reason"] == reason
         assert s["curr_items"] == "0" and s["bytes"] == "0"
-        wait_for_port(metrics, server.proc)
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as r:
-            text = r.read().decode()
+        text = metrics_text(metrics, server.proc)
         assert f'cacheappliance_warm_restart_info{{reason="{reason}",result="refused"}} 1.0' in text
         assert not path.exists()  # a refused snapshot is removed too
     finally:
@@ -321,9 +316,7 @@ def test_each_worker_keeps_its_own_shard(tmp_path: Path) -> None:
                 assert c.get_many(keys) == {k: k[1:].encode() for k in keys}
                 assert stats(server.port + w)["warm_restart_restored_items"] == "100"
                 assert c.get(f"w{1 - w}:0") is None
-        wait_for_port(metrics, server.proc)
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as r:
-            text = r.read().decode()
+        text = metrics_text(metrics, server.proc)
         for w in (0, 1):
             assert f'cacheappliance_warm_restart_restored_items{{worker="{w}"}} 100.0' in text
             info = f'cacheappliance_warm_restart_info{{reason="",result="restored",worker="{w}"}}'

@@ -8,9 +8,15 @@ import re
 import signal
 import socket
 import time
-import urllib.request
 
-from servers import RunningServer, free_port, request, start_cacheserver, wait_for_port
+from servers import (
+    RunningServer,
+    free_port,
+    metrics_text,
+    request,
+    start_cacheserver,
+    wait_for_port,
+)
 
 
 def children_of(pid: int) -> list[int]:
@@ -42,10 +48,7 @@ def test_each_worker_is_its_own_shard_and_port() -> None:
         assert request(server, b"get k\r\n", b"END\r\n") == b"VALUE k 0 1\r\na\r\nEND\r\n"
         settings = request(server, b"stats settings\r\n", b"END\r\n")
         assert b"STAT maxbytes %d\r\n" % (32 * 1024 * 1024) in settings  # 64 MB split in two
-        wait_for_port(metrics_port, server.proc)  # the parent serves it, on its own time
-        url = f"http://127.0.0.1:{metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as r:
-            text = r.read().decode()
+        text = metrics_text(metrics_port, server.proc)  # the parent serves it, on its own time
         assert 'memcached_up{worker="0"} 1.0' in text
         assert 'memcached_up{worker="1"} 1.0' in text
         assert 'memcached_current_items{worker="1"} 1.0' in text
@@ -79,17 +82,14 @@ def test_aggregated_metrics_count_evictions_udp_drops_and_refusals_per_worker() 
     server = start_cacheserver("-t", "2", "-m", "1", "-c", "4", "--metrics-port", str(metrics_port))
     try:
         wait_for_port(server.port + 1, server.proc)
-        wait_for_port(metrics_port, server.proc)
         value = b"x" * 100_000
         for i in range(12):
             request(server, b"set k%d 0 0 %d\r\n%s\r\n" % (i, len(value), value))
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
             udp.sendto(b"bad", ("127.0.0.1", server.port + 1))  # shorter than a frame header
-        url = f"http://127.0.0.1:{metrics_port}/metrics"
         deadline = time.monotonic() + 5
         while True:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                text = r.read().decode()
+            text = metrics_text(metrics_port, server.proc)
             dropped = 'reason="malformed",worker="1"} 1.0' in text
             if dropped or time.monotonic() > deadline:
                 break
@@ -115,10 +115,7 @@ def test_the_parent_reports_each_workers_latency_histogram() -> None:
             for _ in range(64 * 2):  # one read per round trip: two sampled reads
                 sock.sendall(b"get nothing\r\n")
                 assert sock.recv(100) == b"END\r\n"
-        wait_for_port(metrics_port, server.proc)
-        url = f"http://127.0.0.1:{metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as r:
-            text = r.read().decode()
+        text = metrics_text(metrics_port, server.proc)
         assert 'cacheappliance_request_duration_seconds_count{worker="0"} 2.0' in text
         assert 'cacheappliance_request_duration_seconds_count{worker="1"} 0.0' in text
     finally:

@@ -16,9 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
-
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from collections.abc import Callable
 
 from cacheserver.discovery.membership import (
     MAX_FILE_BYTES,
@@ -151,28 +149,3 @@ class ClusterConfig:
 
     def settings_fields(self) -> list[tuple[str, object]]:
         return [("cluster_config", self.path)]
-
-    def metrics(self) -> Iterator[Metric]:
-        m = self.membership
-        gauges = (
-            (
-                "version",
-                "Version of the cluster membership served (0: none yet).",
-                m.version if m else 0,
-            ),
-            ("nodes", "Endpoints in the cluster membership served.", len(m.nodes) if m else 0),
-            ("age_seconds", "Seconds since the cluster membership last changed.", self.age()),
-            ("lag_seconds", "Seconds from a membership change to serving it here.", self.lag()),
-        )
-        for name, doc, value in gauges:
-            yield GaugeMetricFamily(f"cacheappliance_cluster_config_{name}", doc, value=value)
-        yield CounterMetricFamily(
-            "cacheappliance_cluster_config_load_errors",
-            "Membership files that could not be read or parsed.",
-            self.load_errors,
-        )
-        yield CounterMetricFamily(
-            "cacheappliance_cluster_config_requests",
-            "config get cluster and get AmazonElastiCache:cluster requests answered.",
-            self.requests,
-        )

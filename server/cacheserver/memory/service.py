@@ -1,15 +1,12 @@
 """The calls start-up makes: size the store from the settings, then attach the shrinker to a
-worker (its store, its `stats` answers and its Prometheus collector)."""
+worker (its store and its `stats` answers, which its /metrics exports: metrics/table.py)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
-
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
-from prometheus_client.metrics_core import Metric
 
 from cacheserver.config import Settings
 from cacheserver.memory.limits import MemoryLimit, detect_memory_limit
@@ -65,17 +62,15 @@ class _Worker(Protocol):
 
     store: Any
     report: Any
-    collector: Any
     memlimit_listeners: list[Callable[[int], None]]
 
 
 def attach(worker: _Worker, limit: MemoryLimit, plan: MemoryPlan, shards: int = 1) -> Shrinker:
-    """A shrinker for the worker's store, reported in its `stats`, `stats settings` and
-    /metrics. Start it with `shrinker.start()` inside the worker's event loop."""
+    """A shrinker for the worker's store, reported in its `stats` and `stats settings` (and
+    so in /metrics). Start it with `shrinker.start()` inside the worker's event loop."""
     shrinker = shrinker_for(worker.store, limit, plan, shards=shards)
     worker.report.extra_settings.append(plan.settings)
     worker.report.extra_general.append(shrinker.stats_fields)
-    worker.collector.extra.append(lambda: memory_metrics(shrinker))
     # cache_memlimit sets the capacity the shrinker grows back to after pressure.
     worker.memlimit_listeners.append(shrinker.controller.set_max_capacity)
     return shrinker
@@ -95,39 +90,3 @@ async def serve_with_shrinker(
         await running
     finally:
         await shrinker.stop()
-
-
-def memory_metrics(shrinker: Shrinker) -> Iterator[Metric]:
-    """The memory layer's Prometheus families (read at scrape time)."""
-    plan, stats = shrinker.plan, shrinker.stats
-    info = InfoMetricFamily("cacheappliance_memory_limit_source", "Where the limit came from.")
-    info.add_metric([], {"source": plan.limit_source, "sizing": plan.sizing})
-    yield info
-    gauges = [
-        ("limit", "The memory limit the server sizes itself to.", plan.limit),
-        ("headroom", "Memory kept free under the limit.", plan.headroom),
-        ("baseline", "Memory the server needs whatever it stores.", plan.baseline.total),
-        ("working_set", "Working set of what the limit applies to.", stats.working_set),
-        ("resident", "Resident memory of this process.", shrinker.resident()),
-        (
-            "high_watermark",
-            "Working set above which the shrinker evicts.",
-            shrinker.watermarks.high,
-        ),
-        ("low_watermark", "The shrinker evicts down to this.", shrinker.watermarks.low),
-    ]
-    for name, doc, value in gauges:
-        yield GaugeMetricFamily(f"cacheappliance_memory_{name}_bytes", doc, value=value)
-    yield GaugeMetricFamily(
-        "cacheappliance_memory_pressure_level",
-        "Current memory pressure: 0 none, 1 low, 2 medium, 3 critical.",
-        value=int(shrinker.current_pressure()),
-    )
-    yield CounterMetricFamily(
-        "cacheappliance_memory_shrink_events", "Times the shrinker evicted.", stats.shrink_events
-    )
-    yield CounterMetricFamily(
-        "cacheappliance_memory_shrinker_released_bytes",
-        "Bytes of items the shrinker evicted.",
-        stats.bytes_released,
-    )

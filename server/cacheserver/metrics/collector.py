@@ -1,13 +1,10 @@
-"""Prometheus collector: reads the worker's plain counters at scrape time.
-
-Metric names follow prometheus/memcached_exporter where the meaning is the same, so existing
-dashboards and alerts work; the appliance's own metrics live under ``cacheappliance_``.
-"""
+"""Prometheus collector of one worker: its ``stats`` lines, read at scrape time and exported
+as the metric families of ``metrics/table.py``. The supervisor of ``-t N`` turns its
+workers' lines into metrics with the same ``families`` (``metrics/aggregate.py``)."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Mapping, Sequence
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -18,111 +15,69 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from cacheserver.metrics.latency import LatencyHistogram
+from cacheserver.metrics import table
+from cacheserver.metrics.identity import PodIdentity
+from cacheserver.metrics.latency import histogram_from_stats
 from cacheserver.metrics.stats_report import StatsReport
+from cacheserver.metrics.table import UP, Family
 
-# (command label, status label, counter field) as memcached_exporter reports them.
-COMMANDS = (
-    ("get", "hit", "get_hits"),
-    ("get", "miss", "get_misses"),
-    ("set", "hit", "cmd_set"),
-    ("cas", "hit", "cas_hits"),
-    ("cas", "miss", "cas_misses"),
-    ("cas", "badval", "cas_badval"),
-    ("delete", "hit", "delete_hits"),
-    ("delete", "miss", "delete_misses"),
-    ("incr", "hit", "incr_hits"),
-    ("incr", "miss", "incr_misses"),
-    ("decr", "hit", "decr_hits"),
-    ("decr", "miss", "decr_misses"),
-    ("touch", "hit", "touch_hits"),
-    ("touch", "miss", "touch_misses"),
-    ("flush", "hit", "cmd_flush"),
-)
+# One worker's reading: the values of its labels (``worker``, or none), and its stats lines.
+Reading = tuple[tuple[str, ...], Mapping[str, str]]
+
+
+def families(readings: Sequence[Reading], labels: tuple[str, ...] = ()) -> Iterator[Metric]:
+    """The table's families that read stats lines, from the readings given; a family no
+    reading has lines for (a feature that is off) is left out."""
+    for family in table.FAMILIES:
+        if family.series or family.label_stats:
+            metric = _family(family, readings, labels)
+            if metric.samples:
+                yield metric
+
+
+def _family(family: Family, readings: Sequence[Reading], labels: tuple[str, ...]) -> Metric:
+    if family.kind == "histogram":
+        histogram = HistogramMetricFamily(family.name, family.help, labels=labels)
+        ((_, prefix),) = family.series
+        for values, stats in readings:
+            found = histogram_from_stats(stats, prefix)
+            if found is not None:
+                histogram.add_metric(list(values), found[0], sum_value=found[1])
+        return histogram
+    if family.kind == "info":
+        info = InfoMetricFamily(family.name.removesuffix("_info"), family.help, labels=labels)
+        for values, stats in readings:
+            found = _label_values(family, stats)
+            if found is not None:
+                info.add_metric(list(values), found)
+        return info
+    kind = CounterMetricFamily if family.kind == "counter" else GaugeMetricFamily
+    metric = kind(family.name, family.help, labels=[*labels, *family.labels])
+    for values, stats in readings:
+        if family.label_stats:
+            found = _label_values(family, stats)
+            if found is not None:
+                metric.add_metric([*values, *found.values()], 1)
+            continue
+        for series_labels, key in family.series:
+            if key in stats:
+                metric.add_metric([*values, *series_labels], family.parse(stats[key]))
+    return metric
+
+
+def _label_values(family: Family, stats: Mapping[str, str]) -> dict[str, str] | None:
+    if not all(key in stats for _, key in family.label_stats):
+        return None
+    # memcached writes "-" for nothing; in PromQL an empty label is no label.
+    return {label: "" if stats[key] == "-" else stats[key] for label, key in family.label_stats}
 
 
 class ServerCollector(Collector):
-    def __init__(self, report: StatsReport, latency: LatencyHistogram | None = None) -> None:
+    def __init__(self, report: StatsReport, identity: PodIdentity | None = None) -> None:
         self._report = report
-        self._latency = latency
-        # Other layers (memory sizing, the shrinker) add their own metric families here.
-        self.extra: list[Callable[[], Iterator[Metric]]] = []
+        self._identity = identity if identity is not None else PodIdentity.from_env()
 
     def collect(self) -> Iterator[Metric]:
-        report = self._report
-        c = report.counters
-        store = report.store
-        s = store.stats
-
-        yield GaugeMetricFamily("memcached_up", "Whether the server answers.", value=1)
-        yield GaugeMetricFamily(
-            "memcached_uptime_seconds", "Seconds since start.", value=time.time() - report.started
-        )
-        info = InfoMetricFamily("memcached_version", "The server's version.")
-        info.add_metric([], {"version": report.version})
-        yield info
-
-        commands = CounterMetricFamily(
-            "memcached_commands", "Commands by command and result.", labels=["command", "status"]
-        )
-        for command, status, field in COMMANDS:
-            commands.add_metric([command, status], getattr(c, field))
-        yield commands
-
-        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-            return GaugeMetricFamily(name, doc, value=value)
-
-        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-            return CounterMetricFamily(name, doc, value=value)
-
-        yield gauge("memcached_current_items", "Items stored.", store.curr_items)
-        yield counter("memcached_items", "Items ever stored.", s.total_items)
-        yield gauge("memcached_current_bytes", "Bytes the items take.", store.bytes_used)
-        yield gauge("memcached_limit_bytes", "Bytes the cache may hold.", store.capacity)
-        yield counter(
-            "memcached_items_evicted",
-            "Valid items evicted to make room.",
-            s.evictions + s.evictions_shrinker,
-        )
-        yield counter("memcached_items_reclaimed", "Expired items reclaimed.", s.reclaimed)
-        yield gauge("memcached_current_connections", "Open connections.", c.curr_connections)
-        yield gauge(
-            "memcached_max_connections", "The connection limit.", report.settings.conn_limit
-        )
-        yield counter("memcached_connections", "Connections accepted.", c.total_connections)
-        yield counter(
-            "memcached_connections_rejected",
-            "Connections refused at the limit.",
-            c.rejected_connections,
-        )
-        yield counter("memcached_read_bytes", "Bytes read from clients.", c.bytes_read)
-        yield counter("memcached_written_bytes", "Bytes written to clients.", c.bytes_written)
-
-        evictions = CounterMetricFamily(
-            "cacheappliance_evictions", "Valid items evicted, by cause.", labels=["cause"]
-        )
-        evictions.add_metric(["capacity"], s.evictions)
-        evictions.add_metric(["shrinker"], s.evictions_shrinker)
-        yield evictions
-        drops = CounterMetricFamily(
-            "cacheappliance_udp_dropped_datagrams", "UDP datagrams dropped.", labels=["reason"]
-        )
-        drops.add_metric(["malformed"], c.udp_dropped_malformed)
-        drops.add_metric(["multi_datagram_request"], c.udp_dropped_multidatagram)
-        drops.add_metric(["send_error"], c.udp_send_errors)
-        yield drops
-        yield counter(
-            "cacheappliance_udp_refused_commands",
-            "Commands refused over UDP by the amplification guard.",
-            c.udp_refused_commands,
-        )
-        if self._latency is not None:
-            hist = HistogramMetricFamily(
-                "cacheappliance_request_duration_seconds",
-                "Server time to handle one read's requests, sampled 1 in 64 reads.",
-                buckets=self._latency.cumulative(),
-                sum_value=self._latency.sum_seconds,
-            )
-            yield hist
-        for extra in self.extra:
-            yield from extra()
+        yield GaugeMetricFamily(UP.name, UP.help, value=1)
+        yield from self._identity.metrics()
+        yield from families([((), self._report.reading())])

@@ -38,6 +38,7 @@ class Counters:
     curr_connections: int = 0
     total_connections: int = 0
     rejected_connections: int = 0
+    listen_disabled_num: int = 0  # times the listeners were paused (out of file descriptors)
     idle_kicks: int = 0
     ssl_handshake_errors: int = 0  # TLS handshakes that failed (a plaintext client, a bad cert)
     protocol_errors: int = 0

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from prometheus_client.core import InfoMetricFamily
 
+from cacheserver.metrics.table import POD
+
 # Label names differ from the usual target labels (pod, node, partition), which a scrape
 # config may add itself: a clash would rename ours to exported_<name>.
 _ENV_LABELS = (
@@ -34,9 +36,7 @@ class PodIdentity:
         return cls(tuple((label, env.get(var, "")) for var, label in _ENV_LABELS))
 
     def metrics(self) -> Iterator[InfoMetricFamily]:
-        info = InfoMetricFamily(
-            "cacheappliance_pod", "The pod, node and partition this appliance runs as."
-        )
+        info = InfoMetricFamily(POD.name.removesuffix("_info"), POD.help)
         # An unset variable leaves its label out (in PromQL an empty label is no label).
         info.add_metric([], {name: value for name, value in self.labels if value})
         yield info

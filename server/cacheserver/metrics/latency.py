@@ -9,9 +9,11 @@ request in it, and formatting the replies (the kernel's share is the same for an
 from __future__ import annotations
 
 import bisect
+from collections.abc import Mapping
 
 SAMPLE_EVERY = 64  # a power of two: the check is a mask
 SAMPLE_MASK = SAMPLE_EVERY - 1
+STATS_NAME = "request_duration"  # its `stats` lines: request_duration_le_<bound>, _sum
 BOUNDS_SECONDS = (
     0.000_005,
     0.000_01,
@@ -55,16 +57,18 @@ class LatencyHistogram:
     def stats_fields(self) -> list[tuple[str, object]]:
         """The histogram as ``stats`` lines, so a multi-worker parent can gather it."""
         fields: list[tuple[str, object]] = [
-            (f"request_duration_le_{bound}", count) for bound, count in self.cumulative()
+            (f"{STATS_NAME}_le_{bound}", count) for bound, count in self.cumulative()
         ]
-        fields.append(("request_duration_sum", f"{self.sum_seconds:.9f}"))
+        fields.append((f"{STATS_NAME}_sum", f"{self.sum_seconds:.9f}"))
         return fields
 
 
-def histogram_from_stats(stats: dict[str, str]) -> tuple[list[tuple[str, float]], float] | None:
+def histogram_from_stats(
+    stats: Mapping[str, str], name: str = STATS_NAME
+) -> tuple[list[tuple[str, float]], float] | None:
     """Buckets and sum back from ``stats`` lines written by ``stats_fields``."""
-    prefix = "request_duration_le_"
+    prefix = f"{name}_le_"
     buckets = [(k[len(prefix) :], float(v)) for k, v in stats.items() if k.startswith(prefix)]
-    if not buckets or "request_duration_sum" not in stats:
+    if not buckets or f"{name}_sum" not in stats:
         return None
-    return buckets, float(stats["request_duration_sum"])
+    return buckets, float(stats[f"{name}_sum"])

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 
 from cacheserver.config import Settings
 from cacheserver.metrics.counters import Counters
+from cacheserver.metrics.table import reading
 from cacheserver.storage import Store
 
 StatLines = Iterable[tuple[str, object]]
@@ -40,6 +41,8 @@ class StatsReport:
         self.extra_general: list[Callable[[], StatLines]] = []
         # `stats conns`: (fd, name, value) of every socket, from the network layer.
         self.conns: Callable[[], list[tuple[int, str, str]]] | None = None
+        # Whether the listeners accept (the network layer pauses them without descriptors).
+        self.accepting: Callable[[], bool] = lambda: True
 
     def __call__(self, sub: bytes) -> bytes | None:
         if sub == b"":
@@ -66,6 +69,13 @@ class StatsReport:
         for name in self.counters.as_dict():
             setattr(self.counters, name, 0)
         self.counters.curr_connections = connections[0]
+
+    def reading(self) -> dict[str, str]:
+        """``stats``, ``stats settings`` and ``stats slabs`` as the metrics table reads them
+        (metrics/table.py): what a scrape exports."""
+        return reading(
+            {"": self.general(), "settings": self.settings_lines(), "slabs": self.slabs_lines()}
+        )
 
     def general(self) -> StatLines:
         c = self.counters
@@ -113,8 +123,13 @@ class StatsReport:
             ("bytes_read", c.bytes_read),
             ("bytes_written", c.bytes_written),
             ("limit_maxbytes", store.capacity),
-            ("accepting_conns", 1),
+            ("accepting_conns", 1 if self.accepting() else 0),
+            ("listen_disabled_num", c.listen_disabled_num),
             ("threads", self.settings.workers),
+            # memcached's -R: a connection yields after so many requests in one event. Here a
+            # read is served whole (its replies bounded by the session's reply limit), so
+            # there is nothing to count.
+            ("conn_yields", 0),
             ("bytes", store.bytes_used),
             ("curr_items", store.curr_items),
             ("total_items", s.total_items),

@@ -42,6 +42,10 @@ if TYPE_CHECKING:
 TOO_MANY_CONNECTIONS = b"ERROR Too many open connections\r\n"
 READ_SIZE = 65536
 BATCH = 512  # sockets handled per wake-up; the rest wait for the next loop iteration
+# Out of file descriptors, the listeners stop being watched for this long (memcached disables
+# its listener the same way); else a readable listener whose accept fails would spin the loop.
+ACCEPT_PAUSE = 0.1
+_NO_DESCRIPTORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 _IN = select.EPOLLIN | select.EPOLLRDHUP
 _OUT = select.EPOLLOUT
 _GONE = select.EPOLLHUP | select.EPOLLERR
@@ -127,6 +131,8 @@ class TCPServer:
         # Connections the compiled path must not serve (see the module's docstring).
         self._python = select.epoll() if engine is not None else self._epoll
         self._listeners: list[socket.socket] = []
+        self._accepts: dict[socket.socket, Any] = {}  # each listener's accept callback
+        self._resume: asyncio.TimerHandle | None = None  # set while the listeners are paused
         self._admin_path: str | None = None
         self._buffer = bytearray(READ_SIZE)
         self._view = memoryview(self._buffer)
@@ -175,7 +181,30 @@ class TCPServer:
             if self._python is not self._epoll:
                 self._loop.add_reader(self._python.fileno(), self._serve_python)
         self._listeners.append(listener)
-        self._loop.add_reader(listener.fileno(), accept, listener)
+        self._accepts[listener] = accept
+        if self._resume is None:
+            self._loop.add_reader(listener.fileno(), accept, listener)
+
+    @property
+    def accepting(self) -> bool:
+        """Whether the listeners are watched (``stats``' accepting_conns)."""
+        return self._resume is None
+
+    def _pause_accepting(self) -> None:
+        """Out of file descriptors: stop watching the listeners for a moment; the clients
+        wait in the backlog meanwhile. Counted as memcached's listen_disabled_num."""
+        loop = self._loop
+        if self._resume is not None or loop is None:
+            return
+        self.counters.listen_disabled_num += 1
+        for listener in self._listeners:
+            loop.remove_reader(listener.fileno())
+        self._resume = loop.call_later(ACCEPT_PAUSE, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        self._resume = None
+        for listener in self._listeners:
+            self._loop.add_reader(listener.fileno(), self._accepts[listener], listener)
 
     # -- accepting -----------------------------------------------------------------------------
 
@@ -188,7 +217,9 @@ class TCPServer:
                 sock, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
                 break
-            except OSError:  # EMFILE and friends: try again on the next readiness
+            except OSError as err:
+                if err.errno in _NO_DESCRIPTORS:
+                    self._pause_accepting()
                 break
             counters.total_connections += 1
             if limited and len(self.connections) >= self.limit:
@@ -504,9 +535,12 @@ class TCPServer:
 
     def close(self) -> None:
         loop = self._loop
-        if loop is not None:
+        if self._resume is not None:
+            self._resume.cancel()
+        elif loop is not None:
             for listener in self._listeners:
                 loop.remove_reader(listener.fileno())
+        if loop is not None:
             loop.remove_reader(self._epoll.fileno())
             if self._python is not self._epoll:
                 loop.remove_reader(self._python.fileno())

@@ -17,10 +17,8 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from cacheserver.security.files import Signature, signature
 
@@ -139,20 +137,3 @@ class CredentialsFile:
             ("auth_file_load_errors", self.load_errors),
             ("auth_file_age", int(max(0.0, self._clock() - self.loaded_at))),
         ]
-
-    def metrics(self) -> Iterator[Metric]:
-        yield GaugeMetricFamily(
-            "cacheappliance_auth_file_entries",
-            "Users in the credentials file being served.",
-            value=len(self.credentials.entries),
-        )
-        yield CounterMetricFamily(
-            "cacheappliance_auth_file_reloads",
-            "Times a changed credentials file was taken into service.",
-            self.reloads,
-        )
-        yield CounterMetricFamily(
-            "cacheappliance_auth_file_load_errors",
-            "Credentials files that could not be read or parsed (the last good one served).",
-            self.load_errors,
-        )

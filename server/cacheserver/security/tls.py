@@ -15,9 +15,7 @@ from __future__ import annotations
 import logging
 import ssl
 import time
-from collections.abc import Callable, Iterator
-
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from collections.abc import Callable
 
 from cacheserver.config import Settings
 from cacheserver.security.files import Signature, signature
@@ -124,23 +122,6 @@ class ServerTLS:
             ("ssl_cert_reloads", self.reloads),
             ("ssl_cert_load_errors", self.load_errors),
         ]
-
-    def metrics(self) -> Iterator[Metric]:
-        yield GaugeMetricFamily(
-            "cacheappliance_tls_cert_age_seconds",
-            "Seconds since the TLS certificates in service were loaded.",
-            value=max(0.0, self._clock() - self.refreshed_at),
-        )
-        yield CounterMetricFamily(
-            "cacheappliance_tls_cert_reloads",
-            "Times changed TLS certificates were taken into service.",
-            self.reloads,
-        )
-        yield CounterMetricFamily(
-            "cacheappliance_tls_cert_load_errors",
-            "TLS certificate reloads that failed (the last good ones kept serving).",
-            self.load_errors,
-        )
 
 
 def settings_fields(settings: Settings) -> list[tuple[str, object]]:
