@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from cacheoperator.appliances import ApplianceReports, targets_of
+from cacheoperator.appliances import ApplianceReports, pod_restores, targets_of
 from cacheoperator.children import configmap, desired_objects
 from cacheoperator.discovery import (
     discovery_endpoint,
@@ -29,7 +29,13 @@ from cacheoperator.kube import CACHECLUSTERS, NODES, PODS, STATEFULSETS, Kube, K
 from cacheoperator.metrics import OperatorMetrics
 from cacheoperator.models import CacheClusterSpec, Endpoint, InvalidSpec, parse_spec
 from cacheoperator.naming import LABEL_CLUSTER, ClusterRef, selector_string
-from cacheoperator.rollout import held_statefulsets
+from cacheoperator.rollout import (
+    Plan,
+    deadline_seconds,
+    needs_pods,
+    plan_rollout,
+    previous_rollout,
+)
 from cacheoperator.scheduling import host_ports
 from cacheoperator.status import (
     Event,
@@ -74,6 +80,7 @@ class Outcome:
     status: dict[str, Any]
     events: list[Event] = field(default_factory=list)
     status_written: bool = False
+    recheck_in: float | None = None  # seconds until a rollout's deadline passes
 
 
 class Coalescer:
@@ -146,6 +153,8 @@ class ClusterController:
         self._cache_lock = threading.Lock()
         self._posted: set[tuple[str, str]] = set()
         self._retrying: set[tuple[str, str]] = set()  # clusters with a pass due (_pass_later)
+        # Clusters with a pass due when a rollout's deadline passes: (when, timer).
+        self._deadlines: dict[tuple[str, str], tuple[float, threading.Timer]] = {}
 
     def reconcile(self, namespace: str, name: str) -> None:
         self.coalescer.run((namespace, name), lambda: self._pass(namespace, name))
@@ -154,6 +163,39 @@ class ClusterController:
         self.metrics.forget(namespace, name)
         if self.reports is not None:
             self.reports.forget(namespace, name)
+        with self._cache_lock:
+            due = self._deadlines.pop((namespace, name), None)
+        if due is not None:
+            due[1].cancel()
+
+    def _pass_in(self, namespace: str, name: str, seconds: float) -> None:
+        """One more pass for the cluster in `seconds` (a rollout's deadline): kopf has no
+        timers without finalizers, and a stuck step may send no events. One timer per
+        cluster, the soonest."""
+        key = (namespace, name)
+        when = time.monotonic() + seconds
+        with self._cache_lock:
+            due = self._deadlines.get(key)
+            if due is not None and due[0] <= when and due[1].is_alive():
+                return
+            if due is not None:
+                due[1].cancel()
+
+            def run() -> None:
+                with self._cache_lock:
+                    if self._deadlines.get(key, (0, None))[1] is timer:
+                        del self._deadlines[key]
+                try:
+                    self.reconcile(namespace, name)
+                except Exception as exc:
+                    log.warning("pass for %s/%s failed: %s", namespace, name, exc)
+                    if not isinstance(exc, KubeError) or exc.retryable:
+                        self._pass_later(namespace, name)
+
+            timer = threading.Timer(seconds, run)
+            timer.daemon = True
+            self._deadlines[key] = (when, timer)
+        timer.start()
 
     def release(self, pod: Mapping[str, Any], cluster: Mapping[str, Any] | None = None) -> bool:
         """Take the placement gate off a gated pod (gate.py), preferring the node where the
@@ -274,6 +316,9 @@ class ClusterController:
             raise
         self.metrics.observe_reconcile(outcome.result, time.monotonic() - started)
         self.metrics.set_phase(namespace, name, outcome.status.get("phase", "Unknown"))
+        self.metrics.set_cluster(namespace, name, outcome.status)
+        if outcome.recheck_in is not None:
+            self._pass_in(namespace, name, outcome.recheck_in + 1.0)
         for event in outcome.events:
             self.post_event(body, event)
         return outcome
@@ -311,16 +356,16 @@ class ClusterController:
             first = next_discovery(None, [], endpoint, now)
             self.kube.apply(configmap(ref, spec, _endpoints(previous), first))
         apply_error = None
-        held: dict[str, str] = {}
+        # With auth or TLS the memcached port wants what the operator does not hold: the
+        # appliances' reports are read from /stats on their metrics port instead.
+        stats_port = spec.metrics_port if spec.secured else None
+        plan = Plan()
         try:
-            held = self.apply_children(ref, spec)
+            plan = self.apply_children(ref, spec, previous, now, stats_port)
         except KubeError as exc:
             if exc.retryable:
                 raise
             apply_error = str(exc)  # e.g. a nodeSelector key the API server rejects
-        # With auth or TLS the memcached port wants what the operator does not hold: the
-        # appliances' reports are read from /stats on their metrics port instead.
-        stats_port = spec.metrics_port if spec.secured else None
         observed = self.observe(ref, stats_port)
         self.release_gated(observed.pods, body)
         discovery = published
@@ -336,18 +381,30 @@ class ClusterController:
             now=now,
             apply_error=apply_error,
             discovery=discovery,
-            held=held,
+            held=plan.held,
+            rollout=plan.status(spec, observed.statefulsets, observed.pods),
         )
         if apply_error is None:
             # Last, so that it lists the endpoints this very pass observed. The status (the
             # operator's memory of the version) is written after it, so a version is never
             # recorded that the appliances were not given.
             self.kube.apply(configmap(ref, spec, _endpoints(status), discovery))
-        return self._report(ref, "error" if apply_error else "ok", previous, status)
+        outcome = self._report(ref, "error" if apply_error else "ok", previous, status)
+        outcome.events += plan.events
+        outcome.recheck_in = plan.recheck_in
+        return outcome
 
-    def apply_children(self, ref: ClusterRef, spec: CacheClusterSpec) -> dict[str, str]:
-        """Apply what the spec wants; returns the StatefulSets whose new template waits for
-        another's rollout (name -> what it waits for)."""
+    def apply_children(
+        self,
+        ref: ClusterRef,
+        spec: CacheClusterSpec,
+        previous: Mapping[str, Any] | None = None,
+        now: str = "",
+        stats_port: int | None = None,
+    ) -> Plan:
+        """Apply what the spec wants; returns the rollout's plan: the StatefulSets whose new
+        template waits for another's rollout (name -> what it waits for), and where the
+        rollout is (`previous`: the status before this pass)."""
         desired = desired_objects(ref, spec, self.default_image)
         existing = [
             s
@@ -355,7 +412,28 @@ class ClusterController:
             if owned_by(s, ref.uid)
         ]
         wanted_sets = [o for o in desired if o["kind"] == "StatefulSet"]
-        held = held_statefulsets(wanted_sets, existing)
+        pods: list[dict[str, Any]] = []
+        restores = None
+        if needs_pods(wanted_sets, existing):  # only while something rolls
+            pods = self.kube.list(PODS, ref.namespace, selector_string(ref.name))
+            if spec.warm_restart.enabled and self.reports is not None:
+                # The reports in so far (the rest are read in the background).
+                ready = endpoints(pods, {})
+                targets = targets_of(ref.namespace, ref.name, ready, pods, stats_port)
+                workers: dict[str, list[int]] = {}
+                for e in ready:
+                    workers.setdefault(e.pod, []).append(e.worker)
+                restores = pod_restores(workers, self.reports.readings(targets))
+        plan = plan_rollout(
+            wanted_sets,
+            existing,
+            pods=pods,
+            restores=restores,
+            previous=previous_rollout(previous),
+            now=now,
+            deadline=deadline_seconds(spec),
+        )
+        held = plan.held
         for obj in desired:
             if obj["kind"] == "ConfigMap" or obj["metadata"]["name"] in held:
                 continue  # (only StatefulSets are ever held)
@@ -377,7 +455,7 @@ class ClusterController:
                     "%s/%s: removing StatefulSet %s", ref.namespace, ref.name, sts_meta["name"]
                 )
                 self.kube.delete(STATEFULSETS, ref.namespace, sts_meta["name"], sts_meta["uid"])
-        return held
+        return plan
 
     def observe(self, ref: ClusterRef, stats_port: int | None = None) -> Observed:
         """``stats_port``: where the appliances' stats are read over HTTP (None: over the
