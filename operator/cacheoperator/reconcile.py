@@ -24,7 +24,7 @@ from cacheoperator.discovery import (
     next_discovery,
     previous_discovery,
 )
-from cacheoperator.gate import GATE, home_node, is_gated, release_patch
+from cacheoperator.gate import GATE, NO_NODE, home_node, is_gated, release_patch
 from cacheoperator.kube import CACHECLUSTERS, NODES, PODS, STATEFULSETS, Kube, KubeError
 from cacheoperator.metrics import OperatorMetrics
 from cacheoperator.models import CacheClusterSpec, Endpoint, InvalidSpec, parse_spec
@@ -217,10 +217,12 @@ class ClusterController:
             except KubeError as exc:
                 problem = f"cannot read CacheCluster {cluster_name}: {exc}"
         node = home_node(cluster.get("status"), name) if cluster else None
+        # Where its latest snapshot is, for its init container: unsaid without the cluster.
+        snapshot_node = (node or NO_NODE) if cluster else None
         try:
             if node is not None:
                 try:
-                    self.kube.patch(PODS, namespace, name, release_patch(pod, node))
+                    self.kube.patch(PODS, namespace, name, release_patch(pod, node, snapshot_node))
                     log.info("%s/%s: released, to go back to node %s", namespace, name, node)
                     return True
                 except KubeError as exc:
@@ -228,7 +230,7 @@ class ClusterController:
                         raise
                     # Refused (422): the pod as the API server has it takes no such term.
                     problem = f"the preference for node {node} was refused: {exc}"
-            self.kube.patch(PODS, namespace, name, release_patch(pod, None))
+            self.kube.patch(PODS, namespace, name, release_patch(pod, None, snapshot_node))
         except KubeError as exc:
             if exc.status == 404:  # gone meanwhile
                 return False
