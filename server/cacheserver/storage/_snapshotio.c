@@ -7,9 +7,10 @@
  *
  *   append_block(fd, keys, items, start, stop) -> bytes written
  *       Appends the block of keys[start:stop] and items[start:stop] at the file's position:
- *       the payload straight from the objects with pwritev (no joined copy of the block),
- *       zlib's crc32 taken over each piece just before the kernel copies it, then the header
- *       with that crc at the block's start, and the file position moved past the block.
+ *       the payload with pwritev, large items straight from their objects and small pieces
+ *       gathered a megabyte at a time (no joined copy of the whole block), zlib's crc32
+ *       taken over each piece just before the kernel copies it, then the header with that
+ *       crc at the block's start, and the file position moved past the block.
  *
  *   fill(dict, payload, count, now, exptime_at, min_item) -> (stored, nbytes, expired)
  *       Adds the items of one block's payload (already checksummed by the caller) to dict,
@@ -26,6 +27,7 @@
 #include <errno.h>
 #include <limits.h>
 #include <stdint.h>
+#include <string.h>
 #include <sys/types.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -65,13 +67,20 @@ static uLong crc_of(uLong crc, const unsigned char *p, size_t len) {
     return crc;
 }
 
-/* Pieces of a block on their way to the file: gathered, checksummed, written in batches. */
+/* Pieces of a block on their way to the file: checksummed, gathered and written in batches.
+ * A piece of at least LARGE bytes is written from its object; smaller ones are copied into
+ * a staging buffer first, so a batch of tiny keys and items is a few large iovecs. */
+#define LARGE 4096
+#define STAGE (1 << 20)
 typedef struct {
     int fd;
     off_t at; /* where the next piece goes */
     uLong crc;
     struct iovec iov[BATCH];
     int n;
+    size_t staged;       /* bytes used in stage */
+    int last_is_staged;  /* iov[n - 1] ends at stage + staged: extend it */
+    unsigned char stage[STAGE];
 } Writer;
 
 static int flush(Writer *w) {
@@ -97,6 +106,8 @@ static int flush(Writer *w) {
         }
     }
     w->n = 0;
+    w->staged = 0;
+    w->last_is_staged = 0;
     return 0;
 }
 
@@ -104,6 +115,21 @@ static int add(Writer *w, const void *p, size_t len) {
     if (len == 0)
         return 0;
     w->crc = crc_of(w->crc, p, len);
+    if (len < LARGE) {
+        if (w->staged + len > STAGE && flush(w) < 0)
+            return -1;
+        memcpy(w->stage + w->staged, p, len);
+        if (w->last_is_staged) {
+            w->iov[w->n - 1].iov_len += len;
+            w->staged += len;
+            return 0;
+        }
+        p = w->stage + w->staged;
+        w->staged += len;
+        w->last_is_staged = 1;
+    } else {
+        w->last_is_staged = 0;
+    }
     w->iov[w->n].iov_base = (void *)p;
     w->iov[w->n].iov_len = len;
     return ++w->n == BATCH ? flush(w) : 0;
@@ -178,6 +204,8 @@ static PyObject *append_block(PyObject *self, PyObject *args) {
     w->fd = fd;
     w->at = begin + BLOCK_HEADER;
     w->n = 0;
+    w->staged = 0;
+    w->last_is_staged = 0;
     w->crc = crc_of(crc32(0L, Z_NULL, 0), head, 12); /* the crc covers length and count */
     if (add(w, lengths, (size_t)count * 5) < 0)
         goto done;
