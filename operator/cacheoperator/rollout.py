@@ -216,11 +216,13 @@ def plan_rollout(
     plan = Plan(deadline=deadline, timed_out=timed_out)
     awaited: list[str] = []  # new pods of the step before that have not reported yet
     before = previous.statefulset if previous else None
-    if restores is not None and changed and before in current and before not in {*busy, *changed}:
+    # The step before finished (settled, nothing new for it): have its new pods reported?
+    finished = before is not None and before in current and before not in {*busy, *changed}
+    if restores is not None and changed and finished and before is not None:
         awaited = [
             _name(p)
-            for p in _pods_of(before, pods)  # type: ignore[arg-type]
-            if is_ready(p) and _on_update_revision(p, current[before]) and _name(p) not in restores  # type: ignore[index]
+            for p in _pods_of(before, pods)
+            if is_ready(p) and _on_update_revision(p, current[before]) and _name(p) not in restores
         ]
     going = [n for n in changed if n in busy]  # a fix for a step that is unsettled already
     waiting = not going
