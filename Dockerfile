@@ -8,8 +8,9 @@
 # can be reached too, and exports it for containerd (docs/e2e.md, "The image").
 
 FROM python:3.11-slim AS build
-# A C compiler for the server's compiled fast path (setup.py); the runtime image needs none.
-RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+# A C compiler for the server's compiled parts (setup.py), and zlib's header for the
+# snapshot's (the runtime image has zlib itself, which Python's zlib module uses too).
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev zlib1g-dev \
     && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -23,9 +24,10 @@ COPY operator/ operator/
 RUN pip install --no-cache-dir .
 # setup.py lets the install succeed without the compiled fast path (no compiler or no Python
 # headers); an image must not ship without it.
-RUN cd / && python -c 'import cacheserver.fastpath._fastpath' || { \
-      echo "ERROR: the compiled fast path (cacheserver.fastpath._fastpath) did not build:" \
-           "the build stage needs a C compiler and Python's headers (Python.h)." >&2; exit 1; }
+RUN cd / && python -c 'import cacheserver.fastpath._fastpath, cacheserver.storage._snapshotio' || { \
+      echo "ERROR: a compiled part (cacheserver.fastpath._fastpath," \
+           "cacheserver.storage._snapshotio) did not build: the build stage needs a C" \
+           "compiler, Python's headers (Python.h) and zlib.h." >&2; exit 1; }
 
 FROM python:3.11-slim
 # The uid/gid the pod templates run as (runAsUser 10001, runAsNonRoot).

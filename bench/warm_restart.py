@@ -3,9 +3,11 @@ real server with a 1 GiB cache takes from SIGTERM to serving again.
 
 1. In one process, for each value size: fill a Store to --size-mib, save it with the
    server's own code (cacheserver.warm), restore it into a new Store and check every item.
-   GB/s = snapshot bytes / seconds. The memory columns show what the save holds at once:
-   the process's resident memory plus the snapshot on tmpfs (both count against a memory
-   cgroup), sampled every 5 ms.
+   GB/s = snapshot bytes / seconds, by the clock and by the process's CPU time (which
+   other work on a shared machine disturbs less). The memory columns show what the save
+   holds at once: the process's resident memory plus the snapshot on tmpfs (both count
+   against a memory cgroup), sampled every 5 ms. --python-path runs the server's Python
+   block loops instead of the compiled ones (storage/_snapshotio.c).
 2. A real `cacheserver -e` filled to --size-mib through its TCP port, stopped with SIGTERM
    and started again: seconds to exit (the save), seconds from SIGTERM until the new
    process answers a get with the right value (stop-to-serving), and the GB/s each process
@@ -36,9 +38,10 @@ from pathlib import Path
 
 from item_memory import check_values, fill, free_port, key, stats, value, wait_for_port
 
+from cacheserver import warm as warm_module
 from cacheserver.storage import Store
 from cacheserver.storage.item import ITEM_OVERHEAD
-from cacheserver.storage.snapshot import Identity
+from cacheserver.storage.snapshot import COMPILED, Identity
 from cacheserver.warm import WarmRestart
 
 MIB = 1 << 20
@@ -94,6 +97,8 @@ class InProcess:
     snapshot: int
     save_s: float
     restore_s: float
+    save_cpu: float
+    restore_cpu: float
     rss_full: int
     peak_save: int
     rss_after_save: int
@@ -102,8 +107,9 @@ class InProcess:
         gb = self.snapshot / 1e9
         return (
             f"| {self.value_size:,} B | {self.items:,} | {self.snapshot / MIB:,.0f} MiB "
-            f"| {self.save_s:.2f} s | {gb / self.save_s:.2f} | {self.restore_s:.2f} s "
-            f"| {gb / self.restore_s:.2f} | {self.rss_full / MIB:,.0f} MiB "
+            f"| {self.save_s:.2f} s | {gb / self.save_s:.2f} | {gb / self.save_cpu:.2f} "
+            f"| {self.restore_s:.2f} s | {gb / self.restore_s:.2f} | {gb / self.restore_cpu:.2f} "
+            f"| {self.rss_full / MIB:,.0f} MiB "
             f"| {self.peak_save / MIB:,.0f} MiB | {self.rss_after_save / MIB:,.0f} MiB |"
         )
 
@@ -118,22 +124,24 @@ def in_process(directory: str, size: int, value_size: int, repeat: int) -> InPro
         store.set(key(n), n & 0xFFFF, 0 if n % 2 else now + 3600, value(n, value_size))
     path = os.path.join(directory, f"bench-{value_size}")
     warm = WarmRestart(path, Identity("bench", 1 << 20, 0, 1), "bench")
-    saves, restores = [], []
+    saves, restores, save_cpu, restore_cpu = [], [], [], []
     rss_full = peak = after = snapshot = 0
     for _ in range(repeat):
         expected = digest(store)  # no reference to the items: the save can let them go
         rss_full = resident()
         with PeakSampler(path) as sampler:
-            began = time.perf_counter()
+            began, cpu = time.perf_counter(), time.process_time()
             if not warm.save(store):
                 raise RuntimeError("save failed")
             saves.append(time.perf_counter() - began)
+            save_cpu.append(time.process_time() - cpu)  # (the sampler's share is small)
         peak, after = sampler.peak, resident()
         snapshot = os.path.getsize(path)
         store = Store(capacity)
-        began = time.perf_counter()
+        began, cpu = time.perf_counter(), time.process_time()
         outcome = warm.restore(store)
         restores.append(time.perf_counter() - began)
+        restore_cpu.append(time.process_time() - cpu)
         if outcome.result != "restored" or digest(store) != expected:
             raise AssertionError(f"the restore of {value_size}-byte values was not exact")
     return InProcess(
@@ -142,6 +150,8 @@ def in_process(directory: str, size: int, value_size: int, repeat: int) -> InPro
         snapshot,
         statistics.median(saves),
         statistics.median(restores),
+        statistics.median(save_cpu),
+        statistics.median(restore_cpu),
         rss_full,
         peak,
         after,
@@ -224,17 +234,25 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="in-process runs (median)")
     parser.add_argument("--dir", default="/dev/shm", help="where snapshots go (tmpfs)")
     parser.add_argument("--skip-server", action="store_true")
+    parser.add_argument(
+        "--python-path", action="store_true", help="in process, the Python block loops"
+    )
     args = parser.parse_args()
+    if args.python_path:
+        warm_module.COMPILED = False
+        warm_module.block_writer = lambda fd: None
     size = args.size_mib * MIB
     print(f"# {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
     with open("/proc/loadavg") as f:
         print(f"# load average at start: {' '.join(f.read().split()[:3])}")
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="warm-bench-") as directory:
+        path = "Python" if args.python_path else "compiled" if COMPILED else "Python (not built)"
+        print(f"# block loops: {path}")
         print(
-            "\n| value | items | snapshot | save | save GB/s | restore | restore GB/s "
-            "| RSS full | peak RSS + file during save | RSS after save |"
+            "\n| value | items | snapshot | save | save GB/s | (CPU) | restore | restore GB/s "
+            "| (CPU) | RSS full | peak RSS + file during save | RSS after save |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for value_size in (int(v) for v in args.value_sizes.split(",")):
             print(in_process(directory, size, value_size, args.repeat).row(), flush=True)
         if not args.skip_server:

@@ -176,6 +176,8 @@ def _scrape_configs(
             "kubernetes_sd_configs": [sd],
             "relabel_configs": relabel,
         }
+        if endpoint.get("honorLabels"):
+            job["honor_labels"] = True
         if endpoint.get("interval"):
             job["scrape_interval"] = endpoint["interval"]
         if endpoint.get("scrapeTimeout"):

@@ -27,6 +27,8 @@ sbin_has iptables || need_pkgs+=(iptables)
 command -v cc >/dev/null || need_pkgs+=(gcc)
 "$PYTHON" -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
     || need_pkgs+=(python3-dev)
+# The warm-restart snapshot's C loops (setup.py) take zlib's crc32.
+[ -e /usr/include/zlib.h ] || need_pkgs+=(zlib1g-dev)
 if ((${#need_pkgs[@]})); then
     if [ "$(id -u)" != 0 ]; then
         echo "bootstrap: missing Debian packages: ${need_pkgs[*]}; install them as root" >&2
@@ -41,8 +43,9 @@ fi
 
 stamp="$VENV/.installed"
 fastpath=server/cacheserver/fastpath/_fastpath.c
+snapshotio=server/cacheserver/storage/_snapshotio.c
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] \
-    || [ "$fastpath" -nt "$stamp" ]; then
+    || [ "$fastpath" -nt "$stamp" ] || [ "$snapshotio" -nt "$stamp" ]; then
     [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
     "$VENV/bin/python" -m pip install -q --upgrade pip
     "$VENV/bin/python" -m pip install -q -e '.[test]'

@@ -30,6 +30,7 @@ OPERATOR = monitoring.CHART / "dashboards" / "cache-operator.json"
 SAMPLE_VARIABLES = {
     "datasource": "prometheus",
     "job": "cacheserver",
+    "operator_job": "cache-operator",
     "namespace": "shop",
     "cachecluster": "cache|cache-part",
 }
@@ -100,7 +101,11 @@ def test_dashboards_use_only_their_own_variables_and_data_source(path: Path):
         assert panel.get("description"), f"{panel['title']}: say what the panel shows"
         for target in panel["targets"]:
             assert target["datasource"]["uid"] == "${datasource}", panel["title"]
-            assert re.search(r'job=~"\$job"', target["expr"]), (panel["title"], target["expr"])
+            # The dashboard's job; the operator's series in a dashboard of appliances
+            # come from the operator's job.
+            operator = "operator_job" in names and "cacheoperator_" in target["expr"]
+            job = "operator_job" if operator else "job"
+            assert f'job=~"${job}"' in target["expr"], (panel["title"], target["expr"])
     assert board["uid"] == path.stem
 
 
@@ -116,6 +121,8 @@ def test_the_overview_has_the_panels_operators_look_for():
         "UDP drops",
         "Request latency",
         "Appliances",
+        "Hit ratio through rollouts",
+        "Restored at start",
     ):
         assert wanted in titles
     table = next(
@@ -124,13 +131,33 @@ def test_the_overview_has_the_panels_operators_look_for():
     for target in table["targets"]:
         assert "by (namespace, cachecluster, pod, node, zone, rack, partition)" in target["expr"]
     operator_titles = {p["title"] for p in monitoring.load_dashboard(OPERATOR)["panels"]}
-    assert {"Reconciles by result", "Errors", "Reconcile latency", "CacheClusters by phase"} <= (
-        operator_titles
-    )
+    assert {
+        "Reconciles by result",
+        "Errors",
+        "Reconcile latency",
+        "CacheClusters by phase",
+        "Rollout progress",
+    } <= operator_titles
+    # Hit ratio and rollout progress in one panel: the appliances' series and the
+    # operator's, for the same CacheClusters.
+    (through,) = [
+        p
+        for p in monitoring.load_dashboard(OVERVIEW)["panels"]
+        if p["title"] == "Hit ratio through rollouts"
+    ]
+    exprs = [t["expr"] for t in through["targets"]]
+    assert any('status="hit"' in e for e in exprs)
+    assert any("cacheoperator_rollout_progress" in e for e in exprs)
 
 
 # ---- the metrics they read exist --------------------------------------------------------
 
+# A status as a pass writes it, reduced to what the operator's metrics read.
+PASSED_STATUS = {
+    "conditions": [{"type": "Progressing", "status": "False", "reason": "Complete"}],
+    "rollout": {"replicas": 3, "updatedReplicas": 3, "deadlineSeconds": 600},
+    "appliances": [{"pod": "cache-0", "warmRestart": "restored", "restoredItems": 1000}],
+}
 _METRIC = re.compile(r"\b((?:memcached|cacheappliance|cacheoperator)_\w+)")
 # With -t N the supervisor gathers each worker's `stats`, which has no latency histogram.
 NOT_WITH_WORKERS = {"cacheappliance_request_duration_seconds_bucket"}
@@ -176,7 +203,11 @@ def test_every_metric_the_dashboards_and_alerts_read_is_exported():
 
     used = used_metric_names()
     assert len(used) > 20, used
-    operator = exposed_names(generate_latest(OperatorMetrics().registry).decode())
+    # The operator's registry after a pass of one CacheCluster (its per-cluster series
+    # exist from then on).
+    registry = OperatorMetrics()
+    registry.set_cluster("shop", "cache", PASSED_STATUS)
+    operator = exposed_names(generate_latest(registry.registry).decode())
     single = exposed_names(scrape_cacheserver())
     workers = exposed_names(scrape_cacheserver("-t", "2"))
     for name in sorted(used):
@@ -278,6 +309,8 @@ def test_the_servicemonitor_selects_the_operators_metrics_service(helm):
     (monitor,) = monitoring.of_kind(objects, "ServiceMonitor")
     (endpoint,) = monitor["spec"]["endpoints"]
     assert {"targetLabel": "job", "replacement": "cache-operator"} in endpoint["relabelings"]
+    # Per-CacheCluster series keep the cluster's namespace, not the operator pod's.
+    assert endpoint["honorLabels"] is True
     services = [
         s
         for s in monitoring.of_kind(objects, "Service")

@@ -64,6 +64,7 @@ PROMETHEUS_USER = "e2e:prometheus"
 # Two partitions as a partition CacheCluster would have them: (partition, replicas).
 PARTITIONS = ((0, 2), (1, 1))
 CACHECLUSTER = "obs"
+EXAMPLE = "cache"  # examples/cachecluster.yaml, which the operator runs meanwhile
 
 
 @dataclass
@@ -72,20 +73,25 @@ class Run:
 
     prometheus: Prometheus
     namespace: str
+    operator_namespace: str  # where the operator runs the example CacheCluster
     pods: list[client.V1Pod]
     nodes: dict[str, dict[str, str]]
     started: float
     fired: dict[str, list[dict]] = field(default_factory=dict)
 
     def variables(self, dashboard: str = "Cache cluster overview") -> dict[str, str]:
-        """The dashboards' variables as a user would pick them for this run."""
+        """The dashboards' variables as a user would pick them for this run: both
+        CacheClusters, the appliances scraped here and the operator's example, whose
+        rollout and restores the operator's series describe (Grafana joins a multi-value
+        selection with |)."""
         return {
             **monitoring.DEFAULT_BUILTINS,
             "__rate_interval": RATE_INTERVAL,
             "datasource": "prometheus",
             "job": "cache-operator" if dashboard == "Cache operator" else "cacheserver",
-            "namespace": self.namespace,
-            "cachecluster": CACHECLUSTER,
+            "operator_job": "cache-operator",
+            "namespace": f"({self.namespace}|{self.operator_namespace})",
+            "cachecluster": f"({CACHECLUSTER}|{EXAMPLE})",
         }
 
 
@@ -331,18 +337,26 @@ def run(cluster, api, agent, chart, operator, tmp_path_factory) -> Iterator[Run]
         example = REPO_ROOT / "examples" / "cachecluster.yaml"
         kubectl(cluster, "apply", "-n", operator_ns, "-f", str(example))
         nodes = {n.metadata.name: n.metadata.labels for n in core.list_node().items}
-        state = Run(prometheus, namespace, pods(), nodes, started)
+        state = Run(prometheus, namespace, operator_ns, pods(), nodes, started)
         servers = [(p.status.pod_ip, port) for p in state.pods]
         with CacheLoad(servers) as load:
             time.sleep(PHASE_SECONDS)
             load.phase = "overflow"
             overflow_started = time.time()
-            kubectl(cluster, "patch", "-n", operator_ns, "cachecluster", "cache", "--type=merge",
+            kubectl(cluster, "patch", "-n", operator_ns, "cachecluster", EXAMPLE, "--type=merge",
                     "-p", '{"spec": {"replicas": 2}}')  # fmt: skip
             for name in ("CacheEvictionsHigh", "CacheHitRatioLow"):
                 state.fired[name] = wait_firing(prometheus, name)
             time.sleep(max(0.0, PHASE_SECONDS - (time.time() - overflow_started)))
             load.phase = "fit"
+            # The operator's account of its example: rollout progress from its first pass,
+            # what each appliance restored once they have reported (honoured labels: the
+            # CacheCluster's namespace, not the operator's).
+            restored = (
+                f'cacheoperator_appliance_restored_items{{job="cache-operator", '
+                f'namespace="{operator_ns}", cachecluster="{EXAMPLE}"}}'
+            )
+            wait("the operator's series of its example", lambda: prometheus.query(restored), 120)
             yield state
     finally:
         if prometheus is not None:

@@ -17,12 +17,14 @@ from __future__ import annotations
 import random
 import threading
 import time
+import urllib.request
 from collections import defaultdict
 from itertools import pairwise
 
 from pymemcache.client.base import Client
 from pymemcache.client.rendezvous import RendezvousHash
 
+from cacheoperator.gate import SNAPSHOT_NODE
 from e2e import product
 from e2e.appliance import endpoints, kubectl, load_manifest
 
@@ -60,6 +62,34 @@ class Shards:
             client.close()
 
 
+class RolloutGauge(threading.Thread):
+    """Samples the operator's cacheoperator_rollout_progress of one CacheCluster, as a
+    Prometheus scraping the operator would, until stopped."""
+
+    def __init__(self, url: str, namespace: str, name: str) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.labels = f'cachecluster="{name}",namespace="{namespace}"'
+        self.stop = threading.Event()
+        self.progress: list[float] = []
+        self.in_progress: list[float] = []
+
+    def run(self) -> None:
+        while not self.stop.wait(0.5):
+            try:
+                with urllib.request.urlopen(self.url, timeout=2) as reply:
+                    text = reply.read().decode()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                for family, out in (
+                    ("cacheoperator_rollout_progress", self.progress),
+                    ("cacheoperator_rollout_in_progress", self.in_progress),
+                ):
+                    if line.startswith(f"{family}{{{self.labels}}} "):
+                        out.append(float(line.rsplit(" ", 1)[1]))
+
+
 class Reader(threading.Thread):
     """Reads random keys until stopped; remembers when each server failed."""
 
@@ -93,7 +123,7 @@ def windows(times: list[float], gap: float = 2.0) -> list[tuple[float, float]]:
     return out
 
 
-def test_a_rollout_keeps_the_cache_of_every_appliance(caches):
+def test_a_rollout_keeps_the_cache_of_every_appliance(caches, operator):
     manifest = load_manifest(DEFAULT)
     name = manifest["metadata"]["name"]
     caches.create(manifest)
@@ -110,6 +140,8 @@ def test_a_rollout_keeps_the_cache_of_every_appliance(caches):
 
     reader = Reader(Shards(status))
     reader.start()
+    gauge = RolloutGauge(operator.metrics_url, caches.namespace, name)
+    gauge.start()
     try:
         generation = caches.patch_spec(name, {"extraArgs": ["-c", "2048"]})["metadata"][
             "generation"
@@ -123,9 +155,26 @@ def test_a_rollout_keeps_the_cache_of_every_appliance(caches):
             return fresh and len(s.get("appliances") or []) == 3
 
         status = caches.wait(name, "every appliance replaced, Ready, restored", rolled, TIMEOUT)
+        # (The metrics follow the pass that wrote this status a moment later.)
+        settle = time.monotonic() + 15
+        while time.monotonic() < settle and (gauge.progress[-1:], gauge.in_progress[-1:]) != (
+            [1.0],
+            [0.0],
+        ):
+            time.sleep(0.5)
     finally:
         reader.stop.set()
         reader.join(10)
+        gauge.stop.set()
+        gauge.join(10)
+
+    # The operator's metrics followed the rollout: progress fell as the new template went
+    # out, and came back to 1 with every appliance on it; status.rollout agrees.
+    assert gauge.progress and min(gauge.progress) < 1.0 and gauge.progress[-1] == 1.0, (
+        gauge.progress
+    )
+    assert 1.0 in gauge.in_progress and gauge.in_progress[-1] == 0.0, gauge.in_progress
+    assert status["rollout"]["updatedReplicas"] == 3 and not status["rollout"].get("timedOut")
 
     # Every new pod restored its snapshot, and the operator says so.
     restored = {a["pod"]: a for a in status["appliances"]}
@@ -156,7 +205,9 @@ def test_an_appliance_drained_off_its_node_starts_empty_elsewhere_and_says_so(
 ):
     """Node memory is node-local (each e2e node has a /dev/shm of its own): an appliance whose
     node is cordoned and whose pod is replaced starts on another node without its snapshot,
-    and the status and events say where the snapshot stayed."""
+    and the status and events say where the snapshot stayed. When it later comes back to
+    the node it left, the snapshot still there is older than what it took meanwhile: it is
+    not restored."""
     manifest = load_manifest(DEFAULT)
     name = manifest["metadata"]["name"]
     caches.create(manifest, replicas=1)
@@ -189,6 +240,7 @@ def test_an_appliance_drained_off_its_node_starts_empty_elsewhere_and_says_so(
         kubectl(tools, cluster, "uncordon", node)
     (start,) = status["appliances"]
     assert start["node"] != node and start["warmRestart"] == "none", start
+    start_node = start["node"]
     (ep,) = endpoints(status)
     client = Client((ep.address, ep.port), connect_timeout=2, timeout=2)
     try:
@@ -199,3 +251,40 @@ def test_an_appliance_drained_off_its_node_starts_empty_elsewhere_and_says_so(
         caches.namespace, field_selector=f"involvedObject.name={name}"
     )
     assert ("Warning", "Moved") in [(e.type, e.reason) for e in events.items]
+
+    # Newer values on the second node; then back to the first, whose snapshot predates them.
+    client = Client((ep.address, ep.port), connect_timeout=2, timeout=2, default_noreply=False)
+    try:
+        assert client.set("drained:0", b"newer")
+    finally:
+        client.close()
+    (pod,) = caches.live_pods(name)
+    others = [n.metadata.name for n in caches.core.list_node().items if n.metadata.name != node]
+    for other in others:
+        kubectl(tools, cluster, "cordon", other)
+    try:
+        kubectl(tools, cluster, "delete", "pod", "-n", caches.namespace, pod.metadata.name)
+
+        def back(s: dict) -> bool:
+            pods = caches.live_pods(name)
+            return (
+                s.get("phase") == "Ready"
+                and len(pods) == 1
+                and pods[0].metadata.uid != pod.metadata.uid
+                and any(a.get("node") == node for a in s.get("appliances") or [])
+            )
+
+        status = caches.wait(name, "the appliance Ready on its first node again", back, TIMEOUT)
+    finally:
+        for other in others:
+            kubectl(tools, cluster, "uncordon", other)
+    (start,) = status["appliances"]
+    assert start["warmRestart"] == "none", start  # the old snapshot was removed, not refused
+    (ep,) = endpoints(status)
+    client = Client((ep.address, ep.port), connect_timeout=2, timeout=2)
+    try:
+        assert client.get("drained:0") is None, "a snapshot older than the last writes was used"
+    finally:
+        client.close()
+    (back_pod,) = caches.live_pods(name)
+    assert back_pod.metadata.annotations[SNAPSHOT_NODE] == start_node

@@ -13,6 +13,13 @@ restarts). A pod with no such node is just released. A release that cannot add t
 (the cluster unreadable, the term refused) releases the pod without it: the gate never
 keeps a pod Pending for an error the operator can get round.
 
+The same patch tells the pod where the latest snapshot of its appliance is: the annotation
+`SNAPSHOT_NODE` holds the node of `status.lastNodes` (or `NO_NODE` when the status knows
+none), and the init container, which reads it through the downward API, removes a snapshot
+on any other node (cacheserver.warmdir): after a move (node-2, node-4, node-2 again) the
+snapshot left on node-2 is older than the writes the appliance took on node-4. A pod
+released without a read of the CacheCluster gets no annotation, and keeps its snapshot.
+
 Why preferred and not required: while a pod is gated the API server (1.30 and later)
 accepts any change to its preferred node-affinity terms, but a required term only
 narrows, and a pod required onto a node that is gone, cordoned or full would stay Pending,
@@ -34,6 +41,10 @@ from pydantic import ValidationError
 from cacheoperator.models import LastNode
 
 GATE = "cache.appliance.io/placement"
+# Where the appliance last ran ready, for its init container (the same word as
+# cacheserver.warmdir's NO_NODE when nowhere).
+SNAPSHOT_NODE = "cache.appliance.io/snapshot-node"
+NO_NODE = "-"
 WEIGHT = 100  # the most a preferred scheduling term may weigh
 NODE_NAME = "metadata.name"  # the node field a node selector term may match
 
@@ -63,14 +74,21 @@ def node_term(node: str) -> dict[str, Any]:
     }
 
 
-def release_patch(pod: Mapping[str, Any], node: str | None) -> dict[str, Any]:
+def release_patch(
+    pod: Mapping[str, Any], node: str | None, snapshot_node: str | None = None
+) -> dict[str, Any]:
     """A strategic merge patch that removes our gate and, given `node`, adds a preference
-    for it. Gates merge by name, so the patch deletes ours alone, whatever other gates
-    the pod has by then; the preferred terms are an atomic list, replaced whole: the pod's
-    own terms and ours. No resourceVersion: the scheduler writes the pod's status (reason
-    SchedulingGated) as the pod arrives, which must not make the release fail. Sent twice
-    (by the pod's event and by a pass), it changes nothing the second time."""
+    for it; given `snapshot_node` (a node, or NO_NODE), it annotates the pod with where
+    its appliance last ran. Gates merge by name, so the patch deletes ours alone, whatever
+    other gates the pod has by then; the preferred terms are an atomic list, replaced
+    whole: the pod's own terms and ours. No resourceVersion: the scheduler writes the pod's
+    status (reason SchedulingGated) as the pod arrives, which must not make the release
+    fail. Sent twice (by the pod's event and by a pass), it changes nothing the second
+    time."""
     spec: dict[str, Any] = {"schedulingGates": [{"$patch": "delete", "name": GATE}]}
+    patch: dict[str, Any] = {"spec": spec}
+    if snapshot_node is not None:
+        patch["metadata"] = {"annotations": {SNAPSHOT_NODE: snapshot_node}}
     if node:
         node_affinity = ((pod.get("spec") or {}).get("affinity") or {}).get("nodeAffinity") or {}
         preferred = list(node_affinity.get("preferredDuringSchedulingIgnoredDuringExecution") or [])
@@ -79,7 +97,7 @@ def release_patch(pod: Mapping[str, Any], node: str | None) -> dict[str, Any]:
         spec["affinity"] = {
             "nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": preferred}
         }
-    return {"spec": spec}
+    return patch
 
 
 def recorded_nodes(status: Mapping[str, Any] | None) -> list[LastNode]:

@@ -257,6 +257,22 @@ class WarmRestart(_Model):
     )
 
 
+class Rollout(_Model):
+    """How a change of the pod template goes through the appliances: one at a time."""
+
+    progress_deadline_seconds: int | None = Field(
+        None,
+        ge=30,
+        le=86400,
+        description=(
+            "Seconds a rollout step may go without progress (an appliance ready on the new "
+            "spec, or the restore reports of the last one) before the operator goes on with "
+            "the next StatefulSet and says so; unset, 600 or, with warm restart, twice the "
+            "grace period plus 120 if that is longer."
+        ),
+    )
+
+
 class CacheClusterSpec(_Model):
     """Desired state of a CacheCluster."""
 
@@ -308,6 +324,7 @@ class CacheClusterSpec(_Model):
     warm_restart: WarmRestart = Field(
         default_factory=WarmRestart, json_schema_extra={"default": {}}
     )
+    rollout: Rollout = Field(default_factory=Rollout, json_schema_extra={"default": {}})
     workers: int = Field(
         1,
         ge=1,
@@ -542,6 +559,51 @@ class LastNode(_StatusModel):
     )
 
 
+class RolloutStatus(_StatusModel):
+    """Where a rollout of the pod template is (rollout.py)."""
+
+    replicas: int = Field(description="Appliances the spec asks for.")
+    updated_replicas: int = Field(
+        description="Appliances that run the current pod template and are ready."
+    )
+    statefulset: str | None = Field(
+        None,
+        max_length=253,
+        description=(
+            "The StatefulSet the rollout is at: the one replacing its pods, or the one whose "
+            "appliances' restore reports the next one waits for."
+        ),
+    )
+    waiting_for: Literal["pods", "restores"] | None = Field(
+        None,
+        description=(
+            "pods: its pods to run the new template and be ready; restores: its new "
+            "appliances to report what they restored."
+        ),
+    )
+    since: str | None = Field(
+        None,
+        description="When that wait began, or last made progress.",
+        json_schema_extra={"format": "date-time"},
+    )
+    deadline_seconds: int | None = Field(
+        None, description="How long a step may go without progress before the rollout goes on."
+    )
+    held: list[Annotated[str, Field(max_length=253)]] = Field(
+        default_factory=list,
+        max_length=16,
+        description="StatefulSets whose new template waits for that one.",
+    )
+    timed_out: list[Annotated[str, Field(max_length=253)]] = Field(
+        default_factory=list,
+        max_length=16,
+        description=(
+            "StatefulSets that went past the deadline without finishing: the rollout went on "
+            "without them."
+        ),
+    )
+
+
 class CacheClusterStatus(_StatusModel):
     """Observed state of a CacheCluster, written by the operator."""
 
@@ -566,6 +628,9 @@ class CacheClusterStatus(_StatusModel):
             "With warm restart, the node each appliance last ran on, kept while its pod is "
             "replaced: the operator steers the new pod back there, to its snapshot."
         ),
+    )
+    rollout: RolloutStatus | None = Field(
+        None, description="Where a rollout of the pod template is; its progress when none runs."
     )
 
 

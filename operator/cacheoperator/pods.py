@@ -10,7 +10,7 @@ import math
 from typing import Any
 
 from cacheoperator.discovery import MEMBERSHIP_KEY, MEMBERSHIP_PATH, MOUNT_DIR
-from cacheoperator.gate import scheduling_gates
+from cacheoperator.gate import SNAPSHOT_NODE, scheduling_gates
 from cacheoperator.models import CacheClusterSpec
 from cacheoperator.naming import (
     AUTH_MOUNT,
@@ -111,7 +111,9 @@ def warm_init_container(
     spec: CacheClusterSpec, image: str, namespace: str, cluster: str
 ) -> dict[str, Any]:
     """Creates the pod's snapshot directory on the node for the server's user (the kubelet
-    makes hostPath directories as root) and removes snapshots nobody came back for."""
+    makes hostPath directories as root), removes snapshots nobody came back for, and the
+    pod's own when its appliance last ran on another node (gate.py: the operator writes
+    that node into the pod's annotation as it lets the pod be scheduled)."""
     out: dict[str, Any] = {"name": "warm-restart-dir", "image": image}
     if spec.image_pull_policy:
         out["imagePullPolicy"] = spec.image_pull_policy
@@ -125,8 +127,20 @@ def warm_init_container(
             f"{RUN_AS_USER}:{RUN_AS_USER}",
             "--max-age",
             str(SNAPSHOT_MAX_AGE_SECONDS),
+            "--node",
+            "$(NODE_NAME)",
+            "--last-node",
+            "$(SNAPSHOT_NODE)",
         ],
-        "env": [{"name": "POD_NAME", "valueFrom": _field("metadata.name")}],
+        "env": [
+            {"name": "POD_NAME", "valueFrom": _field("metadata.name")},
+            {"name": "NODE_NAME", "valueFrom": _field("spec.nodeName")},
+            # Empty when the annotation is missing: the snapshot is kept, as before.
+            {
+                "name": "SNAPSHOT_NODE",
+                "valueFrom": _field(f"metadata.annotations['{SNAPSHOT_NODE}']"),
+            },
+        ],
         # Guaranteed QoS needs requests == limits in every container, init ones included.
         "resources": {"requests": dict(resources), "limits": dict(resources)},
         # Root, for chown and for removing other pods' stale snapshots; nothing else.

@@ -10,6 +10,7 @@ against an old status; passes for the same cluster never overlap.
 from __future__ import annotations
 
 import contextvars
+import functools
 import hashlib
 import heapq
 import itertools
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from cacheoperator.appliances import ApplianceReports, targets_of
+from cacheoperator.appliances import ApplianceReports, pod_restores, targets_of
 from cacheoperator.children import configmap, desired_objects
 from cacheoperator.discovery import (
     discovery_endpoint,
@@ -31,12 +32,18 @@ from cacheoperator.discovery import (
     next_discovery,
     previous_discovery,
 )
-from cacheoperator.gate import GATE, home_node, is_gated, release_patch
+from cacheoperator.gate import GATE, NO_NODE, home_node, is_gated, release_patch
 from cacheoperator.kube import CACHECLUSTERS, NODES, PODS, STATEFULSETS, Kube, KubeError
 from cacheoperator.metrics import OperatorMetrics
 from cacheoperator.models import CacheClusterSpec, Endpoint, InvalidSpec, parse_spec
 from cacheoperator.naming import LABEL_CLUSTER, ClusterRef, selector_string
-from cacheoperator.rollout import held_statefulsets
+from cacheoperator.rollout import (
+    Plan,
+    deadline_seconds,
+    needs_pods,
+    plan_rollout,
+    previous_rollout,
+)
 from cacheoperator.scheduling import host_ports
 from cacheoperator.status import (
     Event,
@@ -93,6 +100,7 @@ class Outcome:
     status: dict[str, Any]
     events: list[Event] = field(default_factory=list)
     status_written: bool = False
+    recheck_in: float | None = None  # seconds until a rollout's deadline passes
 
 
 class WorkQueue:
@@ -294,6 +302,8 @@ class ClusterController:
         # Each cluster's object as its watch events last showed it: what a release needs
         # (status.lastNodes) without a read per pod.
         self._clusters: dict[tuple[str, str], Mapping[str, Any]] = {}
+        # Clusters with a pass queued for when a rollout's deadline passes: the soonest.
+        self._deadlines: dict[tuple[str, str], float] = {}
 
     def seen(self, body: Mapping[str, Any]) -> None:
         """A CacheCluster as a watch event shows it (kept for releases; see `release`)."""
@@ -344,11 +354,27 @@ class ClusterController:
     def forget(self, namespace: str, name: str) -> None:
         with self._cache_lock:
             self._clusters.pop((namespace, name), None)
+            self._deadlines.pop((namespace, name), None)
         self.metrics.forget(namespace, name)
         self.queue.forget((namespace, name))
         self.applied.forget(namespace, name)
         if self.reports is not None:
             self.reports.forget(namespace, name)
+
+    def _pass_in(self, namespace: str, name: str, seconds: float) -> None:
+        """One more pass for the cluster in `seconds` (a rollout's deadline): kopf has no
+        timers without finalizers, and a stuck step may send no events. Queued once per
+        deadline: a pass that asks for the same or a later one adds nothing."""
+        key = (namespace, name)
+        now = time.monotonic()
+        when = now + seconds
+        with self._cache_lock:
+            due = self._deadlines.get(key)
+            if due is not None and now < due <= when:
+                return
+            self._deadlines[key] = when
+        self._start()
+        self.queue.add(key, seconds)
 
     def release(self, pod: Mapping[str, Any], cluster: Mapping[str, Any] | None = None) -> bool:
         """Take the placement gate off a gated pod (gate.py), preferring the node where the
@@ -393,10 +419,12 @@ class ClusterController:
             except KubeError as exc:
                 problem = f"cannot read CacheCluster {cluster_name}: {exc}"
         node = home_node(cluster.get("status"), name) if cluster else None
+        # Where its latest snapshot is, for its init container: unsaid without the cluster.
+        snapshot_node = (node or NO_NODE) if cluster else None
         try:
             if node is not None:
                 try:
-                    self.kube.patch(PODS, namespace, name, release_patch(pod, node))
+                    self.kube.patch(PODS, namespace, name, release_patch(pod, node, snapshot_node))
                     log.info("%s/%s: released, to go back to node %s", namespace, name, node)
                     return True
                 except KubeError as exc:
@@ -404,7 +432,7 @@ class ClusterController:
                         raise
                     # Refused (422): the pod as the API server has it takes no such term.
                     problem = f"the preference for node {node} was refused: {exc}"
-            self.kube.patch(PODS, namespace, name, release_patch(pod, None))
+            self.kube.patch(PODS, namespace, name, release_patch(pod, None, snapshot_node))
         except KubeError as exc:
             if exc.status == 404:  # gone meanwhile
                 return False
@@ -492,6 +520,9 @@ class ClusterController:
             raise
         self.metrics.observe_reconcile(outcome.result, time.monotonic() - started)
         self.metrics.set_phase(namespace, name, outcome.status.get("phase", "Unknown"))
+        self.metrics.set_cluster(namespace, name, outcome.status)
+        if outcome.recheck_in is not None:
+            self._pass_in(namespace, name, outcome.recheck_in + 1.0)
         for event in outcome.events:
             self.post_event(body, event)
         return outcome
@@ -529,18 +560,22 @@ class ClusterController:
             first = next_discovery(None, [], endpoint, now)
             self._apply(ref, configmap(ref, spec, _endpoints(previous), first))
         apply_error = None
-        held: dict[str, str] = {}
+        # With auth or TLS the memcached port wants what the operator does not hold: the
+        # appliances' reports are read from /stats on their metrics port instead.
+        stats_port = spec.metrics_port if spec.secured else None
+        plan = Plan()
         statefulsets = self.statefulsets(ref)
+        # Listed once per pass: by the rollout's plan when something rolls, else by observe.
+        pods = functools.cache(
+            lambda: self.kube.list(PODS, ref.namespace, selector_string(ref.name))
+        )
         try:
-            held = self.apply_children(ref, spec, statefulsets)
+            plan = self.apply_children(ref, spec, statefulsets, previous, now, stats_port, pods)
         except KubeError as exc:
             if exc.retryable:
                 raise
             apply_error = str(exc)  # e.g. a nodeSelector key the API server rejects
-        # With auth or TLS the memcached port wants what the operator does not hold: the
-        # appliances' reports are read from /stats on their metrics port instead.
-        stats_port = spec.metrics_port if spec.secured else None
-        observed = self.observe(ref, statefulsets, stats_port)
+        observed = self.observe(ref, statefulsets, stats_port, pods())
         self.release_gated(observed.pods, body)
         discovery = published
         if apply_error is None:
@@ -555,14 +590,18 @@ class ClusterController:
             now=now,
             apply_error=apply_error,
             discovery=discovery,
-            held=held,
+            held=plan.held,
+            rollout=plan.status(spec, observed.statefulsets, observed.pods),
         )
         if apply_error is None:
             # Last, so that it lists the endpoints this very pass observed. The status (the
             # operator's memory of the version) is written after it, so a version is never
             # recorded that the appliances were not given.
             self._apply(ref, configmap(ref, spec, _endpoints(status), discovery))
-        return self._report(ref, "error" if apply_error else "ok", previous, status)
+        outcome = self._report(ref, "error" if apply_error else "ok", previous, status)
+        outcome.events += plan.events
+        outcome.recheck_in = plan.recheck_in
+        return outcome
 
     def statefulsets(self, ref: ClusterRef) -> list[dict[str, Any]]:
         """The cluster's StatefulSets as the API server has them now."""
@@ -570,15 +609,49 @@ class ClusterController:
         return [s for s in listed if owned_by(s, ref.uid)]
 
     def apply_children(
-        self, ref: ClusterRef, spec: CacheClusterSpec, existing: list[dict[str, Any]]
-    ) -> dict[str, str]:
+        self,
+        ref: ClusterRef,
+        spec: CacheClusterSpec,
+        existing: list[dict[str, Any]],
+        previous: Mapping[str, Any] | None = None,
+        now: str = "",
+        stats_port: int | None = None,
+        list_pods: Callable[[], list[dict[str, Any]]] | None = None,
+    ) -> Plan:
         """Apply what the spec wants and what changed since this operator last applied it;
-        returns the StatefulSets whose new template waits for another's rollout (name ->
-        what it waits for). `existing` are the cluster's StatefulSets as listed before; each
-        one applied is replaced there by the API server's answer, so it stays current."""
+        returns the rollout's plan: the StatefulSets whose new template waits for another's
+        rollout (name -> what it waits for), and where the rollout is (`previous`: the
+        status before this pass). `existing` are the cluster's StatefulSets as listed
+        before; each one applied is replaced there by the API server's answer, so it stays
+        current. `list_pods`: how this pass lists the cluster's pods (read here if None)."""
         desired = desired_objects(ref, spec, self.default_image)
         wanted_sets = [o for o in desired if o["kind"] == "StatefulSet"]
-        held = held_statefulsets(wanted_sets, existing)
+        pods: list[dict[str, Any]] = []
+        restores = None
+        if needs_pods(wanted_sets, existing):  # only while something rolls
+            pods = (
+                list_pods()
+                if list_pods
+                else self.kube.list(PODS, ref.namespace, selector_string(ref.name))
+            )
+            if spec.warm_restart.enabled and self.reports is not None:
+                # The reports in so far (the rest are read in the background).
+                ready = endpoints(pods, {})
+                targets = targets_of(ref.namespace, ref.name, ready, pods, stats_port)
+                workers: dict[str, list[int]] = {}
+                for e in ready:
+                    workers.setdefault(e.pod, []).append(e.worker)
+                restores = pod_restores(workers, self.reports.readings(targets))
+        plan = plan_rollout(
+            wanted_sets,
+            existing,
+            pods=pods,
+            restores=restores,
+            previous=previous_rollout(previous),
+            now=now,
+            deadline=deadline_seconds(spec),
+        )
+        held = plan.held
         listed = {s["metadata"]["name"]: i for i, s in enumerate(existing)}
         for obj in desired:
             name = obj["metadata"]["name"]
@@ -610,20 +683,22 @@ class ClusterController:
                     "%s/%s: removing StatefulSet %s", ref.namespace, ref.name, sts_meta["name"]
                 )
                 self.kube.delete(STATEFULSETS, ref.namespace, sts_meta["name"], sts_meta["uid"])
-        return held
+        return plan
 
     def observe(
         self,
         ref: ClusterRef,
         statefulsets: list[dict[str, Any]] | None = None,
         stats_port: int | None = None,
+        pods: list[dict[str, Any]] | None = None,
     ) -> Observed:
-        """What exists of the cluster; `statefulsets` if this pass has them already.
-        ``stats_port``: where the appliances' stats are read over HTTP (None: over the
-        memcached protocol on their own ports)."""
+        """What exists of the cluster; `statefulsets` and `pods` if this pass has them
+        already. ``stats_port``: where the appliances' stats are read over HTTP (None: over
+        the memcached protocol on their own ports)."""
         if statefulsets is None:
             statefulsets = self.statefulsets(ref)
-        pods = self.kube.list(PODS, ref.namespace, selector_string(ref.name))
+        if pods is None:
+            pods = self.kube.list(PODS, ref.namespace, selector_string(ref.name))
         holders: list[dict[str, Any]] = []
         note = ""
         if needs_host_port_pods(pods):

@@ -25,6 +25,7 @@ from cacheoperator.models import (
     DiscoveryStatus,
     Endpoint,
     LastNode,
+    RolloutStatus,
 )
 from cacheoperator.naming import (
     AUTH_MOUNT,
@@ -340,9 +341,11 @@ def rollout_problems(
     cluster: str,
     statefulsets: Sequence[Mapping[str, Any]],
     held: Mapping[str, str] | None = None,
+    rollout: RolloutStatus | None = None,
 ) -> list[str]:
     """Why the StatefulSets have not converged yet; empty when they have. ``held``: those
-    whose new template waits for another's rollout (rollout.held_statefulsets)."""
+    whose new template waits for another's rollout (rollout.plan_rollout), ``rollout``
+    where the rollout is (what it waits for, what it passed over)."""
     by_name = {s["metadata"]["name"]: s for s in statefulsets}
     problems = []
     wanted = set()
@@ -371,8 +374,18 @@ def rollout_problems(
             )
     for name in sorted(set(by_name) - wanted):
         problems.append(f"StatefulSet {name} is being removed")
+    if rollout is not None and rollout.waiting_for == "restores" and held:
+        problems.append(
+            f"the new appliances of StatefulSet {rollout.statefulset} have not reported what "
+            "they restored yet"
+        )
     for name, waits_for in sorted((held or {}).items()):
         problems.append(f"StatefulSet {name} waits for {waits_for} to finish rolling out")
+    for name in rollout.timed_out if rollout is not None else ():
+        problems.append(
+            f"StatefulSet {name} made no progress for {rollout.deadline_seconds or '?'} s: "
+            "the rollout went on without it"
+        )
     return problems
 
 
@@ -534,17 +547,19 @@ def compute_status(
     apply_error: str | None = None,
     discovery: DiscoveryStatus | None = None,
     held: Mapping[str, str] | None = None,
+    rollout: RolloutStatus | None = None,
 ) -> dict[str, Any]:
     """The status of a valid cluster, as a dict ready for the status subresource.
 
     `apply_error` is the API server's refusal of a child object, if there was one;
     `discovery` the membership published for auto discovery (discovery.py); `held` the
-    StatefulSets whose new template waits for another's rollout.
+    StatefulSets whose new template waits for another's rollout, `rollout` where the
+    rollout is (rollout.Plan.status).
     """
     pods = _live(observed.pods)
     ready = sum(1 for p in pods if is_ready(p))
     desired = spec.replicas
-    rollout = rollout_problems(spec, cluster, observed.statefulsets, held)
+    problems = rollout_problems(spec, cluster, observed.statefulsets, held, rollout)
     stuck = sorted(
         ((p, m) for p in pods if (m := unschedulable_message(p))), key=lambda s: _pod_name(s[0])
     )
@@ -579,8 +594,8 @@ def compute_status(
     else:
         degraded = (False, "AsExpected", "all pods schedulable and running")
 
-    if rollout:
-        progressing = (True, "RollingOut", "; ".join(rollout))
+    if problems:
+        progressing = (True, "RollingOut", "; ".join(problems))
     elif ready < desired and not degraded[0]:
         progressing = (True, "WaitingForPods", f"{ready}/{desired} pods ready")
     else:
@@ -635,6 +650,7 @@ def compute_status(
         discovery=discovery,
         appliances=appliance_starts(pods, restores, nodes),
         last_nodes=nodes,
+        rollout=rollout,
     )
     return status.model_dump(by_alias=True, exclude_none=True)
 

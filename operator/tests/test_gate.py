@@ -15,11 +15,21 @@ import pytest
 
 from cacheoperator import handlers, reconcile
 from cacheoperator.appliances import ApplianceReport, Restore
-from cacheoperator.gate import GATE, home_node, is_gated, node_term, release_patch
+from cacheoperator.children import desired_objects
+from cacheoperator.gate import (
+    GATE,
+    NO_NODE,
+    SNAPSHOT_NODE,
+    home_node,
+    is_gated,
+    node_term,
+    release_patch,
+)
 from cacheoperator.kube import KubeError
 from cacheoperator.reconcile import ClusterController
 from cacheoperator.status import Observed, compute_status, invalid_status, move_events
-from operator_testkit import make_pod, spec_of
+from cacheserver import warmdir
+from operator_testkit import REF, make_pod, of_kind, spec_of
 
 NOW = "2030-01-01T00:00:00Z"
 REQUIRED = ("topology.kubernetes.io/zone",)
@@ -140,6 +150,24 @@ def test_the_release_removes_our_gate_and_prefers_the_node_by_name():
     }
 
 
+def test_the_release_tells_the_pod_where_its_latest_snapshot_is():
+    """The init container reads the annotation (downward API) and keeps only a snapshot on
+    that node (cacheserver.warmdir.not_latest)."""
+    gated = pod("demo-1", "c")
+    assert release_patch(gated, "n2", "n2")["metadata"] == {"annotations": {SNAPSHOT_NODE: "n2"}}
+    assert release_patch(gated, None, NO_NODE)["metadata"] == {
+        "annotations": {SNAPSHOT_NODE: NO_NODE}
+    }
+    # The pod reads it from its init container's environment, under the same key.
+    (sts,) = of_kind(desired_objects(REF, spec_of(), "img"), "StatefulSet")
+    (init,) = sts["spec"]["template"]["spec"]["initContainers"]
+    paths = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in init["env"]}
+    assert paths["SNAPSHOT_NODE"] == f"metadata.annotations['{SNAPSHOT_NODE}']"
+    assert paths["NODE_NAME"] == "spec.nodeName"
+    assert init["args"][-4:] == ["--node", "$(NODE_NAME)", "--last-node", "$(SNAPSHOT_NODE)"]
+    assert NO_NODE == warmdir.NO_NODE  # one word on both sides
+
+
 def test_the_pods_own_preferences_are_kept_and_ours_is_added_once():
     gated = pod("demo-1", "c")
     theirs = {
@@ -218,21 +246,24 @@ def test_a_new_pod_is_released_toward_its_node_in_two_calls():
     assert ctl.release(pod("demo-1", "c")) is True
     assert api.calls == [
         ("get", "cacheclusters", "demo"),
-        ("patch", "pods", "demo-1", release_patch(pod("demo-1", "c"), "n2")),
+        ("patch", "pods", "demo-1", release_patch(pod("demo-1", "c"), "n2", "n2")),
     ]
     assert posted == []
     # A pass has the cluster at hand already: one call.
     api.calls.clear()
     assert ctl.release(pod("demo-0", "d"), cluster_with(REMEMBERED)) is True
-    assert api.calls == [("patch", "pods", "demo-0", release_patch(pod("demo-0", "d"), "n1"))]
+    assert api.calls == [("patch", "pods", "demo-0", release_patch(pod("demo-0", "d"), "n1", "n1"))]
 
 
-@pytest.mark.parametrize("cluster", [cluster_with(REMEMBERED), None], ids=["new-ordinal", "gone"])
-def test_a_pod_with_no_known_node_is_just_released(cluster):
+@pytest.mark.parametrize(
+    ("cluster", "said"), [(cluster_with(REMEMBERED), NO_NODE), (None, None)], ids=["new", "gone"]
+)
+def test_a_pod_with_no_known_node_is_just_released(cluster, said):
     api = Api(cluster)
     ctl, posted = controller(api)
     assert ctl.release(pod("demo-2", "e")) is True
-    assert api.calls[-1] == ("patch", "pods", "demo-2", release_patch(pod("demo-2", "e"), None))
+    patch = release_patch(pod("demo-2", "e"), None, said)
+    assert api.calls[-1] == ("patch", "pods", "demo-2", patch)
     assert posted == []
 
 
@@ -248,7 +279,9 @@ def test_an_unreadable_cluster_or_a_refused_preference_still_releases_the_pod():
     api = Api(get_error=KubeError(500, "etcd timeout"))
     ctl, posted = controller(api)
     assert ctl.release(pod("demo-1", "c")) is True
+    # No preference, and no word on its snapshot: the operator does not know.
     assert api.calls[-1] == ("patch", "pods", "demo-1", release_patch(pod("demo-1", "c"), None))
+    assert "metadata" not in api.calls[-1][3]
     ((body, event),) = posted
     assert body["metadata"]["name"] == "demo-1"  # on the pod: the cluster could not be read
     assert (event.type, event.reason) == ("Warning", "NodeNotPreferred")
@@ -257,9 +290,10 @@ def test_an_unreadable_cluster_or_a_refused_preference_still_releases_the_pod():
     api = Api(cluster_with(REMEMBERED), patch_errors=[KubeError(422, "Forbidden: pod updates")])
     ctl, posted = controller(api)
     assert ctl.release(pod("demo-1", "c")) is True
+    # The preference goes; what it says about the snapshot stays.
     assert [c[3] for c in api.calls if c[0] == "patch"] == [
-        release_patch(pod("demo-1", "c"), "n2"),
-        release_patch(pod("demo-1", "c"), None),
+        release_patch(pod("demo-1", "c"), "n2", "n2"),
+        release_patch(pod("demo-1", "c"), None, "n2"),
     ]
     ((body, event),) = posted
     assert body["metadata"]["name"] == "demo" and event.reason == "NodeNotPreferred"
@@ -333,5 +367,5 @@ def test_a_pod_is_patched_once_and_the_watched_cluster_spares_the_read():
     assert ctl.release(gated) is True
     assert ctl.release(gated) is False
     ctl.release_gated([gated], cluster_with(REMEMBERED))
-    assert api.calls == [("patch", "pods", "demo-1", release_patch(gated, "n2"))]
+    assert api.calls == [("patch", "pods", "demo-1", release_patch(gated, "n2", "n2"))]
     assert posted == []

@@ -207,6 +207,9 @@ class Recorder:
         self.applied.append((obj["kind"], obj["metadata"]["name"]))
         return _answer(obj)
 
+    def list(self, resource, namespace, selector=None, field_selector=None):
+        return []  # (no pods yet: the StatefulSet just applied is not settled)
+
 
 def test_a_second_pass_over_the_same_spec_applies_nothing():
     kube = Recorder()

@@ -23,19 +23,27 @@ import mmap
 import os
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from cacheserver.storage import Store
 from cacheserver.storage.snapshot import (
+    COMPILED,
     LAYOUT,
     MIN_SIZE,
+    Block,
     Header,
     Identity,
+    Opened,
     Refused,
+    block_writer,
     check_identity,
+    checked_blocks,
+    decode_block,
+    fill_block,
     open_snapshot,
-    read_blocks,
     write_snapshot,
 )
 
@@ -158,9 +166,8 @@ class WarmRestart:
             log.info("warm restart: a flush_all came due while stopped; starting empty")
             return
         items = nbytes = expired = 0
-        for block in read_blocks(data, opened, now):
-            store.restore_items(block.keys, block.items, block.nbytes)
-            items += len(block.keys)
+        for block in self._blocks(data, opened, store, now):
+            items += block.count
             nbytes += block.nbytes
             expired += block.expired
             # On tmpfs that block's memory goes back now. Nothing reads past this offset
@@ -187,6 +194,18 @@ class WarmRestart:
             expired,
             out.evicted,
         )
+
+    @staticmethod
+    def _blocks(data: mmap.mmap, opened: Opened, store: Store, now: int) -> Iterator[Block]:
+        """Each checked block's items put in the store, least recently used first: by the
+        compiled loop straight into its dict, else through lists."""
+        for span in checked_blocks(data, opened):
+            if not COMPILED:
+                block = decode_block(data, span, now)
+                store.restore_items(block.keys, block.items, block.nbytes)
+                yield block
+                continue
+            yield store.restore_with(partial(fill_block, data=data, span=span, now=now))
 
     def _refuse(self, store: Store, refused: Refused) -> Outcome:
         store.flush()  # never half-used: whatever was restored before the fault goes
@@ -227,7 +246,21 @@ class WarmRestart:
                     _write_all(fd, data)
                     trim.after(len(data))
 
-                written = write_snapshot(keys, items, header, write, release=True)
+                append = block_writer(fd)
+
+                def append_block(keys: list[bytes], vals: list[bytes], a: int, b: int) -> int:
+                    written = append(keys, vals, a, b)  # type: ignore[misc]
+                    trim.after(written)
+                    return written
+
+                written = write_snapshot(
+                    keys,
+                    items,
+                    header,
+                    write,
+                    release=True,
+                    append_block=append_block if append is not None else None,
+                )
             finally:
                 os.close(fd)
             os.rename(partial, path)

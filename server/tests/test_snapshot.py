@@ -6,17 +6,24 @@ from __future__ import annotations
 import json
 import struct
 import zlib
+from functools import partial
 
 import pytest
 
 from cacheserver.storage import Store
 from cacheserver.storage.snapshot import (
+    COMPILED,
     FORMAT,
     LAYOUT,
+    MIN_ITEM,
     Header,
     Identity,
     Refused,
+    Span,
+    block_writer,
     check_identity,
+    checked_blocks,
+    fill_block,
     open_snapshot,
     read_blocks,
     write_snapshot,
@@ -32,6 +39,16 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+# Both readers and writers: the Python one, and the compiled one (storage/_snapshotio.c).
+PATHS = [
+    "python",
+    pytest.param(
+        "compiled",
+        marks=pytest.mark.skipif(not COMPILED, reason="cacheserver.storage._snapshotio not built"),
+    ),
+]
 
 
 def snapshot_of(store: Store, block_bytes: int = 1 << 20) -> bytes:
@@ -53,14 +70,23 @@ def snapshot_of(store: Store, block_bytes: int = 1 << 20) -> bytes:
     return bytes(out)
 
 
-def restore(data: bytes, store: Store, now: int = NOW) -> Header:
-    """Everything or nothing: the store is only filled when every block checked out."""
+def restore(data: bytes, store: Store, now: int = NOW, path: str = "python") -> Header:
+    """Everything or nothing: the store is only filled when every block checked out (the
+    compiled path fills it block by block, as the server does, and a failure flushes it)."""
 
     opened = open_snapshot(data)
     check_identity(opened.header, IDENTITY)
-    blocks = list(read_blocks(data, opened, now))
-    for block in blocks:
-        store.restore_items(block.keys, block.items, block.nbytes)
+    if path == "compiled":
+        try:
+            for span in checked_blocks(data, opened):
+                store.restore_with(partial(fill_block, data=data, span=span, now=now))
+        except Refused:
+            store.flush()
+            raise
+    else:
+        blocks = list(read_blocks(data, opened, now))
+        for block in blocks:
+            store.restore_items(block.keys, block.items, block.nbytes)
     store.restore_state(opened.header.cas, opened.header.flush_at)
     return opened.header
 
@@ -77,7 +103,8 @@ def filled_store(n: int = 300, clock: Clock | None = None) -> Store:
     return store
 
 
-def test_round_trip_keeps_items_byte_exact_in_lru_order_with_accounting_and_cas() -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_round_trip_keeps_items_byte_exact_in_lru_order_with_accounting_and_cas(path) -> None:
     store = filled_store()
     store.flush(NOW + 3600)  # a delayed flush_all still pending
     before = list(store._items.items())
@@ -85,7 +112,7 @@ def test_round_trip_keeps_items_byte_exact_in_lru_order_with_accounting_and_cas(
     data = snapshot_of(store, block_bytes=2000)  # many blocks
     assert store.curr_items == 0 and store.bytes_used == 0
     fresh = Store(1 << 20, clock=Clock())
-    restore(data, fresh)
+    restore(data, fresh, path=path)
     assert list(fresh._items.items()) == before
     assert fresh.bytes_used == used
     assert fresh.cas_counter == cas
@@ -106,6 +133,17 @@ def test_items_expired_by_the_time_of_the_restore_are_left_out() -> None:
     assert gone and not gone & kept
     assert sum(b.expired for b in blocks) == len(gone)
     assert len(kept) == 50 - len(gone)
+    if COMPILED:  # the compiled reader leaves out the same items, and counts the same
+        fresh = Store(1 << 20, clock=Clock(later))
+        opened = open_snapshot(data)
+        filled = [
+            fresh.restore_with(partial(fill_block, data=data, span=span, now=later))
+            for span in checked_blocks(data, opened)
+        ]
+        assert list(fresh._items) == [k for b in blocks for k in b.keys]
+        assert [(f.count, f.nbytes, f.expired) for f in filled] == [
+            (len(b.keys), b.nbytes, b.expired) for b in blocks
+        ]
 
 
 def test_an_empty_store_round_trips() -> None:
@@ -119,17 +157,19 @@ def _small_snapshot() -> bytes:
     return snapshot_of(filled_store(12), block_bytes=300)
 
 
-def test_every_truncation_is_refused() -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_every_truncation_is_refused(path) -> None:
     data = _small_snapshot()
     for cut in range(len(data)):
         fresh = Store(1 << 20, clock=Clock())
         with pytest.raises(Refused) as refused:
-            restore(data[:cut], fresh)
+            restore(data[:cut], fresh, path=path)
         assert refused.value.reason in ("truncated", "corrupt"), cut
         assert fresh.curr_items == 0
 
 
-def test_every_single_bit_flip_is_refused() -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_every_single_bit_flip_is_refused(path) -> None:
     data = _small_snapshot()
     for at in range(len(data)):
         for bit in range(8):
@@ -137,8 +177,46 @@ def test_every_single_bit_flip_is_refused() -> None:
             damaged[at] ^= 1 << bit
             fresh = Store(1 << 20, clock=Clock())
             with pytest.raises(Refused):
-                restore(bytes(damaged), fresh)
+                restore(bytes(damaged), fresh, path=path)
             assert fresh.curr_items == 0
+
+
+@pytest.mark.skipif(not COMPILED, reason="cacheserver.storage._snapshotio not built")
+def test_the_compiled_writer_writes_the_same_bytes(tmp_path) -> None:
+    """Straight from the objects with pwritev, the header written after its payload: the
+    file is byte for byte what the Python writer makes."""
+    expected = snapshot_of(filled_store(), block_bytes=2000)
+    store = filled_store()
+    header = open_snapshot(expected).header
+    keys, items = store.drain()
+    path = tmp_path / "snapshot"
+    with path.open("wb", buffering=0) as f:  # (the block writer writes at its position)
+        fd = f.fileno()
+        written = write_snapshot(
+            keys, items, header, f.write, block_bytes=2000, append_block=block_writer(fd)
+        )
+    assert path.read_bytes() == expected and written == len(expected)
+
+
+@pytest.mark.skipif(not COMPILED, reason="cacheserver.storage._snapshotio not built")
+@pytest.mark.parametrize(
+    "lengths",
+    [
+        [(5, 40), (5, 40), (5, 41)],  # one byte more than the payload holds
+        [(5, 40), (0, 45)],  # a key of no bytes
+        [(5, 40), (5, MIN_ITEM - 1)],  # an item shorter than its header
+    ],
+)
+def test_a_block_whose_lengths_do_not_add_up_adds_nothing(lengths) -> None:
+    """The crc passed (a collision, or a writer's bug): the compiled reader checks every
+    length against the payload before it adds a single item."""
+    count = len(lengths)
+    payload = bytes(k for k, _ in lengths) + b"".join(struct.pack("<I", i) for _, i in lengths)
+    payload += b"k" * 5 * count + b"\x00" * 40 * count
+    items: dict[bytes, bytes] = {}
+    with pytest.raises(Refused) as refused:
+        fill_block(items, payload, Span(0, 0, len(payload), count), NOW)
+    assert refused.value.reason == "corrupt" and items == {}
 
 
 def _with_header(data: bytes, change) -> bytes:  # type: ignore[no-untyped-def]

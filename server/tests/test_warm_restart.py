@@ -332,3 +332,46 @@ def test_each_worker_keeps_its_own_shard(tmp_path: Path) -> None:
         log = stop(server, signal.SIGINT)
     assert os.listdir(tmp_path) == []
     assert "written by a server with another number of workers" in log
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
+def test_the_server_code_saves_and_restores_with_or_without_the_compiled_loops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compiled: bool
+) -> None:
+    """cacheserver.warm as the server runs it, in one process: with the compiled block
+    loops (storage/_snapshotio.c) and with the Python ones an install without a compiler
+    uses, the same file and the same store come back; a damaged block is refused whole."""
+    from cacheserver import warm
+    from cacheserver.storage import Store
+    from cacheserver.storage.snapshot import COMPILED, Identity
+
+    if compiled and not COMPILED:
+        pytest.skip("cacheserver.storage._snapshotio not built")
+    if not compiled:
+        monkeypatch.setattr(warm, "COMPILED", False)
+        monkeypatch.setattr(warm, "block_writer", lambda fd: None)
+    now = int(time.time())
+    store = Store(64 << 20)
+    for i in range(N_KEYS):
+        store.set(b"key:%d" % i, i * 40503 % (1 << 32), 0 if i % 2 else now + 3600, value_for(i))
+    store.get(b"key:3")  # to the recent end
+    before, used = list(store._items.items()), store.bytes_used
+    path = tmp_path / "snapshot"
+    identity = Identity("-m 64", 1 << 20, 0, 1)
+    saver = warm.WarmRestart(str(path), identity, "test")
+    assert saver.save(store) and store.curr_items == 0
+    saved = path.read_bytes()
+
+    fresh = Store(64 << 20)
+    outcome = warm.WarmRestart(str(path), identity, "test").restore(fresh)
+    assert (outcome.result, outcome.items) == ("restored", N_KEYS)
+    assert list(fresh._items.items()) == before and fresh.bytes_used == used
+    assert not path.exists()  # used once
+
+    damaged = bytearray(saved)
+    damaged[len(saved) // 2] ^= 0x10  # inside some block
+    path.write_bytes(bytes(damaged))
+    other = Store(64 << 20)
+    outcome = warm.WarmRestart(str(path), identity, "test").restore(other)
+    assert (outcome.result, outcome.reason) == ("refused", "corrupt")
+    assert other.curr_items == 0 and other.bytes_used == 0

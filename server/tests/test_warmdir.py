@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cacheserver.warmdir import prepare, remove_stale
+from cacheserver.warmdir import NO_NODE, not_latest, prepare, remove_snapshots, remove_stale
 
 
 def test_prepare_makes_the_pod_directory_owned_by_the_server_user(tmp_path: Path) -> None:
@@ -75,3 +75,60 @@ def test_the_command_line(tmp_path: Path) -> None:
         timeout=30,
     )
     assert bad.returncode == 1 and "is not <namespace>/<cluster>/<pod>" in bad.stderr
+
+
+# ---- the latest snapshot only ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("node", "last_node", "removed"),
+    [
+        ("node-2", "node-2", False),  # back where it last ran: its latest snapshot
+        ("node-2", "node-4", True),  # it ran on node-4 since: node-2's is older than that
+        ("node-2", NO_NODE, True),  # the operator knows no node: not this appliance's
+        ("node-2", "", False),  # the operator did not say: kept, as before
+        ("", "node-2", True),  # this node unknown: cannot be told apart
+    ],
+)
+def test_only_the_node_it_last_ran_on_keeps_its_snapshot(node, last_node, removed):
+    assert (not_latest(node, last_node) is not None) is removed
+
+
+def test_a_snapshot_older_than_the_appliances_last_node_is_removed_whole(tmp_path: Path) -> None:
+    target = prepare(tmp_path, "ns/c/c-0", os.getuid(), os.getgid())
+    for name in ("snapshot.0", "snapshot.1", "snapshot.partial", "notes.txt"):
+        (target / name).write_bytes(b"x")
+    removed = remove_snapshots(target)
+    assert sorted(p.name for p in removed) == ["snapshot.0", "snapshot.1", "snapshot.partial"]
+    assert sorted(p.name for p in target.iterdir()) == ["notes.txt"]
+
+
+def test_the_command_line_removes_a_snapshot_the_appliance_moved_away_from(
+    tmp_path: Path,
+) -> None:
+    """node-2's snapshot of c-0, saved before c-0 ran on node-4: the init container on
+    node-2 removes it (the server then starts empty); on node-4 it would be kept."""
+    snapshot = tmp_path / "ns/c/c-0/snapshot"
+    snapshot.parent.mkdir(parents=True)
+    owner = f"{os.getuid()}:{os.getgid()}"
+
+    def run(node: str, last_node: str) -> str:
+        snapshot.write_bytes(b"x")
+        result = subprocess.run(
+            [sys.executable, "-m", "cacheserver.warmdir", str(tmp_path), "ns/c/c-0",
+             "--owner", owner, "--node", node, "--last-node", last_node],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    out = run("node-2", "node-4")
+    assert not snapshot.exists()
+    assert (
+        "removed snapshot ns/c/c-0/snapshot: the appliance ran on node-4 after this snapshot "
+        "was saved here on node-2" in out
+    )
+    assert "removed snapshot" not in run("node-4", "node-4") and snapshot.exists()
+    assert "removed snapshot" not in run("node-2", "") and snapshot.exists()

@@ -12,7 +12,10 @@ A block's payload is its items' key lengths (one byte each), their item lengths 
 the keys, then the items (``storage/item.py``'s bytes, unchanged: CAS, absolute exptime,
 flags, fetched bit, meta marks). Whole arrays per block rather than a header per record: writing and
 reading then run in C (``bytes.join``, ``map``, ``itertools.accumulate``) with one Python
-step per block, not per item.
+step per block, not per item. With the compiled ``_snapshotio`` (storage/_snapshotio.c) a
+block is written from the objects themselves (``pwritev``, no joined copy) and restored into
+the store's dict in one C loop; the bytes on disk are the same either way, and this module
+reads and writes them without it.
 
 Blocks are written most-recently-used first, so the least-recently-used items sit at the
 end of the file: a reader that restores from the last block to the first inserts items in
@@ -40,12 +43,19 @@ from operator import itemgetter
 
 from cacheserver.storage.item import (
     BUMPED_AT,
+    EXPTIME_AT,
     FETCHED,
     HEADER_SIZE,
     ITEM_OVERHEAD,
     MARKS_AT,
     META_AT,
 )
+
+try:
+    from cacheserver.storage import _snapshotio
+except ImportError:  # not built (no compiler or no zlib.h): the Python path below
+    _snapshotio = None  # type: ignore[assignment]
+COMPILED = _snapshotio is not None
 
 MAGIC = b"CSNAP\x00\r\n"
 END_MAGIC = b"CSNAPEND"
@@ -60,6 +70,7 @@ _BLOCK_CRC = struct.Struct("<QI")
 _FOOTER = struct.Struct("<QQQI8s")
 _FOOTER_CRC = struct.Struct("<QQQI")
 MIN_SIZE = _PREFIX.size + _FOOTER.size  # no file shorter than this is a snapshot
+MIN_ITEM = HEADER_SIZE + 6  # no item is shorter: its header and b" 0 0\r\n"
 _LITTLE = sys.byteorder == "little"
 _EXPTIME_BYTES = itemgetter(slice(8, 12))
 
@@ -107,12 +118,17 @@ def write_snapshot(
     *,
     release: bool = False,
     block_bytes: int = BLOCK_BYTES,
+    append_block: Callable[[list[bytes], list[bytes], int, int], int] | None = None,
 ) -> int:
     """Write items (keys and items in LRU order, least recent first). Returns bytes written.
 
     With ``release`` the lists' entries are set to None once their block is written, so the
     items' memory can be given back while the snapshot grows (the caller drops every other
     reference, e.g. by clearing the store's dict, before calling).
+
+    ``append_block(keys, vals, start, stop)``, when given, writes the block of those items
+    (header and payload, right after what ``write`` wrote so far) and returns its size: the
+    file writer's compiled path (``block_writer``).
     """
     n = len(keys)
     if len(vals) != n or header.items != n:
@@ -122,7 +138,7 @@ def write_snapshot(
     first = _PREFIX.pack(MAGIC, FORMAT, len(head), head_crc) + head
     write(first)
     offset = len(first)
-    klens = bytes(map(len, keys))
+    klens = bytes(map(len, keys)) if append_block is None else b""
     ilens = array("I", map(len, vals))
     # Block boundaries: cut the cumulative size of the items every block_bytes.
     ends = list(accumulate(ilens))
@@ -135,20 +151,23 @@ def write_snapshot(
         start = stop
     index = array("Q")
     for a, b in reversed(bounds):
-        lengths = ilens[a:b]
-        if not _LITTLE:
-            lengths.byteswap()
-        parts: list[bytes] = [klens[a:b], lengths.tobytes()]
-        parts += keys[a:b]
-        parts += vals[a:b]
-        payload = b"".join(parts)
-        del parts
-        crc = zlib.crc32(payload, zlib.crc32(_BLOCK_CRC.pack(len(payload), b - a)))
-        write(_BLOCK.pack(len(payload), b - a, crc))
-        write(payload)
         index.append(offset)
-        offset += _BLOCK.size + len(payload)
-        del payload
+        if append_block is not None:
+            offset += append_block(keys, vals, a, b)
+        else:
+            lengths = ilens[a:b]
+            if not _LITTLE:
+                lengths.byteswap()
+            parts: list[bytes] = [klens[a:b], lengths.tobytes()]
+            parts += keys[a:b]
+            parts += vals[a:b]
+            payload = b"".join(parts)
+            del parts
+            crc = zlib.crc32(payload, zlib.crc32(_BLOCK_CRC.pack(len(payload), b - a)))
+            write(_BLOCK.pack(len(payload), b - a, crc))
+            write(payload)
+            offset += _BLOCK.size + len(payload)
+            del payload
         if release:
             keys[a:b] = repeat(None, b - a)  # type: ignore[list-item]
             vals[a:b] = repeat(None, b - a)  # type: ignore[list-item]
@@ -240,32 +259,80 @@ def check_identity(header: Header, expected: Identity) -> None:
 
 @dataclass
 class Block:
-    keys: list[bytes]
+    keys: list[bytes]  # (empty when fill_block put them in a store already)
     items: list[bytes]
     nbytes: int  # keys and items together
     expired: int  # items dropped because their exptime has passed
     offset: int  # where the block started in the file
+    count: int  # items kept
 
 
-def read_blocks(data: Buffer, opened: Opened, now: int) -> Iterator[Block]:
+@dataclass(frozen=True)
+class Span:
+    """A block whose checksum and lengths checked out: where it and its payload are."""
+
+    offset: int  # where the block starts in the file
+    at: int  # where its payload starts
+    size: int  # of the payload
+    count: int  # items
+
+
+def checked_blocks(data: Buffer, opened: Opened) -> Iterator[Span]:
     """The blocks from the least recently used items to the most (the file's last block
-    first), each checked; items already expired at ``now`` are left out. Raises Refused.
-
-    ``data``: the snapshot as ``bytes`` or an ``mmap`` (whose own ``read`` then copies each
-    key and item straight out of the file's pages)."""
-    stream = data if isinstance(data, mmap.mmap) else io.BytesIO(data)
+    first), each checked when it comes: its checksum, and that its lengths add up. Raises
+    Refused."""
     starts = opened.blocks
     ends = [*starts[1:], opened.index_offset] if starts else []
     with memoryview(data) as view:
         for start, end in zip(reversed(starts), reversed(ends), strict=True):
             try:
-                block = _read_block(view, stream, start, end, now)
+                span = _check_block(view, start, end)
             except (struct.error, ValueError, OverflowError) as err:
                 raise Refused("corrupt", f"block at {start}: {err}") from None
-            yield block
+            yield span
 
 
-def _read_block(view: memoryview, stream: Stream, start: int, end: int, now: int) -> Block:
+def read_blocks(data: Buffer, opened: Opened, now: int) -> Iterator[Block]:
+    """The checked blocks' items, from the least recently used to the most; items already
+    expired at ``now`` are left out. Raises Refused.
+
+    ``data``: the snapshot as ``bytes`` or an ``mmap`` (whose own ``read`` then copies each
+    key and item straight out of the file's pages)."""
+    for span in checked_blocks(data, opened):
+        yield decode_block(data, span, now)
+
+
+def decode_block(data: Buffer, span: Span, now: int) -> Block:
+    """A checked block's live items, as lists."""
+    stream = data if isinstance(data, mmap.mmap) else io.BytesIO(data)
+    return _read_block(stream, span, now)
+
+
+def fill_block(items: dict[bytes, bytes], data: Buffer, span: Span, now: int) -> Block:
+    """The compiled path (when ``COMPILED``): add a checked block's live items to ``items``
+    (a store's dict) in order, and return what was added (with no keys and items lists).
+    Raises Refused."""
+    assert _snapshotio is not None, "fill_block without the compiled path"
+    with memoryview(data) as view, view[span.at : span.at + span.size] as payload:
+        try:
+            stored, nbytes, expired = _snapshotio.fill(
+                items, payload, span.count, now, EXPTIME_AT, MIN_ITEM
+            )
+        except ValueError as err:
+            raise Refused("corrupt", f"block at {span.offset}: {err}") from None
+    return Block([], [], nbytes, expired, span.offset, stored)
+
+
+def block_writer(fd: int) -> Callable[[list[bytes], list[bytes], int, int], int] | None:
+    """``write_snapshot``'s ``append_block`` for a file, from the compiled path (None when it
+    is not built): a block written at the file's position straight from the objects."""
+    if _snapshotio is None:
+        return None
+    append = _snapshotio.append_block
+    return lambda keys, vals, start, stop: append(fd, keys, vals, start, stop)
+
+
+def _check_block(view: memoryview, start: int, end: int) -> Span:
     plen, count, crc = _BLOCK.unpack_from(view, start)
     at = start + _BLOCK.size
     if at + plen != end or count == 0 or 5 * count > plen:
@@ -277,10 +344,20 @@ def _read_block(view: memoryview, stream: Stream, start: int, end: int, now: int
     ilens.frombytes(view[at + count : at + 5 * count])
     if not _LITTLE:
         ilens.byteswap()
-    key_start = 5 * count
-    item_start = key_start + sum(klens)
-    if item_start + sum(ilens) != plen or min(ilens) < HEADER_SIZE + 6 or min(klens) == 0:
+    if 5 * count + sum(klens) + sum(ilens) != plen or min(ilens) < MIN_ITEM or min(klens) == 0:
         raise Refused("corrupt", f"block at {start}: lengths do not add up")
+    return Span(start, at, plen, count)
+
+
+def _read_block(stream: Stream, span: Span, now: int) -> Block:
+    at, count = span.at, span.count
+    stream.seek(at)
+    klens = stream.read(count)
+    ilens = array("I")
+    ilens.frombytes(stream.read(4 * count))
+    if not _LITTLE:
+        ilens.byteswap()
+    key_start = 5 * count
     # One C call per key and per item, no offsets or slice objects: read them in order.
     stream.seek(at + key_start)
     keys = list(map(stream.read, klens))
@@ -299,5 +376,5 @@ def _read_block(view: memoryview, stream: Stream, start: int, end: int, now: int
         items = [v for v, keep in zip(items, live, strict=True) if keep]
         nbytes = sum(map(len, keys)) + sum(map(len, items))
     else:
-        nbytes = plen - key_start
-    return Block(keys, items, nbytes, expired, start)
+        nbytes = span.size - key_start
+    return Block(keys, items, nbytes, expired, span.offset, len(keys))
