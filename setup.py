@@ -1,17 +1,28 @@
-"""The one compiled part: the server's fast path (server/cacheserver/fastpath/_fastpath.c).
+"""The one compiled part: the server's fast path (server/cacheserver/fastpath/*.c, one module).
 
 optional=True: where no C compiler is at hand the install still succeeds and the server
 runs its Python path (docs/architecture.md).
 """
 
+from pathlib import Path
+
 from setuptools import Extension, setup
+
+FASTPATH = Path("server/cacheserver/fastpath")
 
 setup(
     ext_modules=[
         Extension(
             "cacheserver.fastpath._fastpath",
-            sources=["server/cacheserver/fastpath/_fastpath.c"],
-            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+            sources=sorted(str(p) for p in FASTPATH.glob("*.c")),
+            depends=sorted(str(p) for p in FASTPATH.glob("*.h")),
+            extra_compile_args=[
+                "-O2",
+                "-Wall",
+                "-Wextra",
+                "-Wno-unused-parameter",
+                "-fvisibility=hidden",
+            ],
             optional=True,
         )
     ]

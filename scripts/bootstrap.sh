@@ -40,9 +40,12 @@ if ((${#need_pkgs[@]})); then
 fi
 
 stamp="$VENV/.installed"
-fastpath=server/cacheserver/fastpath/_fastpath.c
+# The compiled fast path is rebuilt when one of its C files changed since the last install.
+fastpath_changed() {
+    [ -n "$(find server/cacheserver/fastpath -name '*.[ch]' -newer "$stamp" -print -quit)" ]
+}
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] \
-    || [ "$fastpath" -nt "$stamp" ]; then
+    || fastpath_changed; then
     [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
     "$VENV/bin/python" -m pip install -q --upgrade pip
     "$VENV/bin/python" -m pip install -q -e '.[test]'

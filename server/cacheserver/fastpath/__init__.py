@@ -1,4 +1,4 @@
-"""The compiled fast path for plain gets and sets (``_fastpath.c``), when it was built.
+"""The compiled fast path for plain gets and sets (the C files here), when it was built.
 
 The extension is optional: without a C compiler at install time the server runs on its
 Python layers alone, with the same replies, only slower. ``make_engine`` returns None then,
@@ -26,7 +26,7 @@ try:
 except ImportError:  # not compiled: the Python path serves everything
     _fastpath = None
 
-# _fastpath.c reads and writes items in storage/item.py's layout and follows store.py's LRU
+# The C code reads and writes items in storage/item.py's layout and follows store.py's LRU
 # rule, the protocol's exptime rule, the session's reply limit and the key it leaves to the
 # session for auto discovery; a change on one side without the other must stop the server,
 # not corrupt items.

@@ -102,7 +102,7 @@ class Store:
         """The live item for ``key``, or None. A hit marks the item fetched and moves it to
         the LRU's recent end, unless a hit did that less than ``BUMP_INTERVAL`` ago.
 
-        cacheserver/fastpath/_fastpath.c does the same for its gets: change both together.
+        cacheserver/fastpath/store.c does the same for its gets: change both together.
         """
         # The hot path: written out rather than built from _live() to save calls per hit.
         if self._flush_at:
