@@ -96,7 +96,7 @@ static int mg_one(Engine *e, const char *const *tok, const Py_ssize_t *tlen, int
     e->deltas[C_GET_HITS]++;
     const unsigned char *raw = (const unsigned char *)PyBytes_AS_STRING(item);
     Py_ssize_t size = PyBytes_GET_SIZE(item);
-    Py_ssize_t data_at = raw[META_AT] & 0x7F;
+    Py_ssize_t data_at = raw[META_AT] & OFFSET_MASK;
     Py_ssize_t nbytes = size - data_at - 2;
     unsigned int exptime = le32(raw + EXPTIME_AT), flags = le32(raw + FLAGS_AT);
     unsigned int bumped = le32(raw + BUMPED_AT);
@@ -214,7 +214,7 @@ int run_meta(Engine *e, const char *const *tok, const Py_ssize_t *tlen, int ntok
             || data_end + 2 > len || buf[data_end] != '\r' || buf[data_end + 1] != '\n'
             || MEMCACHED_ITEM_OVERHEAD + klen + (flags ? 4 : 0) + nbytes + 2
                    > e->max_item_size
-            || klen + HEADER_SIZE + 32 + nbytes + e->item_overhead > e->capacity)
+            || klen + HEADER_SIZE + 32 + nbytes + ITEM_OVERHEAD > e->capacity)
             return 0;
         if (exptime && exptime <= MAX_RELATIVE_EXPTIME)
             exptime += e->now;

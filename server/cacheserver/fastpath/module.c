@@ -31,7 +31,7 @@
  */
 #include "engine.h"
 
-#include "item.h"
+#include "boundary.h"
 #include "net.h"
 #include "protocol.h"
 
@@ -58,78 +58,72 @@ static PyObject *Engine_run(Engine *e, PyObject *arg) {
 /* -- type and module ------------------------------------------------------------------------ */
 
 static int Engine_init(Engine *e, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"store", "counters", "latency", "item_overhead", "commands", NULL};
+    static char *kwlist[] = {"store", "counters", "latency", "commands", NULL};
     PyObject *store, *counters, *latency, *commands = Py_None;
-    Py_ssize_t overhead;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOn|O", kwlist, &store, &counters, &latency,
-                                     &overhead, &commands))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO|O", kwlist, &store, &counters, &latency,
+                                     &commands))
         return -1;
-    PyObject *items = PyObject_GetAttr(store, s_items);
-    if (items == NULL)
-        return -1;
-    if (!PyDict_CheckExact(items)) {
-        Py_DECREF(items);
-        PyErr_SetString(PyExc_TypeError, "the store's _items must be a dict");
-        return -1;
-    }
-    Py_XSETREF(e->items, items);
-    Py_INCREF(store);
-    Py_XSETREF(e->store, store);
-    Py_INCREF(counters);
-    Py_XSETREF(e->counters, counters);
-    Py_INCREF(latency);
-    Py_XSETREF(e->latency, latency);
-    Py_INCREF(commands);
-    Py_XSETREF(e->commands, commands);
-    e->item_overhead = overhead;
     e->epfd = e->udp_fd = -1;
     if (e->rbuf == NULL && (e->rbuf = PyMem_Malloc(READ_SIZE)) == NULL) {
         PyErr_NoMemory();
         return -1;
     }
-    return 0;
+    return engine_bind(e, store, counters, latency, commands);
 }
 
 static int Engine_traverse(Engine *e, visitproc visit, void *arg) {
     Py_VISIT(e->store);
     Py_VISIT(e->items);
+    Py_VISIT(e->clock);
+    Py_VISIT(e->stats);
+    Py_VISIT(e->make_room);
     Py_VISIT(e->counters);
-    Py_VISIT(e->latency);
+    Py_VISIT(e->observe);
     Py_VISIT(e->commands);
-    Py_VISIT(e->connections);
     Py_VISIT(e->tcp);
-    Py_VISIT(e->udp);
-    Py_VISIT(e->conn_type);
-    return 0;
+    Py_VISIT(e->connections);
+    Py_VISIT(e->serve_event);
+    Py_VISIT(e->finish_read);
+    Py_VISIT(e->send);
+    Py_VISIT(e->close_connection);
+    Py_VISIT(e->answer);
+    return tcp_traverse(e, visit, arg);
 }
 
 static int Engine_clear(Engine *e) {
     Py_CLEAR(e->store);
     Py_CLEAR(e->items);
+    Py_CLEAR(e->clock);
+    Py_CLEAR(e->stats);
+    Py_CLEAR(e->make_room);
     Py_CLEAR(e->counters);
-    Py_CLEAR(e->latency);
+    Py_CLEAR(e->observe);
     Py_CLEAR(e->commands);
-    Py_CLEAR(e->connections);
     Py_CLEAR(e->tcp);
-    Py_CLEAR(e->udp);
-    Py_CLEAR(e->conn_type);
+    Py_CLEAR(e->connections);
+    Py_CLEAR(e->serve_event);
+    Py_CLEAR(e->finish_read);
+    Py_CLEAR(e->send);
+    Py_CLEAR(e->close_connection);
+    Py_CLEAR(e->answer);
+    tcp_clear(e);
     return 0;
 }
 
 static void Engine_dealloc(Engine *e) {
     PyObject_GC_UnTrack(e);
     Engine_clear(e);
+    tcp_free(e);
+    udp_free(e);
     PyMem_Free(e->out.data);
     PyMem_Free(e->rbuf);
-    PyMem_Free(e->recv_batch);
-    PyMem_Free(e->send_queue);
     Py_TYPE(e)->tp_free((PyObject *)e);
 }
 
 static PyMethodDef Engine_methods[] = {
     {"attach_tcp", (PyCFunction)Engine_attach_tcp, METH_VARARGS,
-     "attach_tcp(epoll_fd, connections, tcp_server, connection_class): the TCP server the "
-     "engine serves."},
+     "attach_tcp(epoll_fd, tcp_server, connection_class): the TCP server the engine serves "
+     "(fastpath/boundary.py: what it uses of the two)."},
     {"serve_tcp", (PyCFunction)Engine_serve_tcp, METH_NOARGS,
      "Serve every ready client of the epoll set (the event loop's reader callback)."},
     {"attach_udp", (PyCFunction)Engine_attach_udp, METH_VARARGS,
@@ -146,8 +140,8 @@ static PyTypeObject EngineType = {
     .tp_name = "cacheserver.fastpath._fastpath.Engine",
     .tp_basicsize = sizeof(Engine),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "Engine(store, counters, latency, item_overhead, commands=None): one worker's "
-              "fast path.",
+    .tp_doc = "Engine(store, counters, latency, commands=None): one worker's fast path "
+              "(fastpath/boundary.py: what it uses of them).",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Engine_init,
     .tp_traverse = (traverseproc)Engine_traverse,
@@ -162,56 +156,12 @@ static struct PyModuleDef module = {
     NULL,
 };
 
-#define INTERN(var, text) \
-    if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL
-
 PyMODINIT_FUNC PyInit__fastpath(void) {
-    INTERN(s_items, "_items");
-    INTERN(s_cas, "_cas");
-    INTERN(s_bytes_used, "bytes_used");
-    INTERN(s_capacity, "capacity");
-    INTERN(s_flush_at, "_flush_at");
-    INTERN(s_max_item_size, "max_item_size");
-    INTERN(s_clock, "_clock");
-    INTERN(s_stats, "stats");
-    INTERN(s_total_items, "total_items");
-    INTERN(s_evict_to, "_evict_to");
-    INTERN(s_observe, "observe");
-    INTERN(s_pending, "pending");
-    INTERN(s_buffer, "_buffer");
-    INTERN(s_request, "_request");
-    INTERN(s_closing, "closing");
-    INTERN(s_seen_tick, "seen_tick");
-    INTERN(s_tick, "tick");
-    INTERN(s_serve_event, "_serve_event");
-    INTERN(s_continue, "_continue");
-    INTERN(s_send, "_send");
-    INTERN(s_close, "_close");
-    INTERN(s_reclaimed, "reclaimed");
-    INTERN(s_expired_unfetched, "expired_unfetched");
-    INTERN(s_get_expired, "get_expired");
-    INTERN(s_answer, "_answer");
-    INTERN(s_send_reply, "_send_reply");
-    INTERN(s_detail, "detail");
-    for (int i = 0; i < C_COUNT; i++)
-        INTERN(counter_attrs[i], counter_names[i]);
-    if (PyType_Ready(&EngineType) < 0)
+    if (boundary_load() < 0 || PyType_Ready(&EngineType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddIntConstant(m, "HEADER_SIZE", HEADER_SIZE) < 0
-        || PyModule_AddIntConstant(m, "BUMPED_AT", BUMPED_AT) < 0
-        || PyModule_AddIntConstant(m, "META_AT", META_AT) < 0
-        || PyModule_AddIntConstant(m, "MARKS_AT", MARKS_AT) < 0
-        || PyModule_AddIntConstant(m, "FETCHED", FETCHED) < 0
-        || PyModule_AddIntConstant(m, "BUMP_INTERVAL", BUMP_INTERVAL) < 0
-        || PyModule_AddIntConstant(m, "MAX_RELATIVE_EXPTIME", MAX_RELATIVE_EXPTIME) < 0
-        || PyModule_AddIntConstant(m, "REPLY_LIMIT", REPLY_LIMIT) < 0
-        || PyModule_AddStringConstant(m, "CLUSTER_KEY", CLUSTER_KEY) < 0) {
-        Py_DECREF(m);
-        return NULL;
-    }
     Py_INCREF(&EngineType);
     if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0) {
         Py_DECREF(&EngineType);

@@ -4,19 +4,7 @@
 
 #include "engine.h"
 
-#define MAX_RELATIVE_EXPTIME (60 * 60 * 24 * 30) /* protocol/commands.py */
-#define REPLY_LIMIT (4 * 1024 * 1024) /* protocol/session.py: TCP_REPLY_LIMIT */
-#define KEY_MAX_LENGTH 250
-/* discovery/membership.py: CLUSTER_KEY. A get of this key alone is ElastiCache's older
- * auto-discovery request, which the Python session answers (over TCP, with a membership). */
-#define CLUSTER_KEY "AmazonElastiCache:cluster"
-#define CLUSTER_KEY_LEN (sizeof(CLUSTER_KEY) - 1)
-#define MAX_TOKENS 32         /* longer multi-gets go to the Python path */
-#define MEMCACHED_ITEM_OVERHEAD (48 + 8 + 1)
-#define U32_MAX 4294967295ULL
-#define I32_MAX 2147483647ULL
-#define META_MAX_WORDS 20   /* meta.py: MAX_WORDS */
-#define META_MAX_OPAQUE 32  /* meta.py: MAX_OPAQUE_LENGTH */
+#define MAX_TOKENS 32 /* longer multi-gets go to the Python path */
 
 /* ASCII digits only, at most 10 of them (the limits checked are 32-bit); -1 otherwise. */
 static inline long long parse_small(const char *p, Py_ssize_t n) {

@@ -1,6 +1,7 @@
 /* Get and set on the Python Store's own dict, as storage/store.py does them. */
 #include "store.h"
 
+#include "boundary.h"
 #include "item.h"
 #include "protocol.h"
 
@@ -8,18 +9,11 @@
 int drop_expired(Engine *e, PyObject *key, PyObject *item) {
     const unsigned char *raw = (const unsigned char *)PyBytes_AS_STRING(item);
     int fetched = raw[META_AT] & FETCHED;
-    e->bytes_used -= PyBytes_GET_SIZE(key) + PyBytes_GET_SIZE(item) + e->item_overhead;
+    e->bytes_used -= PyBytes_GET_SIZE(key) + PyBytes_GET_SIZE(item) + ITEM_OVERHEAD;
     e->shadow_dirty = 1;
     if (PyDict_DelItem(e->items, key) < 0)
         return -1;
-    PyObject *stats = PyObject_GetAttr(e->store, s_stats);
-    if (stats == NULL)
-        return -1;
-    int rc = (add_to_attr(stats, s_reclaimed, 1) < 0
-              || (!fetched && add_to_attr(stats, s_expired_unfetched, 1) < 0)
-              || add_to_attr(stats, s_get_expired, 1) < 0) ? -1 : 0;
-    Py_DECREF(stats);
-    return rc;
+    return store_count_expired(e, fetched);
 }
 
 /* Store.get for one key, then the VALUE block of a hit. 1 hit, 0 miss, -1 error. */
@@ -37,14 +31,8 @@ int get_one(Engine *e, const char *k, Py_ssize_t klen, int with_cas, OutBuf *out
     const unsigned char *raw = (const unsigned char *)PyBytes_AS_STRING(item);
     unsigned int exptime = le32(raw + EXPTIME_AT);
     if (exptime) {
-        PyObject *clock = PyObject_GetAttr(e->store, s_clock);
-        PyObject *now_obj = clock ? PyObject_CallNoArgs(clock) : NULL;
-        Py_XDECREF(clock);
-        if (now_obj == NULL)
-            goto done;
-        double now = PyFloat_AsDouble(now_obj);
-        Py_DECREF(now_obj);
-        if (now == -1.0 && PyErr_Occurred())
+        double now;
+        if (store_clock(e, &now) < 0)
             goto done;
         if (exptime <= now) {
             rc = drop_expired(e, key, item) < 0 ? -1 : 0;
@@ -74,7 +62,7 @@ int get_one(Engine *e, const char *k, Py_ssize_t klen, int with_cas, OutBuf *out
     out->len += 6 + klen;
     if (with_cas) {
         /* gets: " <flags> <bytes>" from the suffix, then " <cas>\r\n", then the data. */
-        Py_ssize_t data_at = raw[META_AT] & 0x7F;
+        Py_ssize_t data_at = raw[META_AT] & OFFSET_MASK;
         unsigned long long cas = 0;
         for (int i = 7; i >= 0; i--)
             cas = (cas << 8) | raw[i];
@@ -95,7 +83,7 @@ done:
 }
 
 /* Store.set + Store._store for a value that fits; 0 done, -1 error. Eviction, when
- * the store runs over capacity, is the Python Store's own _evict_to. */
+ * the store runs over capacity, is the Python Store's own make_room. */
 int set_one(Engine *e, const char *k, Py_ssize_t klen, unsigned long long flags,
             unsigned int exptime, const char *data, Py_ssize_t nbytes) {
     char suffix[32];
@@ -124,12 +112,12 @@ int set_one(Engine *e, const char *k, Py_ssize_t klen, unsigned long long flags,
     memcpy(p + HEADER_SIZE + slen + nbytes, "\r\n", 2);
 
     int rc = -1;
-    long long cost = klen + size + e->item_overhead;
+    long long cost = klen + size + ITEM_OVERHEAD;
     PyObject *old = PyDict_GetItemWithError(e->items, key);
     if (old == NULL && PyErr_Occurred())
         goto done;
     if (old != NULL) {
-        cost -= klen + PyBytes_GET_SIZE(old) + e->item_overhead;
+        cost -= klen + PyBytes_GET_SIZE(old) + ITEM_OVERHEAD;
         if (PyDict_DelItem(e->items, key) < 0) /* re-inserted below: most recently used */
             goto done;
     }
@@ -139,20 +127,8 @@ int set_one(Engine *e, const char *k, Py_ssize_t klen, unsigned long long flags,
     e->shadow_dirty = 1;
     e->total_items_delta++;
     rc = 0;
-    if (e->bytes_used > e->capacity) {
-        /* As Store._store: evict a little below capacity, never the key just stored. */
-        rc = -1;
-        if (sync_out(e) < 0)
-            goto done;
-        PyObject *target = PyLong_FromLongLong(e->capacity - (e->capacity >> 6));
-        PyObject *r = target ? PyObject_CallMethodObjArgs(e->store, s_evict_to, target,
-                                                          Py_False, key, NULL) : NULL;
-        Py_XDECREF(target);
-        if (r == NULL)
-            goto done;
-        Py_DECREF(r);
-        rc = sync_in(e);
-    }
+    if (e->bytes_used > e->capacity) /* as Store._store */
+        rc = store_make_room(e, key);
 done:
     Py_DECREF(item);
     Py_DECREF(key);

@@ -6,6 +6,7 @@
 #include <sys/socket.h>
 #include <time.h>
 
+#include "boundary.h"
 #include "protocol.h"
 
 static double monotonic(void) {
@@ -16,21 +17,50 @@ static double monotonic(void) {
 
 /* -- TCP ------------------------------------------------------------------------------------ */
 
-/* A slot of a Connection, read in place (borrowed); the class is checked by the caller. */
-#define SLOT(conn, offset) (*(PyObject **)((char *)(conn) + (offset)))
-
-static int empty_bytes(PyObject *v) {
-    return v != NULL && PyBytes_CheckExact(v) && PyBytes_GET_SIZE(v) == 0;
+/* What the engine knows of the connection on fd: it asks conn.plain when it first sees the
+ * connection and after each slow-path call for it, and keeps the answer while only the fast
+ * path serves it (nothing else changes a connection of this epoll set). NULL on error. */
+static ConnState *conn_state(Engine *e, int fd, PyObject *conn) {
+    if (fd >= e->nconns) {
+        Py_ssize_t n = e->nconns ? e->nconns : 64;
+        while (n <= fd)
+            n *= 2;
+        ConnState *conns = PyMem_Realloc(e->conns, n * sizeof(ConnState));
+        if (conns == NULL) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        memset(conns + e->nconns, 0, (n - e->nconns) * sizeof(ConnState));
+        e->conns = conns;
+        e->nconns = n;
+    }
+    ConnState *st = &e->conns[fd];
+    if (st->conn != conn) {
+        Py_INCREF(conn);
+        Py_XSETREF(st->conn, conn);
+        st->plain = 0;
+        st->tick = -1;
+    }
+    if (!st->plain) {
+        int plain = conn_plain(e, conn);
+        if (plain < 0)
+            return NULL;
+        st->plain = plain;
+    }
+    return st;
 }
 
-/* Whether a connection is in the plain state the fast path serves: nothing held back. */
-static int conn_is_plain(Engine *e, PyObject *conn) {
-    if (Py_TYPE(conn) != e->conn_type) {
-        PyErr_SetString(PyExc_TypeError, "a connection of another class than attach_tcp's");
-        return -1;
+/* After a slow-path call for fd: ask conn.plain again next time; let a closed one go. */
+static void slow_path_done(Engine *e, int fd, PyObject *fd_obj, PyObject *conn) {
+    if (fd >= e->nconns)
+        return;
+    ConnState *st = &e->conns[fd];
+    st->plain = 0;
+    if (st->conn == conn && PyDict_GetItemWithError(e->connections, fd_obj) != conn) {
+        if (PyErr_Occurred())
+            PyErr_Clear();
+        Py_CLEAR(st->conn);
     }
-    return empty_bytes(SLOT(conn, e->off_pending)) && empty_bytes(SLOT(conn, e->off_buffer))
-        && SLOT(conn, e->off_request) == Py_None && SLOT(conn, e->off_closing) == Py_False;
 }
 
 /* A timed read's duration, kept until the wake-up ends: LatencyHistogram.observe is Python
@@ -40,31 +70,21 @@ static void observe(Engine *e, double seconds) {
         e->samples[e->nsamples++] = seconds;
 }
 
-static int flush_samples(Engine *e) {
-    int n = e->nsamples;
-    e->nsamples = 0;
-    for (int i = 0; i < n; i++) {
-        PyObject *v = PyFloat_FromDouble(e->samples[i]);
-        PyObject *r = v ? PyObject_CallMethodObjArgs(e->latency, s_observe, v, NULL) : NULL;
-        Py_XDECREF(v);
-        if (r == NULL)
-            return -1;
-        Py_DECREF(r);
-    }
-    return 0;
-}
-
-/* One readable, plain connection: read, run, reply. */
-static int serve_conn(Engine *e, PyObject *fd_obj, int fd, PyObject *conn, PyObject *tick) {
+/* One readable, plain connection: read, run, reply; *slow is set when the slow path ran. */
+static int serve_conn(Engine *e, ConnState *st, int fd, PyObject *conn, long long tick,
+                      int *slow) {
     ssize_t n = recv(fd, e->rbuf, READ_SIZE, 0);
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
         return 0;
-    if (n <= 0) /* closed or reset by the client */
-        return call_python(e, e->tcp, s_close, fd_obj, conn, NULL, NULL);
-    PyObject *seen = SLOT(conn, e->off_seen_tick); /* conn.seen_tick = tick, for idle checks */
-    Py_INCREF(tick);
-    SLOT(conn, e->off_seen_tick) = tick;
-    Py_XDECREF(seen);
+    if (n <= 0) { /* closed or reset by the client */
+        *slow = 1;
+        return tcp_close(e, fd, conn);
+    }
+    if (st->tick != tick) { /* conn.seen_tick = tick, for idle checks: once per tick */
+        if (conn_seen(e, conn, tick) < 0)
+            return -1;
+        st->tick = tick;
+    }
     e->deltas[C_BYTES_READ] += n;
     int timed = (++e->reads & SAMPLE_MASK) == 0;
     double started = timed ? monotonic() : 0.0;
@@ -75,11 +95,8 @@ static int serve_conn(Engine *e, PyObject *fd_obj, int fd, PyObject *conn, PyObj
         return -1;
     if (done < n) {
         /* The rest goes through the Python session, which also sends and closes. */
-        PyObject *head = PyBytes_FromStringAndSize(out->data, out->len);
-        PyObject *rest = head ? PyBytes_FromStringAndSize(e->rbuf + done, n - done) : NULL;
-        int rc = rest ? call_python(e, e->tcp, s_continue, fd_obj, conn, head, rest) : -1;
-        Py_XDECREF(head);
-        Py_XDECREF(rest);
+        *slow = 1;
+        int rc = tcp_finish_read(e, fd, conn, out->data, out->len, e->rbuf + done, n - done);
         if (rc == 0 && timed)
             observe(e, monotonic() - started);
         return rc;
@@ -96,12 +113,8 @@ static int serve_conn(Engine *e, PyObject *fd_obj, int fd, PyObject *conn, PyObj
         sent = 0;
     /* The kernel did not take it all (or the client is gone): the Python server keeps the
      * rest and stops reading this client until it is flushed, or closes it. */
-    PyObject *rest = PyBytes_FromStringAndSize(out->data + sent, out->len - sent);
-    if (rest == NULL)
-        return -1;
-    int rc = call_python(e, e->tcp, s_send, fd_obj, conn, rest, NULL);
-    Py_DECREF(rest);
-    return rc;
+    *slow = 1;
+    return tcp_send(e, fd, conn, out->data + sent, out->len - sent);
 }
 
 PyObject *Engine_serve_tcp(Engine *e, PyObject *Py_UNUSED(ignored)) {
@@ -109,8 +122,8 @@ PyObject *Engine_serve_tcp(Engine *e, PyObject *Py_UNUSED(ignored)) {
         PyErr_SetString(PyExc_RuntimeError, "attach_tcp was not called");
         return NULL;
     }
-    struct epoll_event events[TCP_BATCH];
-    int ready = epoll_wait(e->epfd, events, TCP_BATCH, 0);
+    struct epoll_event *events = e->events;
+    int ready = epoll_wait(e->epfd, events, (int)TCP_BATCH, 0);
     if (ready < 0) {
         if (errno == EINTR)
             Py_RETURN_NONE;
@@ -118,11 +131,9 @@ PyObject *Engine_serve_tcp(Engine *e, PyObject *Py_UNUSED(ignored)) {
     }
     if (ready == 0)
         Py_RETURN_NONE;
-    PyObject *tick = PyObject_GetAttr(e->tcp, s_tick);
-    if (tick == NULL || sync_in(e) < 0) {
-        Py_XDECREF(tick);
+    long long tick;
+    if (tcp_tick(e, &tick) < 0 || sync_in(e) < 0)
         return NULL;
-    }
     int rc = 0;
     for (int i = 0; i < ready && rc == 0; i++) {
         int fd = events[i].data.fd;
@@ -139,20 +150,21 @@ PyObject *Engine_serve_tcp(Engine *e, PyObject *Py_UNUSED(ignored)) {
         }
         Py_INCREF(conn); /* a Python path may drop it from the dict */
         uint32_t ev = events[i].events;
-        int plain = (ev & (EPOLLOUT | EPOLLHUP | EPOLLERR)) ? 0 : conn_is_plain(e, conn);
-        if (plain < 0) {
+        ConnState *st = (ev & (EPOLLOUT | EPOLLHUP | EPOLLERR)) ? NULL : conn_state(e, fd, conn);
+        int slow = 0;
+        if (st == NULL && PyErr_Occurred()) {
             rc = -1;
-        } else if (plain) {
-            rc = serve_conn(e, fd_obj, fd, conn, tick);
+        } else if (st != NULL && st->plain) {
+            rc = serve_conn(e, st, fd, conn, tick, &slow);
         } else {
-            PyObject *ev_obj = PyLong_FromUnsignedLong(ev);
-            rc = ev_obj ? call_python(e, e->tcp, s_serve_event, fd_obj, conn, ev_obj, NULL) : -1;
-            Py_XDECREF(ev_obj);
+            slow = 1;
+            rc = tcp_serve_event(e, fd, conn, ev);
         }
+        if (slow)
+            slow_path_done(e, fd, fd_obj, conn);
         Py_DECREF(conn);
         Py_DECREF(fd_obj);
     }
-    Py_DECREF(tick);
     if (sync_out(e) < 0 || rc < 0) {
         e->nsamples = 0;
         return NULL;
@@ -167,43 +179,36 @@ PyObject *Engine_serve_tcp(Engine *e, PyObject *Py_UNUSED(ignored)) {
     Py_RETURN_NONE;
 }
 
-/* The offset of a __slots__ member holding an object, or -1 with an error set. */
-static Py_ssize_t slot_offset(PyTypeObject *type, PyObject *name) {
-    PyObject *descr = PyObject_GetAttr((PyObject *)type, name);
-    if (descr == NULL)
-        return -1;
-    Py_ssize_t offset = -1;
-    if (Py_IS_TYPE(descr, &PyMemberDescr_Type)) {
-        PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
-        if (member->type == T_OBJECT_EX || member->type == T_OBJECT)
-            offset = member->offset;
-    }
-    Py_DECREF(descr);
-    if (offset < 0)
-        PyErr_Format(PyExc_TypeError, "%U is not a __slots__ member of the connection class",
-                     name);
-    return offset;
-}
-
 PyObject *Engine_attach_tcp(Engine *e, PyObject *args) {
     int epfd;
-    PyObject *connections, *tcp;
-    PyTypeObject *conn_type;
-    if (!PyArg_ParseTuple(args, "iO!OO!", &epfd, &PyDict_Type, &connections, &tcp,
-                          &PyType_Type, &conn_type))
+    PyObject *server, *conn_class;
+    if (!PyArg_ParseTuple(args, "iOO!", &epfd, &server, &PyType_Type, &conn_class))
         return NULL;
-    if ((e->off_pending = slot_offset(conn_type, s_pending)) < 0
-        || (e->off_buffer = slot_offset(conn_type, s_buffer)) < 0
-        || (e->off_request = slot_offset(conn_type, s_request)) < 0
-        || (e->off_closing = slot_offset(conn_type, s_closing)) < 0
-        || (e->off_seen_tick = slot_offset(conn_type, s_seen_tick)) < 0)
+    if (e->events == NULL
+        && (e->events = PyMem_Malloc(TCP_BATCH * sizeof(struct epoll_event))) == NULL)
+        return PyErr_NoMemory();
+    if (engine_bind_tcp(e, server, conn_class) < 0)
         return NULL;
-    Py_INCREF(conn_type);
-    Py_XSETREF(e->conn_type, conn_type);
     e->epfd = epfd;
-    Py_INCREF(connections);
-    Py_XSETREF(e->connections, connections);
-    Py_INCREF(tcp);
-    Py_XSETREF(e->tcp, tcp);
     Py_RETURN_NONE;
+}
+
+int tcp_traverse(Engine *e, visitproc visit, void *arg) {
+    for (Py_ssize_t i = 0; i < e->nconns; i++)
+        Py_VISIT(e->conns[i].conn);
+    return 0;
+}
+
+void tcp_clear(Engine *e) {
+    for (Py_ssize_t i = 0; i < e->nconns; i++)
+        Py_CLEAR(e->conns[i].conn);
+}
+
+void tcp_free(Engine *e) {
+    tcp_clear(e);
+    PyMem_Free(e->conns);
+    PyMem_Free(e->events);
+    e->conns = NULL;
+    e->nconns = 0;
+    e->events = NULL;
 }

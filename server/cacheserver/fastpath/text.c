@@ -78,7 +78,7 @@ Py_ssize_t run_requests(Engine *e, const char *buf, Py_ssize_t len, OutBuf *out)
                 return pos;
             /* Store.too_large, and an item bigger than all the memory: the Python path. */
             if (MEMCACHED_ITEM_OVERHEAD + klen + (flags ? 4 : 0) + nbytes + 2 > e->max_item_size
-                || klen + HEADER_SIZE + 32 + nbytes + e->item_overhead > e->capacity)
+                || klen + HEADER_SIZE + 32 + nbytes + ITEM_OVERHEAD > e->capacity)
                 return pos;
             /* Commands.absolute_exptime: 0 never; up to 30 days relative; else a Unix time. */
             if (exptime && exptime <= MAX_RELATIVE_EXPTIME)

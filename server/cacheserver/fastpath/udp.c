@@ -6,19 +6,17 @@
 #include <netinet/in.h>
 #include <sys/socket.h>
 
+#include "boundary.h"
 #include "protocol.h"
 
-#define UDP_HEADER 8
-#define UDP_MAX_PAYLOAD 1400  /* network/udp.py: MAX_PAYLOAD */
 #define UDP_VLEN 32           /* datagrams per recvmmsg / sendmmsg */
-#define UDP_BATCH 256         /* datagrams per wake-up, as network/udp.py */
-#define UDP_READ_SIZE 65536
+#define UDP_READ_SIZE 65536   /* the largest datagram */
 
 typedef struct SendQueue {
     struct mmsghdr msgs[UDP_VLEN];
     struct iovec iov[UDP_VLEN];
     struct sockaddr_storage addrs[UDP_VLEN];
-    char data[UDP_VLEN][UDP_HEADER + UDP_MAX_PAYLOAD];
+    char *data; /* UDP_VLEN datagrams of UDP_HEADER + UDP_MAX_PAYLOAD bytes */
     int count;
 } SendQueue;
 
@@ -88,7 +86,7 @@ static int serve_datagram(Engine *e, SendQueue *q, const unsigned char *d, Py_ss
         if (q->count == UDP_VLEN)
             flush_sends(e, q);
         int i = q->count++;
-        unsigned char *h = (unsigned char *)q->data[i];
+        unsigned char *h = (unsigned char *)q->data + i * (UDP_HEADER + UDP_MAX_PAYLOAD);
         h[0] = (unsigned char)(request_id >> 8);
         h[1] = (unsigned char)request_id;
         memset(h + 2, 0, 6);
@@ -107,16 +105,8 @@ static int serve_datagram(Engine *e, SendQueue *q, const unsigned char *d, Py_ss
     /* The rest of the datagram, or a reply that needs several datagrams: the Python server
      * (replies stay in order: what is queued goes first). */
     flush_sends(e, q);
-    PyObject *rid = PyLong_FromUnsignedLong(request_id);
-    PyObject *head = rid ? PyBytes_FromStringAndSize(out->data, out->len) : NULL;
-    PyObject *rest = head ? PyBytes_FromStringAndSize(payload + done, plen - done) : NULL;
-    PyObject *who = rest ? address_tuple(addr) : NULL;
-    int rc = who ? call_python(e, e->udp, s_answer, rid, head, rest, who) : -1;
-    Py_XDECREF(rid);
-    Py_XDECREF(head);
-    Py_XDECREF(rest);
-    Py_XDECREF(who);
-    return rc;
+    return udp_answer(e, request_id, out->data, out->len, payload + done, plen - done,
+                      address_tuple(addr));
 }
 
 /* Receive-side buffers for recvmmsg, allocated when UDP is attached. */
@@ -128,7 +118,7 @@ typedef struct RecvBatch {
 } RecvBatch;
 
 PyObject *Engine_serve_udp(Engine *e, PyObject *Py_UNUSED(ignored)) {
-    if (e->udp == NULL) {
+    if (e->answer == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "attach_udp was not called");
         return NULL;
     }
@@ -171,17 +161,28 @@ PyObject *Engine_serve_udp(Engine *e, PyObject *Py_UNUSED(ignored)) {
 
 PyObject *Engine_attach_udp(Engine *e, PyObject *args) {
     int fd;
-    PyObject *udp;
-    if (!PyArg_ParseTuple(args, "iO", &fd, &udp))
+    PyObject *server;
+    if (!PyArg_ParseTuple(args, "iO", &fd, &server))
         return NULL;
-    if (e->recv_batch == NULL) {
-        e->recv_batch = PyMem_Malloc(sizeof(RecvBatch));
-        e->send_queue = PyMem_Malloc(sizeof(SendQueue));
-        if (e->recv_batch == NULL || e->send_queue == NULL)
-            return PyErr_NoMemory();
-    }
+    if (e->recv_batch == NULL && (e->recv_batch = PyMem_Malloc(sizeof(RecvBatch))) == NULL)
+        return PyErr_NoMemory();
+    if (e->send_queue == NULL && (e->send_queue = PyMem_Calloc(1, sizeof(SendQueue))) == NULL)
+        return PyErr_NoMemory();
+    SendQueue *q = e->send_queue;
+    if (q->data == NULL
+        && (q->data = PyMem_Malloc(UDP_VLEN * (UDP_HEADER + UDP_MAX_PAYLOAD))) == NULL)
+        return PyErr_NoMemory();
+    if (engine_bind_udp(e, server) < 0)
+        return NULL;
     e->udp_fd = fd;
-    Py_INCREF(udp);
-    Py_XSETREF(e->udp, udp);
     Py_RETURN_NONE;
+}
+
+void udp_free(Engine *e) {
+    if (e->send_queue != NULL)
+        PyMem_Free(e->send_queue->data);
+    PyMem_Free(e->send_queue);
+    PyMem_Free(e->recv_batch);
+    e->send_queue = NULL;
+    e->recv_batch = NULL;
 }

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import struct
 
-_HEADER = struct.Struct("<QIIIBB")
+HEADER_FORMAT = "<QIIIBB"
+_HEADER = struct.Struct(HEADER_FORMAT)
 HEADER_SIZE = _HEADER.size  # 22
 EXPTIME_AT = 8
+FLAGS_AT = 12
 BUMPED_AT = 16
 META_AT = 20
 MARKS_AT = 21
@@ -31,7 +33,7 @@ FETCHED = 0x80
 KEY_BINARY = 0x01
 STALE = 0x02
 TOKEN_SENT = 0x04
-_OFFSET_MASK = 0x7F
+OFFSET_MASK = 0x7F  # meta: the offset of the data
 NEVER = 0  # exptime meaning "does not expire"
 
 pack_header = _HEADER.pack
@@ -71,11 +73,11 @@ def item_flags(item: bytes) -> int:
 
 def item_data(item: bytes) -> bytes:
     """The value without its trailing CRLF."""
-    return item[item[META_AT] & _OFFSET_MASK : -2]
+    return item[item[META_AT] & OFFSET_MASK : -2]
 
 
 def item_nbytes(item: bytes) -> int:
-    return len(item) - (item[META_AT] & _OFFSET_MASK) - 2
+    return len(item) - (item[META_AT] & OFFSET_MASK) - 2
 
 
 def item_fetched(item: bytes) -> bool:
@@ -137,7 +139,7 @@ def value_response(key: bytes, item: bytes) -> bytes:
 def value_response_with_cas(key: bytes, item: bytes) -> bytes:
     """The ``VALUE`` block of a gets: the CAS goes at the end of the header line."""
     cas = _HEADER.unpack_from(item)[0]
-    off = item[META_AT] & _OFFSET_MASK
+    off = item[META_AT] & OFFSET_MASK
     return b"".join((b"VALUE ", key, item[HEADER_SIZE : off - 2], b" %d\r\n" % cas, item[off:]))
 
 
