@@ -46,14 +46,11 @@ def make_item(
     flags: int,
     data: bytes,
     fetched: bool = False,
-    suffix: bytes | None = None,
     now: int = 0,
     marks: int = 0,
 ) -> bytes:
-    """Build an item stored at ``now``; ``data`` is the value without its trailing CRLF.
-    ``suffix``, when the caller has it already, is ``b" <flags> <len(data)>\r\n"`` exactly."""
-    if suffix is None:
-        suffix = b" %d %d\r\n" % (flags, len(data))
+    """Build an item stored at ``now``; ``data`` is the value without its trailing CRLF."""
+    suffix = b" %d %d\r\n" % (flags, len(data))
     meta = (HEADER_SIZE + len(suffix)) | (FETCHED if fetched else 0)
     header = _HEADER.pack(cas, exptime, flags, now, meta, marks)
     return b"".join((header, suffix, data, b"\r\n"))

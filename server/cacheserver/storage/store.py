@@ -219,14 +219,6 @@ class Store:
         item = make_item(self.last_cas, exptime, flags, data, now=self.now(), marks=marks)
         return self._store(key, item)
 
-    def set_fitting(
-        self, key: bytes, flags: int, exptime: int, data: bytes, suffix: bytes | None = None
-    ) -> Outcome:
-        """``set`` for a value the caller has already checked with ``too_large``."""
-        self.last_cas += 1
-        now = int(self.clock())
-        return self._store(key, make_item(self.last_cas, exptime, flags, data, False, suffix, now))
-
     def add(self, key: bytes, flags: int, exptime: int, data: bytes, marks: int = 0) -> Outcome:
         if self.too_large(key, flags, len(data)):
             return Outcome.TOO_LARGE
