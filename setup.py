@@ -22,7 +22,9 @@ setup(
                 "-Wextra",
                 "-Wno-unused-parameter",
                 "-fvisibility=hidden",
+                "-flto",
             ],
+            extra_link_args=["-O2", "-flto"],
             optional=True,
         )
     ]

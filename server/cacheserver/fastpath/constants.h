@@ -24,6 +24,8 @@
 /* protocol/numbers.py: the ranges of flags, exptime and byte counts (compared unsigned). */
 #define SHARED_LIMITS(X) X(U32_MAX) X(I32_MAX)
 
+/* Hidden: the compiled code reads them directly, not through the global offset table. */
+#pragma GCC visibility push(hidden)
 #define DECLARE_SHARED(name) extern Py_ssize_t name;
 SHARED_CONSTANTS(DECLARE_SHARED)
 #undef DECLARE_SHARED
@@ -35,5 +37,6 @@ SHARED_LIMITS(DECLARE_LIMIT)
  * request, which the Python session answers (over TCP, with a membership). */
 extern const char *CLUSTER_KEY;
 extern Py_ssize_t CLUSTER_KEY_LEN;
+#pragma GCC visibility pop
 
 #endif

@@ -1,33 +1,37 @@
-/* The compiled fast path: the socket loop for the two request shapes that make up nearly
- * all cache traffic (get or gets of one or more keys, and a set whose data block is already
- * here),
- * over the Python objects the rest of the server uses.
+/* The compiled fast path: the socket loop for the requests that make up nearly all cache
+ * traffic (get or gets of one or more keys, a set whose data block is already here, and the
+ * meta protocol's mg, ms and mn in their plain forms), over the Python objects the rest of
+ * the server uses.
  *
  * Why it exists: a Python request path costs 3-5 us of interpreter time per request on top
  * of the same syscalls memcached makes (docs/benchmarks.md), which caps a Python server at
- * about two thirds of memcached's rate on one core. The fast path does exactly what the Python
- * layers do for those shapes -- same dict, same item bytes, same counters, same replies --
- * and hands everything else to them:
+ * about two thirds of memcached's rate on one core. The fast path does exactly what the
+ * Python layers do for those requests -- same dict, same item bytes, same counters, same
+ * replies -- and hands everything else to them:
  *
  *   - the store is the Python Store's own dict (dict order is the LRU order) and its items
  *     are the bytes objects cacheserver.storage.item describes;
  *   - any request it does not know, and any unusual state (a pending flush_all, an item
  *     that does not fit, a number it would have to refuse, a partial request, a connection
- *     with unsent replies), goes to the Python session from that request on, so the Python code
- *     stays the single definition of the protocol and this is only a shortcut through it;
+ *     with unsent replies), goes to the Python layers from that request on, so the Python
+ *     code stays the single definition of the protocol and this is only a shortcut through
+ *     it;
  *   - the counters it bumps are kept in C during one wake-up and added to the Python objects
  *     before any Python code runs and when the wake-up ends.
  *
- * The files, by layer (as the Python packages are split):
+ * What it shares with the Python side, constants and public names, is declared in
+ * cacheserver/fastpath/boundary.py, and boundary.c is the only file here that names a Python
+ * attribute or calls Python code. The files, by layer (as the Python packages are split):
  *
- *   module.c     the Engine type and the module (this file)
- *   tcp.c, udp.c the network: the event loop's reader callbacks for the epoll set and the UDP
- *                socket (net.h)
- *   text.c       the request loop (lines, tokens) and the text protocol's get, gets, set
- *   meta.c       the meta protocol's mg, ms, mn (protocol.h covers both)
- *   store.c      get and set on the Python Store's dict and item bytes (store.h, item.h)
- *   boundary.c   the Python objects: their state in and out, calls into the Python server
- *   outbuf.h     the reply buffer
+ *   module.c       the Engine type and the module (this file)
+ *   tcp.c, udp.c   network: the event loop's reader callbacks for the epoll set of the plain
+ *                  connections and for the UDP socket (net.h)
+ *   text.c         protocol: the request loop (lines, tokens) and get, gets, set
+ *   meta.c         protocol: mg, ms, mn (protocol.h covers both)
+ *   store.c        storage: get and set on the Store's dict and item bytes (store.h, item.h)
+ *   boundary.c     the Python objects: constants at import, what the engine keeps, the state
+ *                  in and out of a wake-up, the slow path (boundary.h, constants.h)
+ *   engine.h       the engine's state; outbuf.h: the reply buffer
  */
 #include "engine.h"
 
