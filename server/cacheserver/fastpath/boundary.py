@@ -124,9 +124,10 @@ class EngineTCPServer(Protocol):
 
 @runtime_checkable
 class EngineConnection(Protocol):
-    """``network.tcp.Connection``. ``plain`` is asked when the engine first sees a connection
-    and after each slow-path call for it (the answer is kept until then); ``seen_tick`` is
-    written when a read arrives in a tick it was not yet written in."""
+    """``network.tcp.Connection``. ``plain`` is asked before the engine first serves a
+    connection (the TCP server calls ``engine.watch(fd)`` when one enters the compiled path's
+    epoll set) and after each slow-path call for it; the answer stands until then.
+    ``seen_tick`` is written when a read arrives in a tick it was not yet written in."""
 
     seen_tick: int
 

@@ -91,7 +91,7 @@ static int Engine_traverse(Engine *e, visitproc visit, void *arg) {
     Py_VISIT(e->send);
     Py_VISIT(e->close_connection);
     Py_VISIT(e->answer);
-    return tcp_traverse(e, visit, arg);
+    return 0;
 }
 
 static int Engine_clear(Engine *e) {
@@ -110,7 +110,6 @@ static int Engine_clear(Engine *e) {
     Py_CLEAR(e->send);
     Py_CLEAR(e->close_connection);
     Py_CLEAR(e->answer);
-    tcp_clear(e);
     return 0;
 }
 
@@ -128,6 +127,9 @@ static PyMethodDef Engine_methods[] = {
     {"attach_tcp", (PyCFunction)Engine_attach_tcp, METH_VARARGS,
      "attach_tcp(epoll_fd, tcp_server, connection_class): the TCP server the engine serves "
      "(fastpath/boundary.py: what it uses of the two)."},
+    {"watch", (PyCFunction)Engine_watch, METH_O,
+     "watch(fd): a connection entered the epoll set (the engine asks it whether it is plain "
+     "before it serves it)."},
     {"serve_tcp", (PyCFunction)Engine_serve_tcp, METH_NOARGS,
      "Serve every ready client of the epoll set (the event loop's reader callback)."},
     {"attach_udp", (PyCFunction)Engine_attach_udp, METH_VARARGS,

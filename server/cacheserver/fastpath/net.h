@@ -1,5 +1,5 @@
 /* tcp.c and udp.c: the Engine methods that serve sockets (module.c lists them), and what
- * the Engine type's GC and dealloc do with their state. */
+ * the Engine type's dealloc does with their state. */
 #ifndef CACHESERVER_FASTPATH_NET_H
 #define CACHESERVER_FASTPATH_NET_H
 
@@ -7,8 +7,7 @@
 
 PyObject *Engine_serve_tcp(Engine *e, PyObject *Py_UNUSED(ignored));
 PyObject *Engine_attach_tcp(Engine *e, PyObject *args);
-int tcp_traverse(Engine *e, visitproc visit, void *arg);
-void tcp_clear(Engine *e);
+PyObject *Engine_watch(Engine *e, PyObject *arg);
 void tcp_free(Engine *e);
 
 PyObject *Engine_serve_udp(Engine *e, PyObject *Py_UNUSED(ignored));

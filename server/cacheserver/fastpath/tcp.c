@@ -2,6 +2,7 @@
 #include "net.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <time.h>
@@ -17,31 +18,39 @@ static double monotonic(void) {
 
 /* -- TCP ------------------------------------------------------------------------------------ */
 
-/* What the engine knows of the connection on fd: it asks conn.plain when it first sees the
- * connection and after each slow-path call for it, and keeps the answer while only the fast
- * path serves it (nothing else changes a connection of this epoll set). NULL on error. */
-static ConnState *conn_state(Engine *e, int fd, PyObject *conn) {
+/* The record for fd, the table grown to it when needed (what it has not seen is not plain).
+ * NULL on error. */
+static ConnState *conn_record(Engine *e, int fd) {
+    if (fd < 0) {
+        PyErr_SetString(PyExc_ValueError, "a negative file descriptor");
+        return NULL;
+    }
     if (fd >= e->nconns) {
         Py_ssize_t n = e->nconns ? e->nconns : 64;
         while (n <= fd)
             n *= 2;
-        ConnState *conns = PyMem_Realloc(e->conns, n * sizeof(ConnState));
+        /* Zeroed, and only what is copied or used becomes resident. */
+        ConnState *conns = PyMem_Calloc(n, sizeof(ConnState));
         if (conns == NULL) {
             PyErr_NoMemory();
             return NULL;
         }
-        memset(conns + e->nconns, 0, (n - e->nconns) * sizeof(ConnState));
+        if (e->nconns)
+            memcpy(conns, e->conns, e->nconns * sizeof(ConnState));
+        PyMem_Free(e->conns);
         e->conns = conns;
         e->nconns = n;
     }
-    ConnState *st = &e->conns[fd];
-    if (st->conn != conn) {
-        Py_INCREF(conn);
-        Py_XSETREF(st->conn, conn);
-        st->plain = 0;
-        st->tick = -1;
-    }
-    if (!st->plain) {
+    return &e->conns[fd];
+}
+
+/* What the engine knows of the connection on fd: it asks conn.plain when the connection
+ * enters the epoll set (Engine.watch) and after each slow-path call for it, and keeps the
+ * answer while only the fast path serves it (nothing else changes a connection of this set).
+ * NULL on error. */
+static ConnState *conn_state(Engine *e, int fd, PyObject *conn) {
+    ConnState *st = conn_record(e, fd);
+    if (st != NULL && !st->plain) {
         int plain = conn_plain(e, conn);
         if (plain < 0)
             return NULL;
@@ -50,17 +59,10 @@ static ConnState *conn_state(Engine *e, int fd, PyObject *conn) {
     return st;
 }
 
-/* After a slow-path call for fd: ask conn.plain again next time; let a closed one go. */
-static void slow_path_done(Engine *e, int fd, PyObject *fd_obj, PyObject *conn) {
-    if (fd >= e->nconns)
-        return;
-    ConnState *st = &e->conns[fd];
-    st->plain = 0;
-    if (st->conn == conn && PyDict_GetItemWithError(e->connections, fd_obj) != conn) {
-        if (PyErr_Occurred())
-            PyErr_Clear();
-        Py_CLEAR(st->conn);
-    }
+/* After a slow-path call for fd: ask conn.plain again before serving it. */
+static void slow_path_done(Engine *e, int fd) {
+    if (fd < e->nconns)
+        e->conns[fd].plain = 0;
 }
 
 /* A timed read's duration, kept until the wake-up ends: LatencyHistogram.observe is Python
@@ -80,10 +82,10 @@ static int serve_conn(Engine *e, ConnState *st, int fd, PyObject *conn, long lon
         *slow = 1;
         return tcp_close(e, fd, conn);
     }
-    if (st->tick != tick) { /* conn.seen_tick = tick, for idle checks: once per tick */
+    if (st->tick != (tick & TICK_NONE)) { /* conn.seen_tick = tick, for idle checks */
         if (conn_seen(e, conn, tick) < 0)
             return -1;
-        st->tick = tick;
+        st->tick = tick & TICK_NONE;
     }
     e->deltas[C_BYTES_READ] += n;
     int timed = (++e->reads & SAMPLE_MASK) == 0;
@@ -161,7 +163,7 @@ PyObject *Engine_serve_tcp(Engine *e, PyObject *Py_UNUSED(ignored)) {
             rc = tcp_serve_event(e, fd, conn, ev);
         }
         if (slow)
-            slow_path_done(e, fd, fd_obj, conn);
+            slow_path_done(e, fd);
         Py_DECREF(conn);
         Py_DECREF(fd_obj);
     }
@@ -193,19 +195,22 @@ PyObject *Engine_attach_tcp(Engine *e, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-int tcp_traverse(Engine *e, visitproc visit, void *arg) {
-    for (Py_ssize_t i = 0; i < e->nconns; i++)
-        Py_VISIT(e->conns[i].conn);
-    return 0;
-}
-
-void tcp_clear(Engine *e) {
-    for (Py_ssize_t i = 0; i < e->nconns; i++)
-        Py_CLEAR(e->conns[i].conn);
+/* Engine.watch(fd): a connection entered the epoll set (its own, or one on a reused fd). */
+PyObject *Engine_watch(Engine *e, PyObject *arg) {
+    long fd = PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    ConnState *st = fd <= INT_MAX ? conn_record(e, (int)fd) : NULL;
+    if (st == NULL && !PyErr_Occurred())
+        PyErr_SetString(PyExc_ValueError, "not a file descriptor");
+    if (st == NULL)
+        return NULL;
+    st->plain = 0;
+    st->tick = TICK_NONE;
+    Py_RETURN_NONE;
 }
 
 void tcp_free(Engine *e) {
-    tcp_clear(e);
     PyMem_Free(e->conns);
     PyMem_Free(e->events);
     e->conns = NULL;

@@ -239,12 +239,15 @@ class TCPServer:
         poller = self._epoll if conn.fast and conn.authenticated else self._python
         conn.poller = poller
         self.connections[fd] = conn
+        if poller is self._epoll and self._engine is not None:
+            self._engine.watch(fd)  # what it knew of this fd was about another connection
         poller.register(fd, _IN)
         self.counters.curr_connections += 1
 
     def _promote(self, fd: int, conn: Connection) -> None:
         """A client that has just authenticated: from now on the compiled path serves it."""
         self._python.unregister(fd)
+        self._engine.watch(fd)  # type: ignore[union-attr]
         self._epoll.register(fd, _OUT if conn.pending else _IN)
         conn.poller = self._epoll
 
