@@ -42,10 +42,13 @@ if ((${#need_pkgs[@]})); then
 fi
 
 stamp="$VENV/.installed"
-fastpath=server/cacheserver/fastpath/_fastpath.c
-snapshotio=server/cacheserver/storage/_snapshotio.c
+# The compiled parts are rebuilt when one of their C files changed since the last install.
+c_changed() {
+    [ -n "$(find server/cacheserver/fastpath server/cacheserver/storage -name '*.[ch]' \
+        -newer "$stamp" -print -quit)" ]
+}
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] \
-    || [ "$fastpath" -nt "$stamp" ] || [ "$snapshotio" -nt "$stamp" ]; then
+    || c_changed; then
     [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
     "$VENV/bin/python" -m pip install -q --upgrade pip
     "$VENV/bin/python" -m pip install -q -e '.[test]'

@@ -390,3 +390,47 @@ def test_the_compiled_path_takes_a_client_only_once_it_has_authenticated(
         tcp.close()
 
     uvloop.run(scenario())
+
+
+def test_a_client_that_logs_in_on_a_reused_descriptor_keeps_its_partial_request(
+    credentials: Path,
+) -> None:
+    """The compiled path remembers per file descriptor that a connection has nothing held
+    back; a client that logs in with half a data block on the descriptor of one closed from
+    Python (as the idle sweep closes) must not be served as that one was."""
+    assert AVAILABLE, "the compiled fast path was not built (pip install -e . does it)"
+
+    async def scenario() -> None:
+        store = Store(1 << 20)
+        counters = Counters()
+        engine = make_engine(store, counters, LatencyHistogram())
+        commands = Commands(store, counters, "test")
+        tcp = TCPServer(
+            commands, counters, 16, 0, engine=engine, credentials=CredentialsFile(str(credentials))
+        )
+        listener = tcp.listen("127.0.0.1", 0)
+        loop = asyncio.get_running_loop()
+
+        async def connect() -> socket.socket:
+            client = socket.socket()
+            client.setblocking(False)
+            await loop.sock_connect(client, listener.getsockname())
+            return client
+
+        async def ask(client: socket.socket, payload: bytes) -> bytes:
+            await loop.sock_sendall(client, payload)
+            return await asyncio.wait_for(loop.sock_recv(client, 4096), 5)
+
+        with await connect() as first:
+            assert await ask(first, LOGIN + b"get k\r\n") == b"STORED\r\nEND\r\n"
+            assert await ask(first, b"get k\r\n") == b"END\r\n"  # served in C
+            ((fd, conn),) = tcp.connections.items()
+            tcp.close_connection(fd, conn)
+        with await connect() as second:
+            assert await ask(second, LOGIN + b"set k 0 0 12\r\nhello") == b"STORED\r\n"
+            assert fd in tcp.connections  # the same descriptor
+            assert await ask(second, b"get k\r\n\r\n") == b"STORED\r\n"
+            assert await ask(second, b"get k\r\n") == b"VALUE k 0 12\r\nhelloget k\r\n\r\nEND\r\n"
+        tcp.close()
+
+    uvloop.run(scenario())

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import re
 import socket
+import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
@@ -69,7 +72,7 @@ class Side:
         return (
             list(store._items.items()),  # items, byte for byte, in LRU order
             store.bytes_used,
-            store._cas,
+            store.last_cas,
             store.stats,
             self.counters.as_dict(),
             self.commands.prefix_stats.dump(),  # stats detail: counted on both paths
@@ -358,3 +361,62 @@ def test_the_compiled_path_answers_mg_ms_and_mn_itself() -> None:
     leftovers = [b"mg k v v\r\n", b"mg k2 T10\r\n", b"mg Zm9v b\r\n", b"ms k 1 MA\r\nx\r\n"]
     for leftover in [*leftovers, b"mg k v\r\n"]:
         assert compiled.engine.run(leftover) == (b"", 0), leftover
+
+
+# -- the boundary (fastpath/boundary.py) -----------------------------------------------------
+
+
+def _in_fresh_python(code: str) -> subprocess.CompletedProcess[str]:
+    """``code`` in a new interpreter: the extension reads its constants once, at import."""
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_the_compiled_path_takes_its_limits_from_the_python_modules() -> None:
+    # A shorter key limit in protocol/commands.py is what the C code then applies, without a
+    # rebuild: the 11-byte key goes to the Python path, the 10-byte one does not.
+    assert AVAILABLE
+    done = _in_fresh_python(
+        """
+        from cacheserver.protocol import commands
+        commands.KEY_MAX_LENGTH = 10
+        from cacheserver.fastpath import make_engine
+        from cacheserver.metrics.counters import Counters
+        from cacheserver.metrics.latency import LatencyHistogram
+        from cacheserver.storage import Store
+        engine = make_engine(Store(1 << 20), Counters(), LatencyHistogram())
+        for key in (b"k" * 10, b"k" * 11):
+            print(engine.run(b"get " + key + b"\\r\\n"))
+        """
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["(b'END\\r\\n',", "16)", "(b'',", "0)"]
+
+
+def test_a_build_not_written_for_the_item_layout_refuses_to_load() -> None:
+    done = _in_fresh_python(
+        """
+        from cacheserver.storage import item
+        item.HEADER_FORMAT = "<QQIIBB"  # a 64-bit exptime: the C code reads 32 bits
+        import cacheserver.fastpath
+        """
+    )
+    assert done.returncode != 0
+    assert "ImportError: cacheserver.fastpath.boundary.CONSTANTS[HEADER_FORMAT]" in done.stderr
+
+
+class _StoreWithoutMakeRoom(Store):
+    make_room = None  # a rename on the Python side
+
+
+def test_the_engine_looks_up_what_it_uses_when_it_is_made() -> None:
+    # A name missing on the Python side stops the server when the engine is made, not at the
+    # first set that evicts.
+    with pytest.raises(TypeError, match="make_room is not callable"):
+        make_engine(_StoreWithoutMakeRoom(1 << 20), Counters(), LatencyHistogram())
+    with pytest.raises(AttributeError, match="cmd_get"):
+        make_engine(Store(1 << 20), object(), LatencyHistogram())  # type: ignore[arg-type]

@@ -56,8 +56,8 @@ def snapshot_of(store: Store, block_bytes: int = 1 << 20) -> bytes:
         identity=IDENTITY,
         version="test",
         saved_at=float(NOW),
-        cas=store.cas_counter,
-        flush_at=store.pending_flush,
+        cas=store.last_cas,
+        flush_at=store.flush_at,
         started=float(NOW - 100),
         items=store.curr_items,
         layout=LAYOUT,
@@ -108,15 +108,15 @@ def test_round_trip_keeps_items_byte_exact_in_lru_order_with_accounting_and_cas(
     store = filled_store()
     store.flush(NOW + 3600)  # a delayed flush_all still pending
     before = list(store._items.items())
-    used, cas = store.bytes_used, store.cas_counter
+    used, cas = store.bytes_used, store.last_cas
     data = snapshot_of(store, block_bytes=2000)  # many blocks
     assert store.curr_items == 0 and store.bytes_used == 0
     fresh = Store(1 << 20, clock=Clock())
     restore(data, fresh, path=path)
     assert list(fresh._items.items()) == before
     assert fresh.bytes_used == used
-    assert fresh.cas_counter == cas
-    assert fresh.pending_flush == NOW + 3600
+    assert fresh.last_cas == cas
+    assert fresh.flush_at == NOW + 3600
     fresh.set(b"new", 0, 0, b"x")
     assert fresh.get(b"new")[:8] == struct.pack("<Q", cas + 1)  # CAS values stay unique
 

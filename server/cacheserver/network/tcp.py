@@ -87,6 +87,12 @@ class Connection(TextSession):
         self.fast = fast
         self.poller: select.epoll | None = None  # the epoll set it is registered in
 
+    @property
+    def plain(self) -> bool:
+        """Nothing is held for this client: no partial or held-back request, no unsent reply,
+        not closing. Only then does the compiled path serve a read of it itself."""
+        return not self.pending and self.idle and not self.closing
+
 
 class TLSConnection(Connection):
     """A client of a TLS listener: ``sock`` is an ``ssl.SSLSocket``; ``ready`` once its
@@ -138,10 +144,11 @@ class TCPServer:
         self._view = memoryview(self._buffer)
         self._loop: asyncio.AbstractEventLoop | None = None
         # The compiled fast path (cacheserver/fastpath) serves plain gets and sets and calls
-        # back into the methods below for everything else.
+        # back into serve_event, finish_read, send and close_connection for everything else
+        # (fastpath/boundary.py declares what it uses of this class and of Connection).
         self._engine = engine
         if engine is not None:
-            engine.attach_tcp(self._epoll.fileno(), self.connections, self, Connection)
+            engine.attach_tcp(self._epoll.fileno(), self, Connection)
 
     def listen(
         self, host: str, port: int, backlog: int = 1024, tls: ServerTLS | None = None
@@ -263,12 +270,15 @@ class TCPServer:
         poller = self._epoll if conn.fast and conn.authenticated else self._python
         conn.poller = poller
         self.connections[fd] = conn
+        if poller is self._epoll and self._engine is not None:
+            self._engine.watch(fd)  # what it knew of this fd was about another connection
         poller.register(fd, _IN)
         self.counters.curr_connections += 1
 
     def _promote(self, fd: int, conn: Connection) -> None:
         """A client that has just authenticated: from now on the compiled path serves it."""
         self._python.unregister(fd)
+        self._engine.watch(fd)  # type: ignore[union-attr]
         self._epoll.register(fd, _OUT if conn.pending else _IN)
         conn.poller = self._epoll
 
@@ -279,7 +289,7 @@ class TCPServer:
         for fd, events in self._epoll.poll(0, BATCH):
             conn = connections.get(fd)
             if conn is not None:
-                self._serve_event(fd, conn, events)
+                self.serve_event(fd, conn, events)
 
     def _serve_python(self) -> None:
         connections = self.connections
@@ -292,9 +302,12 @@ class TCPServer:
             if conn.tls and conn.ready and events & _READABLE and not conn.pending:  # type: ignore[attr-defined]
                 self._read_tls(fd, conn)
             else:
-                self._serve_event(fd, conn, events)
+                self.serve_event(fd, conn, events)
 
-    def _serve_event(self, fd: int, conn: Connection, events: int) -> None:
+    def serve_event(self, fd: int, conn: Connection, events: int) -> None:
+        """Whatever epoll reported for a client: a handshake step, a flush of pending replies,
+        a read. (The compiled path hands over every event of a connection that is not
+        ``plain``, and every event other than a plain read.)"""
         if conn.tls and not conn.ready:  # type: ignore[attr-defined]
             self._handshake(fd, conn)
             return
@@ -314,7 +327,7 @@ class TCPServer:
         except OSError:
             n = 0
         if n == 0:  # the client closed (or reset) its side: nothing more will come
-            self._close(fd, conn)
+            self.close_connection(fd, conn)
             return
         data = bytes(self._view[:n])
         conn.seen_tick = self.tick
@@ -347,7 +360,7 @@ class TCPServer:
             return
         except OSError:  # not TLS (a plaintext client), a certificate refused, a reset
             self.counters.ssl_handshake_errors += 1
-            self._close(fd, conn)
+            self.close_connection(fd, conn)
             return
         conn.ready = True  # type: ignore[attr-defined]
         conn.poller.modify(fd, _IN)
@@ -371,7 +384,7 @@ class TCPServer:
             except OSError:  # a reset, a TLS alert, bad records
                 n = 0
             if n == 0:
-                self._close(fd, conn)
+                self.close_connection(fd, conn)
                 return
             data = bytes(self._view[:n])
             conn.seen_tick = self.tick
@@ -395,7 +408,7 @@ class TCPServer:
                 except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
                     sent = -1
                 except OSError:
-                    self._close(fd, conn)
+                    self.close_connection(fd, conn)
                     return
                 if sent != len(out):
                     # OpenSSL wants the same bytes again once it can go on; the rest of
@@ -411,9 +424,9 @@ class TCPServer:
             if n < READ_SIZE or not sock.pending():  # type: ignore[attr-defined]
                 return
 
-    def _continue(self, fd: int, conn: Connection, head: bytes, rest: bytes) -> None:
+    def finish_read(self, fd: int, conn: Connection, head: bytes, rest: bytes) -> None:
         """The compiled path ran the requests that gave ``head`` and leaves ``rest`` (already
-        counted as read) to the session."""
+        counted as read) to the session: reply, and go on as ``_read`` does."""
         self.current_fd = fd
         self._reply(fd, conn, head + conn.feed(rest))
 
@@ -421,9 +434,9 @@ class TCPServer:
         while True:
             if out:
                 self.counters.bytes_written += len(out)
-                self._send(fd, conn, out)
+                self.send(fd, conn, out)
             if conn.closing and not conn.pending:
-                self._close(fd, conn)
+                self.close_connection(fd, conn)
                 return
             # Requests held back by the session's reply limit go on once the kernel has
             # taken the replies so far; while it has not, _flush resumes them.
@@ -442,12 +455,14 @@ class TCPServer:
             conn.pending = out
             return False
         except OSError:
-            self._close(fd, conn)
+            self.close_connection(fd, conn)
             return False
         conn.pending = out[sent:] if sent < len(out) else b""
         return not conn.pending
 
-    def _send(self, fd: int, conn: Connection, out: bytes) -> None:
+    def send(self, fd: int, conn: Connection, out: bytes) -> None:
+        """Send replies (already counted as written); what the kernel does not take stays in
+        ``conn.pending``, and the client is not read until it has taken it."""
         if not self._write(fd, conn, out) and fd in self.connections:
             # The client is not reading fast enough: stop reading its requests until it has
             # taken the replies it already has.
@@ -457,7 +472,7 @@ class TCPServer:
         if not self._write(fd, conn, conn.pending):
             return
         if conn.closing:
-            self._close(fd, conn)
+            self.close_connection(fd, conn)
             return
         conn.poller.modify(fd, _IN)
         if conn.held:
@@ -465,7 +480,8 @@ class TCPServer:
         elif conn.tls and conn.sock.pending():  # type: ignore[attr-defined]
             self._read_tls(fd, conn)
 
-    def _close(self, fd: int, conn: Connection) -> None:
+    def close_connection(self, fd: int, conn: Connection) -> None:
+        """Close a client (one that closed its side, or that is closed from here)."""
         if self.connections.pop(fd, None) is None:
             return
         try:
@@ -531,7 +547,7 @@ class TCPServer:
         for fd, conn in list(self.connections.items()):
             if self.tick - conn.seen_tick > max_idle_ticks and conn.idle and not conn.pending:
                 self.counters.idle_kicks += 1
-                self._close(fd, conn)
+                self.close_connection(fd, conn)
 
     def close(self) -> None:
         loop = self._loop
@@ -545,7 +561,7 @@ class TCPServer:
             if self._python is not self._epoll:
                 loop.remove_reader(self._python.fileno())
         for fd, conn in list(self.connections.items()):
-            self._close(fd, conn)
+            self.close_connection(fd, conn)
         for listener in self._listeners:
             listener.close()
         if self._admin_path is not None:

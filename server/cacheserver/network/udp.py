@@ -50,7 +50,7 @@ class UDPServer:
     ) -> None:
         self._counters = counters
         # The compiled fast path (cacheserver/fastpath), shared with the worker's TCP server:
-        # it runs plain gets and sets and hands the rest of a datagram to _answer.
+        # it runs plain gets and sets and hands the rest of a datagram to answer.
         self._engine = engine
         # One session serves every datagram: each request is complete in its datagram, so
         # the session is only reset when a datagram left a partial request behind.
@@ -119,9 +119,9 @@ class UDPServer:
         if count != 1:
             counters.udp_dropped_multidatagram += 1
             return
-        self._answer(request_id, b"", data[HEADER_SIZE:], addr)
+        self.answer(request_id, b"", data[HEADER_SIZE:], addr)
 
-    def _answer(self, request_id: int, head: bytes, rest: bytes, addr: tuple[str, int]) -> None:
+    def answer(self, request_id: int, head: bytes, rest: bytes, addr: tuple[str, int]) -> None:
         """Reply to one datagram: ``head`` is what the compiled path already answered (empty
         without it), ``rest`` the requests left for the session."""
         session = self._session

@@ -645,7 +645,7 @@ class Meta:
             elif letter == 107:
                 parts.append(encode_key(key, flags.binary))
             elif letter == 99:
-                parts.append(b" c%d" % (store.cas_counter if outcome is Outcome.STORED else 0))
+                parts.append(b" c%d" % (store.last_cas if outcome is Outcome.STORED else 0))
         parts.append(b"\r\n")
         return b"".join(parts)
 

@@ -11,17 +11,13 @@ from typing import TYPE_CHECKING
 
 from cacheserver.discovery.membership import CLUSTER_KEY
 from cacheserver.protocol.commands import (
-    END,
     ERROR,
-    KEY_MAX_LENGTH,
     STORAGE_COMMANDS,
     STORED,
     Commands,
     StorageRequest,
 )
-from cacheserver.protocol.numbers import I32_MAX, U32_MAX, parse_u64
-from cacheserver.storage import Outcome
-from cacheserver.storage.item import HEADER_SIZE
+from cacheserver.protocol.numbers import parse_u64
 
 if TYPE_CHECKING:
     from cacheserver.discovery.watch import ClusterConfig
@@ -176,13 +172,10 @@ class TextSession:
     def _parse(self, data: bytes, out: list[bytes]) -> None:
         commands = self._commands
         allowed = self._allowed
-        store = commands.store
-        counters = commands.counters
         pos = 0
         n = len(data)
         limit = self._reply_limit
         discovery = self._discovery
-        detail = commands.detail  # stats detail's prefix counters while they are on
         # Replies before this index are as good as sent: memcached writes a get's reply (and
         # mn's) at once, and only a metadump behind unsent replies is refused.
         flushed = 0
@@ -212,72 +205,18 @@ class TextSession:
                 self.refused += 1
                 out.append(self._refusal)
                 continue
-            ntokens = len(tokens)
-            # Fast paths for the two commands that make up nearly all traffic: a single-key
-            # get and a plain set whose data block is already here. Anything unusual takes
-            # the general path below, which gives the same replies.
-            if command == b"get" and ntokens == 2 and len(tokens[1]) <= KEY_MAX_LENGTH:
-                key = tokens[1]
-                if discovery is not None and key == CLUSTER_KEY:
-                    reply = discovery.key_get()
-                    out.append(reply)
-                    size += len(reply)
-                    continue
-                counters.cmd_get += 1
-                item = store.get(key)
-                if detail is not None:
-                    detail.record_get(key, item is not None)
-                if item is None:
-                    counters.get_misses += 1
-                    out.append(END)
-                else:
-                    counters.get_hits += 1
-                    reply = b"VALUE " + key + item[HEADER_SIZE:] + END
-                    out.append(reply)
-                    size += len(reply)
-                flushed = len(out)
+            if (
+                discovery is not None
+                and command == b"get"
+                and len(tokens) == 2
+                and tokens[1] == CLUSTER_KEY
+            ):
+                # ElastiCache's older auto-discovery request (over TCP; the compiled path
+                # leaves it here).
+                reply = discovery.key_get()
+                out.append(reply)
+                size += len(reply)
                 continue
-            if command == b"set" and ntokens == 5:
-                key, flags_token, exptime_token, nbytes_token = tokens[1:]
-                if (
-                    nbytes_token.isdigit()
-                    and flags_token.isdigit()
-                    and exptime_token.isdigit()
-                    and len(key) <= KEY_MAX_LENGTH
-                ):
-                    nbytes = int(nbytes_token)
-                    flags = int(flags_token)
-                    exptime = int(exptime_token)
-                    end = pos + nbytes
-                    if (
-                        end + 2 <= n
-                        and data[end : end + 2] == b"\r\n"
-                        and flags <= U32_MAX
-                        and exptime <= I32_MAX
-                        and nbytes <= I32_MAX
-                        and not store.too_large(key, flags, nbytes)
-                    ):
-                        counters.cmd_set += 1
-                        if detail is not None:
-                            detail.record_set(key)
-                        if exptime:
-                            exptime = commands.absolute_exptime(exptime)
-                        # The reply suffix can reuse the request's own digits when they are
-                        # written the way the server would write them (no leading zeros).
-                        suffix = (
-                            b"".join((b" ", flags_token, b" ", nbytes_token, b"\r\n"))
-                            if (flags_token[0] != 48 or len(flags_token) == 1)
-                            and (nbytes_token[0] != 48 or len(nbytes_token) == 1)
-                            else None
-                        )
-                        outcome = store.set_fitting(key, flags, exptime, data[pos:end], suffix)
-                        if outcome is Outcome.STORED:
-                            out.append(STORED)
-                        else:
-                            counters.store_no_memory += 1
-                            out.append(commands.outcome_line(outcome))
-                        pos = end + 2
-                        continue
             if command in STORAGE_COMMANDS:
                 pos = self._storage(tokens, data, pos, out)
                 continue
@@ -297,7 +236,6 @@ class TextSession:
                 reply = handler(tokens)
                 out.append(reply)
                 size += len(reply)
-                detail = commands.detail
                 if command in FLUSHING_COMMANDS:
                     flushed = len(out)
             elif command == b"quit":

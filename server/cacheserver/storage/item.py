@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import struct
 
-_HEADER = struct.Struct("<QIIIBB")
+HEADER_FORMAT = "<QIIIBB"
+_HEADER = struct.Struct(HEADER_FORMAT)
 HEADER_SIZE = _HEADER.size  # 22
 EXPTIME_AT = 8
+FLAGS_AT = 12
 BUMPED_AT = 16
 META_AT = 20
 MARKS_AT = 21
@@ -31,7 +33,7 @@ FETCHED = 0x80
 KEY_BINARY = 0x01
 STALE = 0x02
 TOKEN_SENT = 0x04
-_OFFSET_MASK = 0x7F
+OFFSET_MASK = 0x7F  # meta: the offset of the data
 NEVER = 0  # exptime meaning "does not expire"
 
 pack_header = _HEADER.pack
@@ -44,14 +46,11 @@ def make_item(
     flags: int,
     data: bytes,
     fetched: bool = False,
-    suffix: bytes | None = None,
     now: int = 0,
     marks: int = 0,
 ) -> bytes:
-    """Build an item stored at ``now``; ``data`` is the value without its trailing CRLF.
-    ``suffix``, when the caller has it already, is ``b" <flags> <len(data)>\r\n"`` exactly."""
-    if suffix is None:
-        suffix = b" %d %d\r\n" % (flags, len(data))
+    """Build an item stored at ``now``; ``data`` is the value without its trailing CRLF."""
+    suffix = b" %d %d\r\n" % (flags, len(data))
     meta = (HEADER_SIZE + len(suffix)) | (FETCHED if fetched else 0)
     header = _HEADER.pack(cas, exptime, flags, now, meta, marks)
     return b"".join((header, suffix, data, b"\r\n"))
@@ -71,11 +70,11 @@ def item_flags(item: bytes) -> int:
 
 def item_data(item: bytes) -> bytes:
     """The value without its trailing CRLF."""
-    return item[item[META_AT] & _OFFSET_MASK : -2]
+    return item[item[META_AT] & OFFSET_MASK : -2]
 
 
 def item_nbytes(item: bytes) -> int:
-    return len(item) - (item[META_AT] & _OFFSET_MASK) - 2
+    return len(item) - (item[META_AT] & OFFSET_MASK) - 2
 
 
 def item_fetched(item: bytes) -> bool:
@@ -137,7 +136,7 @@ def value_response(key: bytes, item: bytes) -> bytes:
 def value_response_with_cas(key: bytes, item: bytes) -> bytes:
     """The ``VALUE`` block of a gets: the CAS goes at the end of the header line."""
     cas = _HEADER.unpack_from(item)[0]
-    off = item[META_AT] & _OFFSET_MASK
+    off = item[META_AT] & OFFSET_MASK
     return b"".join((b"VALUE ", key, item[HEADER_SIZE : off - 2], b" %d\r\n" % cas, item[off:]))
 
 

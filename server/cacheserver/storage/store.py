@@ -41,7 +41,7 @@ from cacheserver.storage.item import (
 MAX_U64 = (1 << 64) - 1
 BUMP_INTERVAL = 60  # seconds; memcached's ITEM_UPDATE_INTERVAL
 # memcached's item header (48) + CAS (8) + the key's NUL: used to apply -I the way it does.
-_MEMCACHED_ITEM_OVERHEAD = 48 + 8 + 1
+MEMCACHED_ITEM_OVERHEAD = 48 + 8 + 1
 
 
 class Filled(Protocol):
@@ -90,10 +90,28 @@ class Store:
         self.max_item_size = max_item_size
         self.bytes_used = 0
         self.stats = StoreStats()
-        self._clock = clock
-        self._cas = 0
-        self._flush_at = 0  # absolute time of a pending delayed flush_all, 0 when none
+        self.clock = clock
+        self.last_cas = 0  # the CAS value handed out last
+        self.flush_at = 0  # absolute time of a pending delayed flush_all, 0 when none
         self._crawl_keys: list[bytes] = []
+
+    # -- what the compiled fast path uses (cacheserver/fastpath/boundary.py declares it) ------
+    # Besides these: ``clock``, ``stats``, ``last_cas``, ``bytes_used``, ``capacity``,
+    # ``max_item_size`` and ``flush_at`` above. The fast path changes items by this module's
+    # rules (get's LRU bump, _store's accounting); ``last_cas`` and ``bytes_used`` are handed
+    # back before any Python code runs.
+
+    @property
+    def table(self) -> dict[bytes, bytes]:
+        """The items: key -> item bytes, least recently used first. The same dict for the
+        store's whole life (flush and drain empty it in place)."""
+        return self._items
+
+    def make_room(self, keep: bytes) -> None:
+        """After a store took ``bytes_used`` over capacity: evict from the LRU end down to a
+        little under capacity (1/64 of it, so that the next stores do not each pay for a
+        scan), never ``keep`` (the key just stored)."""
+        self._evict_to(self.capacity - (self.capacity >> 6), by_shrinker=False, keep=keep)
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -102,7 +120,7 @@ class Store:
         return len(self._items)
 
     def now(self) -> int:
-        return int(self._clock())
+        return int(self.clock())
 
     def __contains__(self, key: bytes) -> bool:
         return self._live(key, self.now()) is not None
@@ -111,16 +129,16 @@ class Store:
         """The live item for ``key``, or None. A hit marks the item fetched and moves it to
         the LRU's recent end, unless a hit did that less than ``BUMP_INTERVAL`` ago.
 
-        cacheserver/fastpath/_fastpath.c does the same for its gets: change both together.
+        cacheserver/fastpath/store.c does the same for its gets: change both together.
         """
         # The hot path: written out rather than built from _live() to save calls per hit.
-        if self._flush_at:
+        if self.flush_at:
             self._apply_pending_flush(self.now())
         items = self._items
         item = items.get(key)
         if item is None:
             return None
-        now = self._clock()
+        now = self.clock()
         exptime = _U32_AT(item, 8)[0]
         if exptime and exptime <= now:
             self._drop_expired(key, item)
@@ -199,24 +217,16 @@ class Store:
 
     def too_large(self, key: bytes, flags: int, nbytes: int) -> bool:
         """Whether memcached with the same -I would refuse this item as too large."""
-        total = _MEMCACHED_ITEM_OVERHEAD + len(key) + (4 if flags else 0) + nbytes + 2
+        total = MEMCACHED_ITEM_OVERHEAD + len(key) + (4 if flags else 0) + nbytes + 2
         return total > self.max_item_size
 
     def set(self, key: bytes, flags: int, exptime: int, data: bytes, marks: int = 0) -> Outcome:
         if self.too_large(key, flags, len(data)):
             self.delete(key)  # as memcached: a failed set must not leave the stale value
             return Outcome.TOO_LARGE
-        self._cas += 1
-        item = make_item(self._cas, exptime, flags, data, now=self.now(), marks=marks)
+        self.last_cas += 1
+        item = make_item(self.last_cas, exptime, flags, data, now=self.now(), marks=marks)
         return self._store(key, item)
-
-    def set_fitting(
-        self, key: bytes, flags: int, exptime: int, data: bytes, suffix: bytes | None = None
-    ) -> Outcome:
-        """``set`` for a value the caller has already checked with ``too_large``."""
-        self._cas += 1
-        now = int(self._clock())
-        return self._store(key, make_item(self._cas, exptime, flags, data, False, suffix, now))
 
     def add(self, key: bytes, flags: int, exptime: int, data: bytes, marks: int = 0) -> Outcome:
         if self.too_large(key, flags, len(data)):
@@ -338,9 +348,9 @@ class Store:
     def flush(self, at: int = 0) -> None:
         """flush_all: drop every item now, or every item that exists at time ``at``."""
         if at and at > self.now():
-            self._flush_at = at
+            self.flush_at = at
             return
-        self._flush_at = 0
+        self.flush_at = 0
         self._items.clear()
         self.bytes_used = 0
         self._crawl_keys = []
@@ -398,19 +408,10 @@ class Store:
         self._crawl_keys = []
         return keys, values
 
-    @property
-    def cas_counter(self) -> int:
-        return self._cas
-
-    @property
-    def pending_flush(self) -> int:
-        """The absolute time of a pending delayed flush_all, 0 when none."""
-        return self._flush_at
-
     def restore_state(self, cas: int, flush_at: int) -> None:
         """The CAS counter and pending flush of a snapshot: new CAS values stay unique."""
-        self._cas = max(self._cas, cas)
-        self._flush_at = flush_at
+        self.last_cas = max(self.last_cas, cas)
+        self.flush_at = flush_at
 
     def restore_items(self, keys: list[bytes], items: list[bytes], nbytes: int) -> None:
         """Add restored items (``nbytes``: keys and items together) at the LRU's recent end,
@@ -430,11 +431,11 @@ class Store:
     # -- internals -----------------------------------------------------------------------------
 
     def _next_cas(self) -> int:
-        self._cas += 1
-        return self._cas
+        self.last_cas += 1
+        return self.last_cas
 
     def _live(self, key: bytes, now: int) -> bytes | None:
-        if self._flush_at:
+        if self.flush_at:
             self._apply_pending_flush(now)
         item = self._items.get(key)
         if item is None:
@@ -446,7 +447,7 @@ class Store:
         return item
 
     def _apply_pending_flush(self, now: int) -> None:
-        if self._flush_at and now >= self._flush_at:
+        if self.flush_at and now >= self.flush_at:
             self.flush()
 
     def _drop_expired(self, key: bytes, item: bytes) -> None:
@@ -477,8 +478,7 @@ class Store:
         self.bytes_used += cost
         self.stats.total_items += 1
         if self.bytes_used > self.capacity:
-            # Evict a little below capacity so the next stores do not each pay for a scan.
-            self._evict_to(self.capacity - (self.capacity >> 6), by_shrinker=False, keep=key)
+            self.make_room(key)
         return Outcome.STORED
 
     def _evict_to(self, target: int, by_shrinker: bool, keep: bytes | None = None) -> int:
