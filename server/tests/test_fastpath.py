@@ -191,6 +191,15 @@ def test_compiled_path_leaves_what_the_python_path_leaves(stream, capacity: int)
     assert compiled.visible_state() == python.visible_state()
 
 
+def test_a_blank_line_after_a_request_is_an_error_on_both_paths() -> None:
+    # The compiled path once took a blank line for the request before it (an extra MN).
+    clock = Clock()
+    python, compiled = Side(clock, False, 1 << 20), Side(clock, True, 1 << 20)
+    for data in (b"mn\r\n\nmn\r\n", b"mn\r\n   \r\n", b"mg a v\r\n\n", b"get a\n\n"):
+        assert compiled.feed(data) == python.feed(data), data
+    assert compiled.feed(b"mn\n\n") == b"MN\r\nERROR\r\n"
+
+
 def test_a_hit_marks_the_item_fetched_and_moves_it_to_the_lru_end() -> None:
     side = Side(Clock(), True, 1 << 20)
     assert side.feed(b"set a 0 0 1\r\n1\r\nset b 0 0 1\r\n2\r\n") == b"STORED\r\nSTORED\r\n"

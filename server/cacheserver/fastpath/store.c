@@ -3,6 +3,7 @@
 
 #include "boundary.h"
 #include "item.h"
+#include "outbuf.h"
 #include "protocol.h"
 
 /* Store.get's expiry branch: drop the item, count it. */
@@ -68,7 +69,12 @@ int get_one(Engine *e, const char *k, Py_ssize_t klen, int with_cas, OutBuf *out
             cas = (cas << 8) | raw[i];
         memcpy(out->data + out->len, raw + HEADER_SIZE, data_at - 2 - HEADER_SIZE);
         out->len += data_at - 2 - HEADER_SIZE;
-        out->len += snprintf(out->data + out->len, 24, " %llu\r\n", cas);
+        char *p = out->data + out->len;
+        *p++ = ' ';
+        p = put_u64(p, cas);
+        *p++ = '\r';
+        *p++ = '\n';
+        out->len = p - out->data;
         memcpy(out->data + out->len, raw + data_at, PyBytes_GET_SIZE(item) - data_at);
         out->len += PyBytes_GET_SIZE(item) - data_at;
     } else {
@@ -86,8 +92,15 @@ done:
  * the store runs over capacity, is the Python Store's own make_room. */
 int set_one(Engine *e, const char *k, Py_ssize_t klen, unsigned long long flags,
             unsigned int exptime, const char *data, Py_ssize_t nbytes) {
-    char suffix[32];
-    int slen = snprintf(suffix, sizeof suffix, " %llu %zd\r\n", flags, nbytes);
+    char suffix[32]; /* " <flags> <bytes>\r\n": at most 1 + 10 + 1 + 10 + 2 bytes */
+    char *s = suffix;
+    *s++ = ' ';
+    s = put_u64(s, flags);
+    *s++ = ' ';
+    s = put_u64(s, (unsigned long long)nbytes);
+    *s++ = '\r';
+    *s++ = '\n';
+    int slen = (int)(s - suffix);
     Py_ssize_t size = HEADER_SIZE + slen + nbytes + 2;
     PyObject *key = PyBytes_FromStringAndSize(k, klen);
     PyObject *item = key ? PyBytes_FromStringAndSize(NULL, size) : NULL;

@@ -39,6 +39,8 @@ Py_ssize_t run_requests(Engine *e, const char *buf, Py_ssize_t len, OutBuf *out)
             tok[ntok] = start;
             tlen[ntok++] = p - start;
         }
+        if (ntok == 0)
+            return pos; /* a blank line (tok[0] would be the last line's word) */
         Py_ssize_t next = eol + 1 - buf;
         int gets = tlen[0] == 4 && memcmp(tok[0], "gets", 4) == 0;
         if (ntok >= 2 && (gets || (tlen[0] == 3 && memcmp(tok[0], "get", 3) == 0))) {
