@@ -93,6 +93,7 @@ KINDS += ["junk", "blank", "config", "mg", "mg", "ms", "ms", "meta"]
 MG_FLAGS = [b"v", b"k", b"s", b"f", b"t", b"c", b"h", b"l", b"q", b"u", b"O1", b"T5", b"N30"]
 MG_FLAGS += [b"R30", b"b", b"x", b"T"]
 MS_FLAGS = [b"T5", b"T-1", b"F3", b"q", b"c", b"k", b"MA", b"ME", b"MP", b"MR", b"I", b"C1", b"b"]
+MS_FLAGS += [b"MS", b"Ms", b"M"]
 META_OTHER = [b"mn", b"md %s q", b"md %s I T5", b"md %s C1", b"ma %s N0 J1 v", b"ma %s q", b"me %s"]
 # stats detail on: the compiled path steps aside so that every key is counted.
 META_OTHER += [b"stats detail on", b"stats detail off"]
@@ -356,6 +357,7 @@ def test_the_compiled_path_answers_mg_ms_and_mn_itself() -> None:
             b"mg k v s f t c h l k O2\r\n",
             b"mg k v q\r\nmg nope v q k\r\nmg nope k O3\r\nmn\r\n",
             b"mg k u h\r\n",
+            b"ms d 2 c F0 T0 MS\r\nab\r\n",  # Ruby's Dalli names the set mode
         ]
     )
     assert compiled.engine is not None
@@ -363,11 +365,13 @@ def test_the_compiled_path_answers_mg_ms_and_mn_itself() -> None:
     assert done == len(data)
     assert replies == python.feed(data)
     assert replies.startswith(b"HD c1 kk O1\r\nVA 2 s2 f3 t5 c1 h0 l0 kk O2\r\nab\r\n")
+    assert replies.endswith(b"HD c3\r\n")
     assert compiled.visible_state() == python.visible_state()
     # What the compiled path leaves to Python: errors, base64 keys, TTL changes, other modes,
     # and items with meta marks (a stale one here).
     compiled.feed(b"md k I\r\n")
     leftovers = [b"mg k v v\r\n", b"mg k2 T10\r\n", b"mg Zm9v b\r\n", b"ms k 1 MA\r\nx\r\n"]
+    leftovers += [b"ms k 1 Ms\r\nx\r\n", b"ms k 1 MS MS\r\nx\r\n"]
     for leftover in [*leftovers, b"mg k v\r\n"]:
         assert compiled.engine.run(leftover) == (b"", 0), leftover
 

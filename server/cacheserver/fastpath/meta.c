@@ -15,8 +15,9 @@ static inline unsigned long long flag_bit(unsigned char c) {
 #define FLAG(c) flag_bit((unsigned char)(c))
 
 /* The flags of a meta request as bits, when every one is a flag the fast path answers: each
- * letter of ``allowed`` at most once, alone (``v``, not ``v1``), but O with its token and T
- * and F with digits. 0 otherwise (anything else, errors included, is the Python path's). */
+ * letter of ``allowed`` at most once, alone (``v``, not ``v1``), but O with its token, T and
+ * F with digits, and M only as MS (ms's set mode, which is also what ms does without M).
+ * 0 otherwise (anything else, errors included, is the Python path's). */
 static unsigned long long meta_flags_plain(const char *const *tok, const Py_ssize_t *tlen,
                                            int from, int ntok, unsigned long long allowed) {
     unsigned long long seen = 1ULL << 63; /* never a letter: "no flags" is not 0 */
@@ -31,6 +32,9 @@ static unsigned long long meta_flags_plain(const char *const *tok, const Py_ssiz
                 return 0;
         } else if (c == 'T' || c == 'F') {
             if (parse_small(tok[i] + 1, tlen[i] - 1) < 0)
+                return 0;
+        } else if (c == 'M') {
+            if (tlen[i] != 2 || tok[i][1] != 'S')
                 return 0;
         } else if (tlen[i] != 1) {
             return 0;
@@ -199,7 +203,8 @@ int run_meta(Engine *e, const char *const *tok, const Py_ssize_t *tlen, int ntok
         long long flags = 0, exptime = 0;
         unsigned long long flagbits = meta_flags_plain(
             tok, tlen, 3, ntok,
-            FLAG('T') | FLAG('F') | FLAG('q') | FLAG('O') | FLAG('k') | FLAG('c'));
+            FLAG('T') | FLAG('F') | FLAG('q') | FLAG('O') | FLAG('k') | FLAG('c')
+                | FLAG('M'));
         if (nbytes < 0 || (unsigned long long)nbytes > I32_MAX - 2 || !flagbits)
             return 0;
         for (int i = 3; i < ntok; i++) {
