@@ -75,6 +75,8 @@ POSTED_PLACEMENT_PROBLEMS = 1000
 # A pod being released, or released this recently (seconds), is not patched again: its own
 # next events, and a pass that listed it before the patch landed, still show it gated.
 RELEASED_MEMORY = 30.0
+# Past this many remembered releases, the expired ones are dropped.
+RELEASED_LIMIT = 1000
 # Pods that are on a node and not finished: the ones whose host ports the scheduler counts.
 ON_A_NODE = "spec.nodeName!=,status.phase!=Succeeded,status.phase!=Failed"
 # Threads that run passes (each mostly waits for the API server), and the wait before a pass
@@ -396,7 +398,7 @@ class ClusterController:
         with self._cache_lock:
             if uid and self._released.get(uid, 0.0) > now:
                 return False
-            if len(self._released) >= POSTED_PLACEMENT_PROBLEMS:
+            if len(self._released) >= RELEASED_LIMIT:
                 self._released = {k: t for k, t in self._released.items() if t > now}
             if uid:
                 self._released[uid] = now + RELEASED_MEMORY
