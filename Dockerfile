@@ -22,12 +22,12 @@ RUN python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))
 COPY server/ server/
 COPY operator/ operator/
 RUN pip install --no-cache-dir .
-# setup.py lets the install succeed without the compiled fast path (no compiler or no Python
-# headers); an image must not ship without it.
-RUN cd / && python -c 'import cacheserver.fastpath._fastpath, cacheserver.storage._snapshotio' || { \
-      echo "ERROR: a compiled part (cacheserver.fastpath._fastpath," \
+# setup.py fails without a compiler; this names what a build stage is missing if a compiled
+# part is still absent (an image must not ship without one).
+RUN cd / && python -c 'import cacheserver.storage._core, cacheserver.fastpath._fastpath, cacheserver.storage._snapshotio' || { \
+      echo "ERROR: a compiled part (cacheserver.storage._core, cacheserver.fastpath._fastpath," \
            "cacheserver.storage._snapshotio) did not build: the build stage needs a C" \
-           "compiler, Python's headers (Python.h) and zlib.h." >&2; exit 1; }
+           "compiler with its LTO plugin, Python's headers (Python.h) and zlib.h." >&2; exit 1; }
 
 FROM python:3.11-slim
 # The uid/gid the pod templates run as (runAsUser 10001, runAsNonRoot).

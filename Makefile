@@ -11,14 +11,15 @@ deps:
 run: deps
 	$(BIN)/cacheserver -l 127.0.0.1 -p $(PORT) --metrics-port 9150 -v
 
-# ruff for the Python; the server's C files (its compiled fast path and the snapshot's
-# block loops) must compile without a warning.
+# ruff for the Python; the server's C files (the store core, the compiled fast path and the
+# snapshot's block loops) must compile without a warning.
 lint: deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	cc -fsyntax-only -Wall -Wextra -Wno-unused-parameter -Werror \
 		-I"$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
-		server/cacheserver/fastpath/*.c server/cacheserver/storage/_snapshotio.c
+		-Iserver/cacheserver/storage \
+		server/cacheserver/fastpath/*.c server/cacheserver/storage/*.c
 
 fmt: deps
 	$(BIN)/ruff check --fix .

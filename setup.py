@@ -1,9 +1,10 @@
-"""The compiled parts: the server's fast path (server/cacheserver/fastpath/*.c, one module)
-and the warm-restart snapshot's block loops (server/cacheserver/storage/_snapshotio.c,
-which takes its crc32 from zlib).
+"""The compiled parts: the store core (server/cacheserver/storage/_core.c: items, LRU,
+accounting, expiry, eviction), the server's fast path (server/cacheserver/fastpath/*.c, one
+module, which calls the core through storage/core.h) and the warm-restart snapshot's block
+loops (server/cacheserver/storage/_snapshotio.c, which takes its crc32 from zlib).
 
-optional=True: where no C compiler (or no zlib.h) is at hand the install still succeeds and
-the server runs its Python path (docs/architecture.md).
+All three are required: the store core is the only definition of the store, so an install
+without a C compiler fails here, loudly, rather than running something else.
 """
 
 from pathlib import Path
@@ -11,13 +12,21 @@ from pathlib import Path
 from setuptools import Extension, setup
 
 FASTPATH = Path("server/cacheserver/fastpath")
+STORAGE = Path("server/cacheserver/storage")
 
 setup(
     ext_modules=[
         Extension(
+            "cacheserver.storage._core",
+            sources=[str(STORAGE / "_core.c")],
+            depends=[str(STORAGE / "core.h")],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+        ),
+        Extension(
             "cacheserver.fastpath._fastpath",
             sources=sorted(str(p) for p in FASTPATH.glob("*.c")),
-            depends=sorted(str(p) for p in FASTPATH.glob("*.h")),
+            depends=[*sorted(str(p) for p in FASTPATH.glob("*.h")), str(STORAGE / "core.h")],
+            include_dirs=[str(STORAGE)],
             extra_compile_args=[
                 "-O2",
                 "-Wall",
@@ -27,14 +36,12 @@ setup(
                 "-flto",
             ],
             extra_link_args=["-O2", "-flto"],
-            optional=True,
         ),
         Extension(
             "cacheserver.storage._snapshotio",
             sources=["server/cacheserver/storage/_snapshotio.c"],
             libraries=["z"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
-            optional=True,
         ),
     ]
 )

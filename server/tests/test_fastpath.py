@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from cacheserver.discovery.membership import Membership, Node
 from cacheserver.discovery.watch import ClusterConfig
-from cacheserver.fastpath import AVAILABLE, make_engine
+from cacheserver.fastpath import make_engine
 from cacheserver.metrics.counters import Counters
 from cacheserver.metrics.latency import LatencyHistogram
 from cacheserver.protocol.commands import Commands
@@ -56,7 +56,6 @@ class Side:
         self.engine = None
         if compiled:
             # `make test` builds the extension: a missing one is a broken install, not a skip.
-            assert AVAILABLE, "the compiled fast path was not built (pip install -e . does it)"
             self.engine = make_engine(self.store, self.counters, LatencyHistogram(), self.commands)
 
     def feed(self, data: bytes) -> bytes:
@@ -70,7 +69,7 @@ class Side:
     def visible_state(self) -> tuple:
         store = self.store
         return (
-            list(store._items.items()),  # items, byte for byte, in LRU order
+            list(store.table.items()),  # items, byte for byte, in LRU order
             store.bytes_used,
             store.last_cas,
             store.stats,
@@ -204,11 +203,11 @@ def test_a_blank_line_after_a_request_is_an_error_on_both_paths() -> None:
 def test_a_hit_marks_the_item_fetched_and_moves_it_to_the_lru_end() -> None:
     side = Side(Clock(), True, 1 << 20)
     assert side.feed(b"set a 0 0 1\r\n1\r\nset b 0 0 1\r\n2\r\n") == b"STORED\r\nSTORED\r\n"
-    assert list(side.store._items) == [b"a", b"b"]
+    assert list(side.store.table) == [b"a", b"b"]
     assert side.feed(b"get a\r\n") == b"VALUE a 0 1\r\n1\r\nEND\r\n"
-    assert list(side.store._items) == [b"b", b"a"]
-    assert side.store._items[b"a"][META_AT] & FETCHED
-    assert not side.store._items[b"b"][META_AT] & FETCHED
+    assert list(side.store.table) == [b"b", b"a"]
+    assert side.store.table[b"a"][META_AT] & FETCHED
+    assert not side.store.table[b"b"][META_AT] & FETCHED
     assert side.counters.get_hits == 1 and side.counters.cmd_set == 2
 
 
@@ -392,7 +391,6 @@ def _in_fresh_python(code: str) -> subprocess.CompletedProcess[str]:
 def test_the_compiled_path_takes_its_limits_from_the_python_modules() -> None:
     # A shorter key limit in protocol/commands.py is what the C code then applies, without a
     # rebuild: the 11-byte key goes to the Python path, the 10-byte one does not.
-    assert AVAILABLE
     done = _in_fresh_python(
         """
         from cacheserver.protocol import commands
@@ -410,26 +408,23 @@ def test_the_compiled_path_takes_its_limits_from_the_python_modules() -> None:
     assert done.stdout.split() == ["(b'END\\r\\n',", "16)", "(b'',", "0)"]
 
 
-def test_a_build_not_written_for_the_item_layout_refuses_to_load() -> None:
+def test_python_that_reads_items_another_way_than_the_store_core_refuses_to_load() -> None:
+    # The item layout is the store core's (storage/core.h); item.py reads headers with a
+    # struct format that must put every field where the core does.
     done = _in_fresh_python(
         """
         from cacheserver.storage import item
-        item.HEADER_FORMAT = "<QQIIBB"  # a 64-bit exptime: the C code reads 32 bits
-        import cacheserver.fastpath
+        item.check_layout("<QQIIBB")  # a 64-bit exptime: the core writes 32 bits
         """
     )
     assert done.returncode != 0
-    assert "ImportError: cacheserver.fastpath.boundary.CONSTANTS[HEADER_FORMAT]" in done.stderr
-
-
-class _StoreWithoutMakeRoom(Store):
-    make_room = None  # a rename on the Python side
+    assert "does not match the store core's layout (storage/core.h)" in done.stderr
 
 
 def test_the_engine_looks_up_what_it_uses_when_it_is_made() -> None:
-    # A name missing on the Python side stops the server when the engine is made, not at the
-    # first set that evicts.
-    with pytest.raises(TypeError, match="make_room is not callable"):
-        make_engine(_StoreWithoutMakeRoom(1 << 20), Counters(), LatencyHistogram())
+    # What is missing on the Python side stops the server when the engine is made, not at the
+    # first request: a store that is not the store core, counters without a field it adds to.
+    with pytest.raises(TypeError, match=r"cacheserver\.storage\.Store"):
+        make_engine(object(), Counters(), LatencyHistogram())  # type: ignore[arg-type]
     with pytest.raises(AttributeError, match="cmd_get"):
         make_engine(Store(1 << 20), object(), LatencyHistogram())  # type: ignore[arg-type]

@@ -56,7 +56,7 @@ SIMPLE_LINE = re.compile(
     rb"^(STORED|NOT_STORED|EXISTS|NOT_FOUND|DELETED|TOUCHED|END|OK|RESET|ERROR|\d+"
     rb"|VERSION \S+|STAT \S+ [^\r\n]*|ERROR: shutdown not enabled"
     rb"|CLIENT_ERROR [^\r\n]+|SERVER_ERROR [^\r\n]+"
-    rb"|(HD|EN|NF|NS|EX)( \S+)*|MN"
+    rb"|(HD|EN|NF|NS|EX)( [^ \r\n]+)*|MN"  # a key may hold a tab (memcached splits on spaces)
     rb"|ME \S+ exp=-?\d+ la=\d+ cas=\d+ fetch=(yes|no) cls=\d+ size=\d+)$"
 )
 # A data block follows: its length is the third group of a VALUE line, the first of a VA line.

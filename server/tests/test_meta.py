@@ -62,9 +62,9 @@ def test_mg_counts_a_hit_and_moves_the_item_unless_told_not_to(
 ) -> None:
     session.feed(b"ms a 1\r\n1\r\nms b 1\r\n2\r\n")
     assert session.feed(b"mg a u h\r\n") == b"HD h0\r\n"
-    assert list(store._items) == [b"a", b"b"]  # u: no LRU bump, not marked fetched
+    assert list(store.table) == [b"a", b"b"]  # u: no LRU bump, not marked fetched
     assert session.feed(b"mg a h\r\n") == b"HD h0\r\n"
-    assert list(store._items) == [b"b", b"a"]
+    assert list(store.table) == [b"b", b"a"]
     assert session.feed(b"mg a h\r\n") == b"HD h1\r\n"
     assert session.feed(b"mg a T10\r\nmg nope\r\n") == b"HD\r\nEN\r\n"
     assert (counters.cmd_get, counters.get_hits, counters.get_misses) == (4, 3, 1)

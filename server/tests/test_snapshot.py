@@ -107,13 +107,13 @@ def filled_store(n: int = 300, clock: Clock | None = None) -> Store:
 def test_round_trip_keeps_items_byte_exact_in_lru_order_with_accounting_and_cas(path) -> None:
     store = filled_store()
     store.flush(NOW + 3600)  # a delayed flush_all still pending
-    before = list(store._items.items())
+    before = list(store.table.items())
     used, cas = store.bytes_used, store.last_cas
     data = snapshot_of(store, block_bytes=2000)  # many blocks
     assert store.curr_items == 0 and store.bytes_used == 0
     fresh = Store(1 << 20, clock=Clock())
     restore(data, fresh, path=path)
-    assert list(fresh._items.items()) == before
+    assert list(fresh.table.items()) == before
     assert fresh.bytes_used == used
     assert fresh.last_cas == cas
     assert fresh.flush_at == NOW + 3600
@@ -123,7 +123,7 @@ def test_round_trip_keeps_items_byte_exact_in_lru_order_with_accounting_and_cas(
 
 def test_items_expired_by_the_time_of_the_restore_are_left_out() -> None:
     store = filled_store(50)
-    expiring = {k for k, v in store._items.items() if struct.unpack_from("<I", v, 8)[0]}
+    expiring = {k for k, v in store.table.items() if struct.unpack_from("<I", v, 8)[0]}
     data = snapshot_of(store, block_bytes=500)
 
     later = NOW + 50 + 20  # items with exptime NOW+50+i for i <= 20 are gone
@@ -140,7 +140,7 @@ def test_items_expired_by_the_time_of_the_restore_are_left_out() -> None:
             fresh.restore_with(partial(fill_block, data=data, span=span, now=later))
             for span in checked_blocks(data, opened)
         ]
-        assert list(fresh._items) == [k for b in blocks for k in b.keys]
+        assert list(fresh.table) == [k for b in blocks for k in b.keys]
         assert [(f.count, f.nbytes, f.expired) for f in filled] == [
             (len(b.keys), b.nbytes, b.expired) for b in blocks
         ]

@@ -48,14 +48,14 @@ def test_a_hit_moves_an_item_at_most_once_per_bump_interval() -> None:
     for key in (b"a", b"b", b"c"):
         store.set(key, 0, 0, b"v")
     store.get(b"a")  # first hit: moves
-    assert list(store._items) == [b"b", b"c", b"a"]
+    assert list(store.table) == [b"b", b"c", b"a"]
     store.set(b"d", 0, 0, b"v")
     clock.now += BUMP_INTERVAL - 1
     store.get(b"a")  # hit again within the interval: stays where it is
-    assert list(store._items) == [b"b", b"c", b"a", b"d"]
+    assert list(store.table) == [b"b", b"c", b"a", b"d"]
     clock.now += 1
     store.get(b"a")  # the interval has passed: moves again
-    assert list(store._items) == [b"b", b"c", b"d", b"a"]
+    assert list(store.table) == [b"b", b"c", b"d", b"a"]
 
 
 def test_lazy_expiry_counts_expired_unfetched_and_reclaimed() -> None:

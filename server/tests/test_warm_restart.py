@@ -355,7 +355,7 @@ def test_the_server_code_saves_and_restores_with_or_without_the_compiled_loops(
     for i in range(N_KEYS):
         store.set(b"key:%d" % i, i * 40503 % (1 << 32), 0 if i % 2 else now + 3600, value_for(i))
     store.get(b"key:3")  # to the recent end
-    before, used = list(store._items.items()), store.bytes_used
+    before, used = list(store.table.items()), store.bytes_used
     path = tmp_path / "snapshot"
     identity = Identity("-m 64", 1 << 20, 0, 1)
     saver = warm.WarmRestart(str(path), identity, "test")
@@ -365,7 +365,7 @@ def test_the_server_code_saves_and_restores_with_or_without_the_compiled_loops(
     fresh = Store(64 << 20)
     outcome = warm.WarmRestart(str(path), identity, "test").restore(fresh)
     assert (outcome.result, outcome.items) == ("restored", N_KEYS)
-    assert list(fresh._items.items()) == before and fresh.bytes_used == used
+    assert list(fresh.table.items()) == before and fresh.bytes_used == used
     assert not path.exists()  # used once
 
     damaged = bytearray(saved)

@@ -36,10 +36,8 @@ static const struct {
 };
 #define NLIMITS ((Py_ssize_t)(sizeof limits / sizeof limits[0]))
 
-/* What the code is written for: the item header's fields (8-byte CAS, then little-endian u32
- * exptime, flags and bumped, two bytes) and memcached's UDP frame header. */
+/* What the code is written for: memcached's UDP frame header. */
 static const char *const formats[][2] = {
-    {"HEADER_FORMAT", "<QIIIBB"},
     {"UDP_HEADER_FORMAT", "!HHHH"},
 };
 #define NFORMATS ((Py_ssize_t)(sizeof formats / sizeof formats[0]))
@@ -82,8 +80,7 @@ static int load_constants(PyObject *table) {
     PyObject *key = PyDict_GetItemString(table, "CLUSTER_KEY");
     if (key == NULL || !PyBytes_Check(key))
         return refuse("CLUSTER_KEY", "missing, or not bytes");
-    if (U32_MAX > 4294967295ULL || I32_MAX > U32_MAX || FETCHED > 0xFF || OFFSET_MASK > 0xFF
-        || UDP_HEADER == 0 || READ_SIZE == 0 || TCP_BATCH == 0 || UDP_BATCH == 0)
+    if (U32_MAX > 4294967295ULL || I32_MAX > U32_MAX || UDP_HEADER == 0 || READ_SIZE == 0 || TCP_BATCH == 0 || UDP_BATCH == 0)
         return refuse("*", "a limit out of the range of the C code's types");
     Py_INCREF(key);
     Py_XSETREF(cluster_key, key);
@@ -103,29 +100,35 @@ static const char *const counter_names[C_COUNT] = {
 static PyObject *counter_attrs[C_COUNT];
 
 /* The attributes read or written per wake-up, interned once. */
-static PyObject *s_last_cas, *s_bytes_used, *s_capacity, *s_max_item_size, *s_flush_at,
-    *s_detail, *s_total_items, *s_reclaimed, *s_expired_unfetched, *s_get_expired, *s_tick,
-    *s_plain, *s_seen_tick;
+static PyObject *s_detail, *s_tick, *s_plain, *s_seen_tick;
+
+/* The store core's functions (storage/core.h), from its module's capsule. */
+const CoreAPI *core_api;
 
 #define INTERN(var, text) \
     if ((var = PyUnicode_InternFromString(text)) == NULL) return -1
 
 int boundary_load(void) {
-    INTERN(s_last_cas, "last_cas");
-    INTERN(s_bytes_used, "bytes_used");
-    INTERN(s_capacity, "capacity");
-    INTERN(s_max_item_size, "max_item_size");
-    INTERN(s_flush_at, "flush_at");
     INTERN(s_detail, "detail");
-    INTERN(s_total_items, "total_items");
-    INTERN(s_reclaimed, "reclaimed");
-    INTERN(s_expired_unfetched, "expired_unfetched");
-    INTERN(s_get_expired, "get_expired");
     INTERN(s_tick, "tick");
     INTERN(s_plain, "plain");
     INTERN(s_seen_tick, "seen_tick");
     for (int i = 0; i < C_COUNT; i++)
         INTERN(counter_attrs[i], counter_names[i]);
+    PyObject *core = PyImport_ImportModule("cacheserver.storage._core");
+    if (core == NULL)
+        return -1;
+    Py_DECREF(core); /* PyCapsule_Import finds submodules only once they are imported */
+    core_api = PyCapsule_Import(CORE_CAPSULE, 0);
+    if (core_api == NULL)
+        return -1;
+    if (core_api->version != CORE_VERSION) {
+        PyErr_Format(PyExc_ImportError,
+                     "cacheserver.storage._core is version %d of the store core, the fast path "
+                     "was built for version %d (storage/core.h): rebuild both",
+                     core_api->version, CORE_VERSION);
+        return -1;
+    }
     PyObject *module = PyImport_ImportModule("cacheserver.fastpath.boundary");
     PyObject *table = module ? PyObject_GetAttrString(module, "CONSTANTS") : NULL;
     Py_XDECREF(module);
@@ -161,26 +164,17 @@ static int check(PyObject *obj, PyObject *const *names, int n) {
 
 int engine_bind(Engine *e, PyObject *store, PyObject *counters, PyObject *latency,
                 PyObject *commands) {
-    PyObject *items = keep(store, "table", 0);
-    if (items == NULL)
-        return -1;
-    if (!PyDict_CheckExact(items)) {
-        Py_DECREF(items);
-        PyErr_SetString(PyExc_TypeError, "the store's table must be a dict");
+    if (!PyObject_TypeCheck(store, core_api->type)) {
+        PyErr_Format(PyExc_TypeError,
+                     "the engine serves a cacheserver.storage.Store (the store core), not %R",
+                     store);
         return -1;
     }
-    Py_XSETREF(e->items, items);
-    Py_XSETREF(e->clock, keep(store, "clock", 1));
-    Py_XSETREF(e->stats, keep(store, "stats", 0));
-    Py_XSETREF(e->make_room, keep(store, "make_room", 1));
     Py_XSETREF(e->observe, keep(latency, "observe", 1));
-    if (e->clock == NULL || e->stats == NULL || e->make_room == NULL || e->observe == NULL)
-        return -1;
-    PyObject *stats_names[] = {s_total_items, s_reclaimed, s_expired_unfetched, s_get_expired};
-    if (check(e->stats, stats_names, 4) < 0 || check(counters, counter_attrs, C_COUNT) < 0)
+    if (e->observe == NULL || check(counters, counter_attrs, C_COUNT) < 0)
         return -1;
     Py_INCREF(store);
-    Py_XSETREF(e->store, store);
+    Py_XSETREF(e->core, (CoreObject *)store);
     Py_INCREF(counters);
     Py_XSETREF(e->counters, counters);
     Py_INCREF(commands);
@@ -218,16 +212,7 @@ int engine_bind_udp(Engine *e, PyObject *server) {
     return e->answer == NULL ? -1 : 0;
 }
 
-/* -- the shadow state ----------------------------------------------------------------------- */
-
-static int get_ll(PyObject *obj, PyObject *name, long long *value) {
-    PyObject *v = PyObject_GetAttr(obj, name);
-    if (v == NULL)
-        return -1;
-    *value = PyLong_AsLongLong(v);
-    Py_DECREF(v);
-    return (*value == -1 && PyErr_Occurred()) ? -1 : 0;
-}
+/* -- a wake-up --------------------------------------------------------------------------------- */
 
 static int add_to_attr(PyObject *obj, PyObject *name, long long delta) {
     PyObject *v = PyObject_GetAttr(obj, name);
@@ -244,21 +229,20 @@ static int add_to_attr(PyObject *obj, PyObject *name, long long delta) {
     return rc;
 }
 
-/* Read the Python state the fast path works with. */
+static int get_ll(PyObject *obj, PyObject *name, long long *value) {
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL)
+        return -1;
+    *value = PyLong_AsLongLong(v);
+    Py_DECREF(v);
+    return (*value == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+/* When a wake-up begins (and after the slow path ran): the time, and whether stats detail
+ * is on. */
 int sync_in(Engine *e) {
-    long long cas, flush_at;
-    if (get_ll(e->store, s_last_cas, &cas) < 0
-        || get_ll(e->store, s_bytes_used, &e->bytes_used) < 0
-        || get_ll(e->store, s_capacity, &e->capacity) < 0
-        || get_ll(e->store, s_max_item_size, &e->max_item_size) < 0
-        || get_ll(e->store, s_flush_at, &flush_at) < 0)
+    if (core_api->now(e->core, &e->now) < 0)
         return -1;
-    double seconds;
-    if (store_clock(e, &seconds) < 0)
-        return -1;
-    e->now = (long long)seconds;
-    e->cas = (unsigned long long)cas;
-    e->flush_pending = flush_at != 0;
     e->python_only = 0;
     if (e->commands != NULL && e->commands != Py_None) {
         PyObject *detail = PyObject_GetAttr(e->commands, s_detail);
@@ -267,30 +251,14 @@ int sync_in(Engine *e) {
         e->python_only = detail != Py_None;
         Py_DECREF(detail);
     }
-    e->shadow_dirty = 0;
     return 0;
 }
 
-/* Give the Python objects what the fast path changed; done before any Python code runs. */
+/* The counters of the wake-up, added to metrics/counters.py's before any Python code runs. */
 int sync_out(Engine *e) {
     PyObject *exc_type, *exc_value, *exc_tb;
     int rc = 0;
     PyErr_Fetch(&exc_type, &exc_value, &exc_tb); /* keep a pending error while syncing */
-    if (e->shadow_dirty) {
-        PyObject *cas = PyLong_FromUnsignedLongLong(e->cas);
-        PyObject *used = PyLong_FromLongLong(e->bytes_used);
-        if (cas == NULL || used == NULL || PyObject_SetAttr(e->store, s_last_cas, cas) < 0
-            || PyObject_SetAttr(e->store, s_bytes_used, used) < 0)
-            rc = -1;
-        Py_XDECREF(cas);
-        Py_XDECREF(used);
-        e->shadow_dirty = 0;
-    }
-    if (e->total_items_delta) {
-        if (add_to_attr(e->stats, s_total_items, e->total_items_delta) < 0)
-            rc = -1;
-        e->total_items_delta = 0;
-    }
     for (int i = 0; i < C_COUNT; i++) {
         if (e->deltas[i]) {
             if (add_to_attr(e->counters, counter_attrs[i], e->deltas[i]) < 0)
@@ -301,35 +269,6 @@ int sync_out(Engine *e) {
     if (exc_type != NULL)
         PyErr_Restore(exc_type, exc_value, exc_tb);
     return rc;
-}
-
-/* -- the store ------------------------------------------------------------------------------ */
-
-int store_clock(Engine *e, double *now) {
-    PyObject *v = PyObject_CallNoArgs(e->clock);
-    if (v == NULL)
-        return -1;
-    *now = PyFloat_AsDouble(v);
-    Py_DECREF(v);
-    return (*now == -1.0 && PyErr_Occurred()) ? -1 : 0;
-}
-
-/* Store.get's count of an expired item it dropped. */
-int store_count_expired(Engine *e, int fetched) {
-    return (add_to_attr(e->stats, s_reclaimed, 1) < 0
-            || (!fetched && add_to_attr(e->stats, s_expired_unfetched, 1) < 0)
-            || add_to_attr(e->stats, s_get_expired, 1) < 0) ? -1 : 0;
-}
-
-/* Store.make_room(key), with the shadow state handed over and read back. */
-int store_make_room(Engine *e, PyObject *key) {
-    if (sync_out(e) < 0)
-        return -1;
-    PyObject *r = PyObject_CallOneArg(e->make_room, key);
-    if (r == NULL)
-        return -1;
-    Py_DECREF(r);
-    return sync_in(e);
 }
 
 /* -- the slow path -------------------------------------------------------------------------- */

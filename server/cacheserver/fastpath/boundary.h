@@ -15,14 +15,10 @@ int engine_bind(Engine *e, PyObject *store, PyObject *counters, PyObject *latenc
 int engine_bind_tcp(Engine *e, PyObject *server, PyObject *conn_class);
 int engine_bind_udp(Engine *e, PyObject *server);
 
-/* The shadow state: read when a wake-up begins, handed back before any Python code runs. */
+/* A wake-up: the time and stats detail read when it begins (and after the slow path), its
+ * counters handed to the Python objects before any Python code runs. */
 int sync_in(Engine *e);
 int sync_out(Engine *e);
-
-/* The store. */
-int store_clock(Engine *e, double *now);
-int store_count_expired(Engine *e, int fetched);
-int store_make_room(Engine *e, PyObject *key);
 
 /* The TCP server and its connections. */
 int tcp_tick(Engine *e, long long *tick);

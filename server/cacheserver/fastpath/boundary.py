@@ -9,43 +9,30 @@ Two things cross it, and both are declared here:
   refuses to load when an entry is missing, extra or out of the range it is written for.
 - The Python objects' public names it reads, writes or calls, as the Protocols below. The
   engine looks every one of them up when it is made or attached (a rename fails there, at
-  start, not on a request) and keeps the objects and bound methods it calls; per request it
-  touches only the store's dict and item bytes, in the layout and by the rules of
-  ``storage/item.py`` and ``storage/store.py``. It reads no private attribute and no slot.
+  start, not on a request) and keeps the objects and bound methods it calls. It reads no
+  private attribute and no slot.
+
+The store is not a Python object to the fast path: ``storage.Store`` is an instance of the
+compiled store core's type, and the C code calls the core's functions (``storage/core.h``:
+lookup, hit, fits, set; the item layout) with no Python in between. The core's version is
+checked when the extension is imported.
 
 ``boundary.c`` is the only C file that names a Python attribute or calls Python code.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from cacheserver.discovery import membership
 from cacheserver.metrics import latency
 from cacheserver.network import tcp, udp
 from cacheserver.protocol import commands, meta, numbers, session
-from cacheserver.storage import item, store
 
 if TYPE_CHECKING:
     from cacheserver.metrics.prefix_stats import PrefixStats
-    from cacheserver.storage.store import StoreStats
 
 CONSTANTS: dict[str, int | bytes | str] = {
-    # storage/item.py: the item layout. The C code is written for this header format.
-    "HEADER_FORMAT": item.HEADER_FORMAT,
-    "HEADER_SIZE": item.HEADER_SIZE,
-    "EXPTIME_AT": item.EXPTIME_AT,
-    "FLAGS_AT": item.FLAGS_AT,
-    "BUMPED_AT": item.BUMPED_AT,
-    "META_AT": item.META_AT,
-    "MARKS_AT": item.MARKS_AT,
-    "FETCHED": item.FETCHED,
-    "OFFSET_MASK": item.OFFSET_MASK,
-    "ITEM_OVERHEAD": item.ITEM_OVERHEAD,
-    # storage/store.py: the LRU rule and -I as memcached applies it.
-    "BUMP_INTERVAL": store.BUMP_INTERVAL,
-    "MEMCACHED_ITEM_OVERHEAD": store.MEMCACHED_ITEM_OVERHEAD,
     # protocol/: the limits a request must keep to be answered without the Python path.
     "KEY_MAX_LENGTH": commands.KEY_MAX_LENGTH,
     "MAX_RELATIVE_EXPTIME": commands.MAX_RELATIVE_EXPTIME,
@@ -67,25 +54,6 @@ CONSTANTS: dict[str, int | bytes | str] = {
     "UDP_MAX_PAYLOAD": udp.MAX_PAYLOAD,
     "UDP_BATCH": udp.BATCH,
 }
-
-
-@runtime_checkable
-class EngineStore(Protocol):
-    """``storage.Store``. Kept once: ``table`` (the dict the fast path reads and changes in
-    place), ``clock``, ``stats`` and ``make_room``. Read when a wake-up begins and written
-    back before any Python code runs: ``last_cas``, ``bytes_used``; read: ``capacity``,
-    ``max_item_size``, ``flush_at`` (the fast path steps aside while a flush is pending)."""
-
-    table: dict[bytes, bytes]
-    clock: Callable[[], float]
-    stats: StoreStats  # total_items, reclaimed, expired_unfetched, get_expired: added to
-    last_cas: int
-    bytes_used: int
-    capacity: int
-    max_item_size: int
-    flush_at: int
-
-    def make_room(self, keep: bytes) -> None: ...
 
 
 @runtime_checkable

@@ -1,6 +1,8 @@
 /* The constants the C code shares with the Python layers. Only their names are here: the
  * values are read from cacheserver/fastpath/boundary.py's CONSTANTS when the extension is
- * imported (boundary.c), and boundary.py says which Python module defines each. */
+ * imported (boundary.c), and boundary.py says which Python module defines each. The item
+ * layout and the store's rules are not among them: they are the store core's (storage/core.h,
+ * compiled in, its version checked at import). */
 #ifndef CACHESERVER_FASTPATH_CONSTANTS_H
 #define CACHESERVER_FASTPATH_CONSTANTS_H
 
@@ -8,11 +10,6 @@
 #include <Python.h>
 
 #define SHARED_CONSTANTS(X)                                                                   \
-    /* storage/item.py */                                                                     \
-    X(HEADER_SIZE) X(EXPTIME_AT) X(FLAGS_AT) X(BUMPED_AT) X(META_AT) X(MARKS_AT) X(FETCHED)   \
-    X(OFFSET_MASK) X(ITEM_OVERHEAD)                                                           \
-    /* storage/store.py */                                                                    \
-    X(BUMP_INTERVAL) X(MEMCACHED_ITEM_OVERHEAD)                                               \
     /* protocol/ */                                                                           \
     X(KEY_MAX_LENGTH) X(MAX_RELATIVE_EXPTIME) X(REPLY_LIMIT) X(META_MAX_WORDS)                \
     X(META_MAX_OPAQUE)                                                                        \

@@ -7,7 +7,13 @@
 #include <Python.h>
 
 #include "constants.h"
+#include "core.h"
 #include "outbuf.h"
+
+/* The store core's functions (storage/core.h), from its capsule (boundary.c). */
+#pragma GCC visibility push(hidden)
+extern const CoreAPI *core_api;
+#pragma GCC visibility pop
 
 #define MAX_SAMPLES 16 /* timed reads kept per wake-up (one in SAMPLE_MASK + 1 is timed) */
 
@@ -30,11 +36,7 @@ typedef struct {
 typedef struct {
     PyObject_HEAD
     /* Kept from Engine(store, counters, latency, commands) (boundary.c, engine_bind). */
-    PyObject *store;
-    PyObject *items;       /* store.table: key -> item bytes, in LRU order */
-    PyObject *clock;       /* store.clock */
-    PyObject *stats;       /* store.stats */
-    PyObject *make_room;   /* store.make_room */
+    CoreObject *core;      /* the Store: an instance of the store core's type */
     PyObject *counters;
     PyObject *observe;     /* latency.observe */
     PyObject *commands;    /* the protocol's Commands, or None: read for stats detail */
@@ -49,11 +51,8 @@ typedef struct {
     /* UDP, kept from attach_udp */
     int udp_fd;
     PyObject *answer;      /* the UDPServer's slow path */
-    /* Shadow of the Python state, valid between sync_in and sync_out. */
-    unsigned long long cas;
-    long long bytes_used, capacity, max_item_size, total_items_delta;
-    long long now;         /* int(store.clock()) when the wake-up began */
-    int flush_pending, shadow_dirty;
+    /* Read when a wake-up begins (sync_in). */
+    long long now;         /* int(store.clock()) */
     int python_only;       /* stats detail is on: the Python path counts every key */
     long long deltas[C_COUNT];
     unsigned long reads;

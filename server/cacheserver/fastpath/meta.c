@@ -1,7 +1,6 @@
 /* The meta protocol's mg, ms and mn in their plain forms (protocol/meta.py defines them). */
 #include "protocol.h"
 
-#include "item.h"
 #include "store.h"
 
 /* A meta flag letter as a bit (the letters the fast path answers are all ASCII letters). */
@@ -67,25 +66,16 @@ static int mg_one(Engine *e, const char *const *tok, const Py_ssize_t *tlen, int
     PyObject *key = PyBytes_FromStringAndSize(k, klen);
     if (key == NULL)
         return -1;
-    PyObject *item = PyDict_GetItemWithError(e->items, key);
+    /* Meta.mg's peek: expiry is the core's; a hit is counted after the reply (below). */
+    PyObject *item = core_api->lookup(e->core, key, e->now);
     if (item == NULL && PyErr_Occurred()) {
         Py_DECREF(key);
         return -1;
     }
     int rc = -1;
-    Py_XINCREF(item);
-    if (item != NULL) {
-        const unsigned char *raw = (const unsigned char *)PyBytes_AS_STRING(item);
-        if (raw[MARKS_AT]) {
-            rc = 0;
-            goto done;
-        }
-        unsigned int exptime = le32(raw + EXPTIME_AT);
-        if (exptime && (long long)exptime <= e->now) { /* Store.peek's expiry */
-            if (drop_expired(e, key, item) < 0)
-                goto done;
-            Py_CLEAR(item);
-        }
+    if (item != NULL && ((const unsigned char *)PyBytes_AS_STRING(item))[MARKS_AT]) {
+        rc = 0;
+        goto done;
     }
     int quiet = (flagbits & FLAG('q')) != 0;
     e->deltas[C_CMD_GET]++;
@@ -100,13 +90,11 @@ static int mg_one(Engine *e, const char *const *tok, const Py_ssize_t *tlen, int
     e->deltas[C_GET_HITS]++;
     const unsigned char *raw = (const unsigned char *)PyBytes_AS_STRING(item);
     Py_ssize_t size = PyBytes_GET_SIZE(item);
-    Py_ssize_t data_at = raw[META_AT] & OFFSET_MASK;
+    Py_ssize_t data_at = item_data_at(raw);
     Py_ssize_t nbytes = size - data_at - 2;
-    unsigned int exptime = le32(raw + EXPTIME_AT), flags = le32(raw + FLAGS_AT);
-    unsigned int bumped = le32(raw + BUMPED_AT);
-    unsigned long long cas = 0;
-    for (int i = 7; i >= 0; i--)
-        cas = (cas << 8) | raw[i];
+    unsigned int exptime = item_u32(raw, EXPTIME_AT), flags = item_u32(raw, FLAGS_AT);
+    unsigned int bumped = item_u32(raw, BUMPED_AT);
+    unsigned long long cas = item_cas(raw);
     int value = (flagbits & FLAG('v')) != 0;
     if (out_reserve(out, 24) < 0)
         goto done;
@@ -152,19 +140,10 @@ static int mg_one(Engine *e, const char *const *tok, const Py_ssize_t *tlen, int
     if (out_put(out, "\r\n", 2) < 0 || (value && out_put(out, (const char *)raw + data_at,
                                                           size - data_at) < 0))
         goto done;
-    /* The hit, as Store.amend(hit=True): fetched, and moved at most once per interval. */
-    if (!(flagbits & FLAG('u'))
-        && (!(raw[META_AT] & FETCHED) || e->now - (long long)bumped >= BUMP_INTERVAL)) {
-        PyObject *moved = PyBytes_FromStringAndSize((const char *)raw, size);
-        if (moved == NULL)
-            goto done;
-        unsigned char *b = (unsigned char *)PyBytes_AS_STRING(moved);
-        for (int i = 0; i < 4; i++)
-            b[BUMPED_AT + i] = (unsigned char)((unsigned long long)e->now >> (8 * i));
-        b[META_AT] |= FETCHED;
-        int failed = PyDict_DelItem(e->items, key) < 0 || PyDict_SetItem(e->items, key, moved) < 0;
-        Py_DECREF(moved);
-        if (failed)
+    /* The hit, as Store.amend(hit=True): the core's rule. */
+    if (!(flagbits & FLAG('u'))) {
+        item = core_api->hit(e->core, key, item, e->now);
+        if (item == NULL)
             goto done;
     }
     rc = 1;
@@ -183,7 +162,7 @@ int run_meta(Engine *e, const char *const *tok, const Py_ssize_t *tlen, int ntok
         *pos = next;
         return 1;
     }
-    if (ntok >= META_MAX_WORDS || ntok < 2 || tlen[1] > KEY_MAX_LENGTH || e->flush_pending)
+    if (ntok >= META_MAX_WORDS || ntok < 2 || tlen[1] > KEY_MAX_LENGTH || e->core->flush_at)
         return 0;
     if (tok[0][1] == 'g') {
         unsigned long long flagbits = meta_flags_plain(
@@ -215,18 +194,13 @@ int run_meta(Engine *e, const char *const *tok, const Py_ssize_t *tlen, int ntok
         }
         Py_ssize_t klen = tlen[1];
         Py_ssize_t data_end = next + nbytes;
-        if ((unsigned long long)flags > U32_MAX || (unsigned long long)exptime > I32_MAX
-            || data_end + 2 > len || buf[data_end] != '\r' || buf[data_end + 1] != '\n'
-            || MEMCACHED_ITEM_OVERHEAD + klen + (flags ? 4 : 0) + nbytes + 2
-                   > e->max_item_size
-            || klen + HEADER_SIZE + 32 + nbytes + ITEM_OVERHEAD > e->capacity)
+        if (flags < 0 || exptime < 0 || data_end + 2 > len || buf[data_end] != '\r'
+            || buf[data_end + 1] != '\n')
             return 0;
-        if (exptime && exptime <= MAX_RELATIVE_EXPTIME)
-            exptime += e->now;
-        e->deltas[C_CMD_SET]++;
-        if (set_one(e, tok[1], klen, (unsigned long long)flags, (unsigned int)exptime,
-                    buf + next, nbytes) < 0)
-            return -1;
+        int r = set_request(e, tok[1], klen, (unsigned long long)flags,
+                            (unsigned long long)exptime, buf + next, nbytes);
+        if (r <= 0)
+            return r;
         if (!(flagbits & FLAG('q'))) {
             if (out_put(out, "HD", 2) < 0)
                 return -1;
@@ -235,7 +209,7 @@ int run_meta(Engine *e, const char *const *tok, const Py_ssize_t *tlen, int ntok
                 if ((c == 'O' || c == 'k') && meta_echo(tok, tlen, i, i + 1, tok[1], klen,
                                                         out) < 0)
                     return -1;
-                if (c == 'c' && out_u64(out, 'c', e->cas) < 0)
+                if (c == 'c' && out_u64(out, 'c', e->core->last_cas) < 0)
                     return -1;
             }
             if (out_put(out, "\r\n", 2) < 0)

@@ -6,11 +6,12 @@
  * Why it exists: a Python request path costs 3-5 us of interpreter time per request on top
  * of the same syscalls memcached makes (docs/benchmarks.md), which caps a Python server at
  * about two thirds of memcached's rate on one core. The fast path does exactly what the
- * Python layers do for those requests -- same dict, same item bytes, same counters, same
- * replies -- and hands everything else to them:
+ * Python layers do for those requests -- same store, same counters, same replies -- and
+ * hands everything else to them:
  *
- *   - the store is the Python Store's own dict (dict order is the LRU order) and its items
- *     are the bytes objects cacheserver.storage.item describes;
+ *   - the store is the store core (storage/core.h), which the Python Store subclasses: the
+ *     fast path calls its functions (lookup, hit, fits, set) and applies no store rule of
+ *     its own;
  *   - any request it does not know, and any unusual state (a pending flush_all, an item
  *     that does not fit, a number it would have to refuse, a partial request, a connection
  *     with unsent replies), goes to the Python layers from that request on, so the Python
@@ -28,9 +29,10 @@
  *                  connections and for the UDP socket (net.h)
  *   text.c         protocol: the request loop (lines, tokens) and get, gets, set
  *   meta.c         protocol: mg, ms, mn (protocol.h covers both)
- *   store.c        storage: get and set on the Store's dict and item bytes (store.h, item.h)
- *   boundary.c     the Python objects: constants at import, what the engine keeps, the state
- *                  in and out of a wake-up, the slow path (boundary.h, constants.h)
+ *   store.c        storage: get and set through the store core (store.h; storage/core.h)
+ *   boundary.c     the Python objects: constants and the core's functions at import, what
+ *                  the engine keeps, a wake-up's time and counters, the slow path
+ *                  (boundary.h, constants.h)
  *   engine.h       the engine's state; outbuf.h: the reply buffer
  */
 #include "engine.h"
@@ -76,11 +78,7 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kwds) {
 }
 
 static int Engine_traverse(Engine *e, visitproc visit, void *arg) {
-    Py_VISIT(e->store);
-    Py_VISIT(e->items);
-    Py_VISIT(e->clock);
-    Py_VISIT(e->stats);
-    Py_VISIT(e->make_room);
+    Py_VISIT(e->core);
     Py_VISIT(e->counters);
     Py_VISIT(e->observe);
     Py_VISIT(e->commands);
@@ -95,11 +93,7 @@ static int Engine_traverse(Engine *e, visitproc visit, void *arg) {
 }
 
 static int Engine_clear(Engine *e) {
-    Py_CLEAR(e->store);
-    Py_CLEAR(e->items);
-    Py_CLEAR(e->clock);
-    Py_CLEAR(e->stats);
-    Py_CLEAR(e->make_room);
+    Py_CLEAR(e->core);
     Py_CLEAR(e->counters);
     Py_CLEAR(e->observe);
     Py_CLEAR(e->commands);

@@ -1,7 +1,6 @@
 /* The request loop: lines, tokens, and the text protocol's get, gets and set. */
 #include "protocol.h"
 
-#include "item.h"
 #include "store.h"
 
 static const char END[] = "END\r\n";
@@ -44,7 +43,7 @@ Py_ssize_t run_requests(Engine *e, const char *buf, Py_ssize_t len, OutBuf *out)
         Py_ssize_t next = eol + 1 - buf;
         int gets = tlen[0] == 4 && memcmp(tok[0], "gets", 4) == 0;
         if (ntok >= 2 && (gets || (tlen[0] == 3 && memcmp(tok[0], "get", 3) == 0))) {
-            if (e->flush_pending)
+            if (e->core->flush_at)
                 return pos;
             if (ntok == 2 && !gets && tlen[1] == (Py_ssize_t)CLUSTER_KEY_LEN
                 && memcmp(tok[1], CLUSTER_KEY, CLUSTER_KEY_LEN) == 0)
@@ -73,22 +72,14 @@ Py_ssize_t run_requests(Engine *e, const char *buf, Py_ssize_t len, OutBuf *out)
             long long nbytes = parse_small(tok[4], tlen[4]);
             Py_ssize_t klen = tlen[1];
             Py_ssize_t data_end = next + nbytes;
-            if (flags < 0 || (unsigned long long)flags > U32_MAX || exptime < 0
-                || (unsigned long long)exptime > I32_MAX || nbytes < 0
-                || (unsigned long long)nbytes > I32_MAX || klen > KEY_MAX_LENGTH
-                || data_end + 2 > len || buf[data_end] != '\r' || buf[data_end + 1] != '\n')
+            if (flags < 0 || exptime < 0 || nbytes < 0 || (unsigned long long)nbytes > I32_MAX
+                || klen > KEY_MAX_LENGTH || data_end + 2 > len || buf[data_end] != '\r'
+                || buf[data_end + 1] != '\n')
                 return pos;
-            /* Store.too_large, and an item bigger than all the memory: the Python path. */
-            if (MEMCACHED_ITEM_OVERHEAD + klen + (flags ? 4 : 0) + nbytes + 2 > e->max_item_size
-                || klen + HEADER_SIZE + 32 + nbytes + ITEM_OVERHEAD > e->capacity)
-                return pos;
-            /* Commands.absolute_exptime: 0 never; up to 30 days relative; else a Unix time. */
-            if (exptime && exptime <= MAX_RELATIVE_EXPTIME)
-                exptime += e->now;
-            e->deltas[C_CMD_SET]++;
-            if (set_one(e, tok[1], klen, (unsigned long long)flags, (unsigned int)exptime,
-                        buf + next, nbytes) < 0)
-                return -1;
+            int r = set_request(e, tok[1], klen, (unsigned long long)flags,
+                                (unsigned long long)exptime, buf + next, nbytes);
+            if (r <= 0)
+                return r < 0 ? -1 : pos;
             if (!noreply && out_put(out, STORED, 8) < 0)
                 return -1;
             pos = data_end + 2;

@@ -14,46 +14,64 @@ expired_unfetched counters). ``marks`` are the meta protocol's per-item bits: th
 base64-encoded, the item was invalidated (stale), a client was already told to recache it.
 The pre-formatted suffix lets a get hit be answered with one slice:
 ``b"VALUE " + key + item[HEADER_SIZE:]``.
+
+The store core (``storage/core.h``, compiled) defines the layout and builds new items
+(``make_item``); this module gives its numbers to the Python layers, which read items and
+rewrite their headers.
 """
 
 from __future__ import annotations
 
 import struct
 
-HEADER_FORMAT = "<QIIIBB"
-_HEADER = struct.Struct(HEADER_FORMAT)
-HEADER_SIZE = _HEADER.size  # 22
-EXPTIME_AT = 8
-FLAGS_AT = 12
-BUMPED_AT = 16
-META_AT = 20
-MARKS_AT = 21
-FETCHED = 0x80
-# The marks (memcached's ITEM_KEY_BINARY, ITEM_STALE and ITEM_TOKEN_SENT).
+from cacheserver.storage import _core
+
+# The layout is the store core's (storage/core.h): every offset and size below is its.
+HEADER_SIZE = _core.HEADER_SIZE  # 22
+EXPTIME_AT = _core.EXPTIME_AT
+FLAGS_AT = _core.FLAGS_AT
+BUMPED_AT = _core.BUMPED_AT
+META_AT = _core.META_AT
+MARKS_AT = _core.MARKS_AT
+FETCHED = _core.FETCHED
+OFFSET_MASK = _core.OFFSET_MASK  # meta: the offset of the data
+# Memory accounted to a stored item besides its key and item bytes: both objects' headers,
+# their allocator rounding and one dict slot (core.h).
+ITEM_OVERHEAD = _core.ITEM_OVERHEAD
+# The marks (memcached's ITEM_KEY_BINARY, ITEM_STALE and ITEM_TOKEN_SENT): the meta
+# protocol's, which the core stores and never reads.
 KEY_BINARY = 0x01
 STALE = 0x02
 TOKEN_SENT = 0x04
-OFFSET_MASK = 0x7F  # meta: the offset of the data
 NEVER = 0  # exptime meaning "does not expire"
 
+# The header as Python reads and rewrites it; checked against the core's offsets.
+HEADER_FORMAT = "<QIIIBB"
+
+
+def check_layout(fmt: str) -> struct.Struct:
+    """The header struct for ``fmt``, if its fields sit where the core puts them."""
+    header = struct.Struct(fmt)
+    offsets, at = [], 0
+    for code in fmt[1:]:
+        offsets.append(at)
+        at += struct.calcsize("<" + code)
+    expected = [0, EXPTIME_AT, FLAGS_AT, BUMPED_AT, META_AT, MARKS_AT, HEADER_SIZE]
+    if fmt[0] != "<" or [*offsets, header.size] != expected:
+        raise ImportError(
+            f"storage/item.py: header format {fmt!r} does not match the store core's layout "
+            "(storage/core.h)"
+        )
+    return header
+
+
+_HEADER = check_layout(HEADER_FORMAT)
 pack_header = _HEADER.pack
 unpack_header = _HEADER.unpack_from
 
-
-def make_item(
-    cas: int,
-    exptime: int,
-    flags: int,
-    data: bytes,
-    fetched: bool = False,
-    now: int = 0,
-    marks: int = 0,
-) -> bytes:
-    """Build an item stored at ``now``; ``data`` is the value without its trailing CRLF."""
-    suffix = b" %d %d\r\n" % (flags, len(data))
-    meta = (HEADER_SIZE + len(suffix)) | (FETCHED if fetched else 0)
-    header = _HEADER.pack(cas, exptime, flags, now, meta, marks)
-    return b"".join((header, suffix, data, b"\r\n"))
+# make_item(cas, exptime, flags, data, fetched=False, now=0, marks=0): an item stored at
+# ``now``; ``data`` is the value without its trailing CRLF.
+make_item = _core.make_item
 
 
 def item_cas(item: bytes) -> int:
@@ -97,18 +115,6 @@ def with_fetched(item: bytes) -> bytes:
     return b"".join((item[:META_AT], bytes((item[META_AT] | FETCHED,)), item[MARKS_AT:]))
 
 
-def as_bumped(item: bytes, now: int) -> bytes:
-    """A copy marked fetched and moved to the LRU's recent end at ``now``."""
-    return b"".join(
-        (
-            item[:BUMPED_AT],
-            _BUMPED.pack(now),
-            bytes((item[META_AT] | FETCHED,)),
-            item[MARKS_AT:],
-        )
-    )
-
-
 def with_header(
     item: bytes, cas: int, exptime: int, marks: int | None = None, bumped: int | None = None
 ) -> bytes:
@@ -138,11 +144,6 @@ def value_response_with_cas(key: bytes, item: bytes) -> bytes:
     cas = _HEADER.unpack_from(item)[0]
     off = item[META_AT] & OFFSET_MASK
     return b"".join((b"VALUE ", key, item[HEADER_SIZE : off - 2], b" %d\r\n" % cas, item[off:]))
-
-
-# Two bytes objects' headers (33 each), their average allocator rounding (8 each) and one
-# dict slot (hash, key and value pointers, index share) at the dict's usual fill.
-ITEM_OVERHEAD = 33 * 2 + 8 * 2 + 48
 
 
 def item_cost(key: bytes, item: bytes) -> int:
