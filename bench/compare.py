@@ -101,7 +101,10 @@ class Server:
 
     def measure(self, load: Callable[[], tuple[float, float, float, int]]) -> Result:
         before = sum(cpu_seconds(self.proc.pid))
-        ops, median, p99, requests = load()
+        try:
+            ops, median, p99, requests = load()
+        except RuntimeError as e:
+            raise RuntimeError(f"{self.name}: {e}") from None
         return Result(ops, median, p99, requests, sum(cpu_seconds(self.proc.pid)) - before)
 
 
@@ -167,10 +170,12 @@ def loadgen(
         taskset = ["taskset", "-c", str(client_cpu)] if client_cpu is not None else []
         cmd = [*taskset, str(LOADGEN), *options, HOST, str(port), str(conns), str(seconds)]
         cmd += [str(depth), "100", "10000", mode]
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60).stdout
-        values = dict(item.split("=") for item in out.split())
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+        values = dict(item.split("=") for item in done.stdout.split())
         if int(values.get("errors", "0")):
-            raise RuntimeError(f"loadgen saw {values['errors']} unexpected replies: {out}")
+            raise RuntimeError(
+                f"loadgen saw {values['errors']} unexpected replies: {done.stdout}{done.stderr}"
+            )
         return (
             float(values["ops_per_sec"]),
             float(values["median_us"]),

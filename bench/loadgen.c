@@ -140,8 +140,11 @@ static int parse_replies(struct conn *c) {
             !(linelen == 6 && memcmp(c->rbuf + pos, "STORED", 6) == 0) &&
             !(linelen == 2 && (memcmp(c->rbuf + pos, "HD", 2) == 0 ||
                                memcmp(c->rbuf + pos, "EN", 2) == 0 ||
-                               memcmp(c->rbuf + pos, "MN", 2) == 0)))
-            errors++;
+                               memcmp(c->rbuf + pos, "MN", 2) == 0))) {
+            if (errors++ < 5) /* the first few, to say what the server answered */
+                fprintf(stderr, "unexpected reply: %.*s\n", (int)(linelen > 200 ? 200 : linelen),
+                        c->rbuf + pos);
+        }
         pos += linelen + 2;
         done++;
     }
