@@ -102,8 +102,8 @@ static PyObject *counter_attrs[C_COUNT];
 /* The attributes read or written per wake-up, interned once. */
 static PyObject *s_detail, *s_tick, *s_plain, *s_seen_tick;
 
-/* The store core's functions (storage/core.h), from its module's capsule. */
-const CoreAPI *core_api;
+/* The store core's type (storage/core.h), from its module. */
+PyTypeObject *core_type;
 
 #define INTERN(var, text) \
     if ((var = PyUnicode_InternFromString(text)) == NULL) return -1
@@ -116,19 +116,26 @@ int boundary_load(void) {
     for (int i = 0; i < C_COUNT; i++)
         INTERN(counter_attrs[i], counter_names[i]);
     PyObject *core = PyImport_ImportModule("cacheserver.storage._core");
-    if (core == NULL)
-        return -1;
-    Py_DECREF(core); /* PyCapsule_Import finds submodules only once they are imported */
-    core_api = PyCapsule_Import(CORE_CAPSULE, 0);
-    if (core_api == NULL)
-        return -1;
-    if (core_api->version != CORE_VERSION) {
-        PyErr_Format(PyExc_ImportError,
-                     "cacheserver.storage._core is version %d of the store core, the fast path "
-                     "was built for version %d (storage/core.h): rebuild both",
-                     core_api->version, CORE_VERSION);
+    PyObject *type = core ? PyObject_GetAttrString(core, "Core") : NULL;
+    PyObject *version = type ? PyObject_GetAttrString(core, "CORE_VERSION") : NULL;
+    Py_XDECREF(core);
+    if (version == NULL || !PyType_Check(type)) {
+        Py_XDECREF(type);
+        Py_XDECREF(version);
+        return PyErr_Occurred() ? -1 : refuse("*", "cacheserver.storage._core.Core is not a type");
+    }
+    long v = PyLong_AsLong(version);
+    Py_DECREF(version);
+    if (v != CORE_VERSION) {
+        Py_DECREF(type);
+        if (!PyErr_Occurred())
+            PyErr_Format(PyExc_ImportError,
+                         "cacheserver.storage._core is version %ld of the store core, the fast "
+                         "path was built with version %d (storage/core.h): rebuild both",
+                         v, CORE_VERSION);
         return -1;
     }
+    core_type = (PyTypeObject *)type; /* kept for the life of the process */
     PyObject *module = PyImport_ImportModule("cacheserver.fastpath.boundary");
     PyObject *table = module ? PyObject_GetAttrString(module, "CONSTANTS") : NULL;
     Py_XDECREF(module);
@@ -164,7 +171,7 @@ static int check(PyObject *obj, PyObject *const *names, int n) {
 
 int engine_bind(Engine *e, PyObject *store, PyObject *counters, PyObject *latency,
                 PyObject *commands) {
-    if (!PyObject_TypeCheck(store, core_api->type)) {
+    if (!PyObject_TypeCheck(store, core_type)) {
         PyErr_Format(PyExc_TypeError,
                      "the engine serves a cacheserver.storage.Store (the store core), not %R",
                      store);
@@ -241,7 +248,7 @@ static int get_ll(PyObject *obj, PyObject *name, long long *value) {
 /* When a wake-up begins (and after the slow path ran): the time, and whether stats detail
  * is on. */
 int sync_in(Engine *e) {
-    if (core_api->now(e->core, &e->now) < 0)
+    if (core_now(e->core, &e->now) < 0)
         return -1;
     e->python_only = 0;
     if (e->commands != NULL && e->commands != Py_None) {

@@ -10,9 +10,10 @@
 #include "core.h"
 #include "outbuf.h"
 
-/* The store core's functions (storage/core.h), from its capsule (boundary.c). */
+/* The store core's type, from its module (boundary.c): the Store the engine serves is an
+ * instance of it, and the engine calls core.c's functions (compiled in) on it. */
 #pragma GCC visibility push(hidden)
-extern const CoreAPI *core_api;
+extern PyTypeObject *core_type;
 #pragma GCC visibility pop
 
 #define MAX_SAMPLES 16 /* timed reads kept per wake-up (one in SAMPLE_MASK + 1 is timed) */

@@ -67,7 +67,7 @@ static int mg_one(Engine *e, const char *const *tok, const Py_ssize_t *tlen, int
     if (key == NULL)
         return -1;
     /* Meta.mg's peek: expiry is the core's; a hit is counted after the reply (below). */
-    PyObject *item = core_api->lookup(e->core, key, e->now);
+    PyObject *item = core_lookup(e->core, key, e->now);
     if (item == NULL && PyErr_Occurred()) {
         Py_DECREF(key);
         return -1;
@@ -142,7 +142,7 @@ static int mg_one(Engine *e, const char *const *tok, const Py_ssize_t *tlen, int
         goto done;
     /* The hit, as Store.amend(hit=True): the core's rule. */
     if (!(flagbits & FLAG('u'))) {
-        item = core_api->hit(e->core, key, item, e->now);
+        item = core_hit(e->core, key, item, e->now);
         if (item == NULL)
             goto done;
     }

@@ -10,9 +10,9 @@ int get_one(Engine *e, const char *k, Py_ssize_t klen, int with_cas, OutBuf *out
     PyObject *key = PyBytes_FromStringAndSize(k, klen);
     if (key == NULL)
         return -1;
-    PyObject *item = core_api->lookup(e->core, key, e->now);
+    PyObject *item = core_lookup(e->core, key, e->now);
     if (item != NULL)
-        item = core_api->hit(e->core, key, item, e->now);
+        item = core_hit(e->core, key, item, e->now);
     Py_DECREF(key);
     if (item == NULL)
         return PyErr_Occurred() ? -1 : 0;
@@ -49,13 +49,13 @@ done:
 
 int set_request(Engine *e, const char *k, Py_ssize_t klen, unsigned long long flags,
                 unsigned long long exptime, const char *data, Py_ssize_t nbytes) {
-    if (flags > U32_MAX || exptime > I32_MAX || !core_api->fits(e->core, klen, flags, nbytes))
+    if (flags > U32_MAX || exptime > I32_MAX || !core_fits(e->core, klen, flags, nbytes))
         return 0;
     /* Commands.absolute_exptime: 0 never; up to 30 days relative; else a Unix time. */
     if (exptime && exptime <= (unsigned long long)MAX_RELATIVE_EXPTIME)
         exptime += e->now;
     e->deltas[C_CMD_SET]++;
-    if (core_api->set(e->core, k, klen, (unsigned int)flags, (unsigned int)exptime, data, nbytes,
+    if (core_set(e->core, k, klen, (unsigned int)flags, (unsigned int)exptime, data, nbytes,
                       e->now) < 0)
         return -1;
     return 1;

@@ -1,15 +1,7 @@
-/* The store core: items, the LRU, accounting, expiry and eviction, defined once.
- *
- * One Core per worker (shard-per-core), so nothing here takes a lock. The items are a dict
- * of key -> item bytes (core.h has the layout) whose insertion order is the LRU order: a hit
- * re-inserts the key at the end, eviction takes keys from the front. As in memcached, a hit
- * moves an item at most once per BUMP_INTERVAL, and eviction goes to a little under capacity
- * (1/64 of it) so that the next stores do not each pay for a scan past the dict's deleted
- * front slots.
- *
- * Two users, the same functions: storage/store.py's Store subclasses the Core type (the
- * commands on top -- add, cas, append, incr and the rest -- are Python), and the compiled fast
- * path calls the CoreAPI table (core.h) it finds in this module's capsule.
+/* The store core's Python face: the Core type (storage/store.py's Store subclasses it and
+ * adds the commands built on it: add, cas, append, incr and the rest), StoreStats, make_item
+ * and the layout's numbers. Every rule is core.c's; this file parses arguments and checks
+ * types. The compiled fast path compiles core.c in too and finds the Core type here.
  */
 #include "core.h"
 
@@ -17,254 +9,12 @@
 
 static PyTypeObject CoreType, StoreStatsType;
 
-/* -- items ------------------------------------------------------------------------------------ */
-
-static void put_u32(unsigned char *p, unsigned long long v) {
-    for (int i = 0; i < 4; i++)
-        p[i] = (unsigned char)(v >> (8 * i));
-}
-
-static char *put_dec(char *p, unsigned long long v) {
-    char digits[20];
-    int n = 0;
-    do {
-        digits[n++] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v);
-    while (n)
-        *p++ = digits[--n];
-    return p;
-}
-
-/* An item stored at now; data is the value without its trailing CRLF. */
-static PyObject *item_new(unsigned long long cas, unsigned int exptime, unsigned int flags,
-                          const char *data, Py_ssize_t nbytes, int fetched, long long now,
-                          int marks) {
-    char suffix[32]; /* " <flags> <bytes>\r\n": at most 1 + 10 + 1 + 19 + 2 bytes */
-    char *s = suffix;
-    *s++ = ' ';
-    s = put_dec(s, flags);
-    *s++ = ' ';
-    s = put_dec(s, (unsigned long long)nbytes);
-    *s++ = '\r';
-    *s++ = '\n';
-    Py_ssize_t slen = s - suffix;
-    PyObject *item = PyBytes_FromStringAndSize(NULL, HEADER_SIZE + slen + nbytes + 2);
-    if (item == NULL)
-        return NULL;
-    unsigned char *p = (unsigned char *)PyBytes_AS_STRING(item);
-    for (int i = 0; i < 8; i++)
-        p[CAS_AT + i] = (unsigned char)(cas >> (8 * i));
-    put_u32(p + EXPTIME_AT, exptime);
-    put_u32(p + FLAGS_AT, flags);
-    put_u32(p + BUMPED_AT, (unsigned long long)now);
-    p[META_AT] = (unsigned char)((HEADER_SIZE + slen) | (fetched ? FETCHED : 0));
-    p[MARKS_AT] = (unsigned char)marks;
-    memcpy(p + HEADER_SIZE, suffix, slen);
-    memcpy(p + HEADER_SIZE + slen, data, nbytes);
-    memcpy(p + HEADER_SIZE + slen + nbytes, "\r\n", 2);
-    return item;
-}
-
-static long long cost_of(PyObject *key, PyObject *item) {
-    return PyBytes_GET_SIZE(key) + PyBytes_GET_SIZE(item) + ITEM_OVERHEAD;
-}
-
-static int expired(PyObject *item, long long now) {
-    unsigned int exptime = item_u32((const unsigned char *)PyBytes_AS_STRING(item), EXPTIME_AT);
-    return exptime != 0 && (long long)exptime <= now;
-}
-
-static int fetched(PyObject *item) {
-    return ((const unsigned char *)PyBytes_AS_STRING(item))[META_AT] & FETCHED;
-}
-
-/* -- the core's rules --------------------------------------------------------------------------- */
-
 static int ready(CoreObject *c) {
     if (c->items != NULL)
         return 0;
     PyErr_SetString(PyExc_RuntimeError, "the store core was not initialised (Core.__init__)");
     return -1;
 }
-
-static int core_now(CoreObject *c, long long *now) {
-    PyObject *v = PyObject_CallNoArgs(c->clock);
-    if (v == NULL)
-        return -1;
-    double seconds = PyFloat_AsDouble(v);
-    Py_DECREF(v);
-    if (seconds == -1.0 && PyErr_Occurred())
-        return -1;
-    *now = (long long)seconds; /* exptimes are whole seconds: t <= now iff t <= floor(now) */
-    return 0;
-}
-
-/* Take key's item out of the dict and its cost out of bytes_used. */
-static int unlink_item(CoreObject *c, PyObject *key, PyObject *item) {
-    c->bytes_used -= cost_of(key, item);
-    return PyDict_DelItem(c->items, key);
-}
-
-static int drop_expired(CoreObject *c, PyObject *key, PyObject *item) {
-    int was_fetched = fetched(item);
-    if (unlink_item(c, key, item) < 0)
-        return -1;
-    c->stats->reclaimed++;
-    if (!was_fetched)
-        c->stats->expired_unfetched++;
-    return 0;
-}
-
-static int flush_now(CoreObject *c) {
-    c->flush_at = 0;
-    PyDict_Clear(c->items);
-    c->bytes_used = 0;
-    Py_CLEAR(c->crawl);
-    return 0;
-}
-
-static void apply_pending_flush(CoreObject *c, long long now) {
-    if (c->flush_at && now >= c->flush_at)
-        flush_now(c);
-}
-
-static PyObject *lookup(CoreObject *c, PyObject *key, long long now) {
-    apply_pending_flush(c, now);
-    PyObject *item = PyDict_GetItemWithError(c->items, key);
-    if (item == NULL)
-        return NULL;
-    if (expired(item, now)) {
-        Py_INCREF(item);
-        int rc = drop_expired(c, key, item);
-        Py_DECREF(item);
-        if (rc == 0)
-            c->stats->get_expired++;
-        return NULL;
-    }
-    return Py_NewRef(item);
-}
-
-static PyObject *hit(CoreObject *c, PyObject *key, PyObject *item, long long now) {
-    const unsigned char *raw = (const unsigned char *)PyBytes_AS_STRING(item);
-    if ((raw[META_AT] & FETCHED) && now - (long long)item_u32(raw, BUMPED_AT) < BUMP_INTERVAL)
-        return item;
-    PyObject *bumped = PyBytes_FromStringAndSize((const char *)raw, PyBytes_GET_SIZE(item));
-    Py_DECREF(item);
-    if (bumped == NULL)
-        return NULL;
-    unsigned char *b = (unsigned char *)PyBytes_AS_STRING(bumped);
-    put_u32(b + BUMPED_AT, (unsigned long long)now);
-    b[META_AT] |= FETCHED;
-    if (PyDict_DelItem(c->items, key) < 0 || PyDict_SetItem(c->items, key, bumped) < 0) {
-        Py_DECREF(bumped);
-        return NULL;
-    }
-    return bumped;
-}
-
-/* Evict from the LRU end until bytes_used <= target, never keep; the bytes released. */
-static long long evict_to(CoreObject *c, long long target, int by_shrinker, PyObject *keep) {
-    long long now;
-    if (core_now(c, &now) < 0)
-        return -1;
-    long long excess = c->bytes_used - target;
-    PyObject *victims = PyList_New(0);
-    if (victims == NULL)
-        return -1;
-    Py_ssize_t pos = 0;
-    PyObject *key, *item;
-    while (excess > 0 && PyDict_Next(c->items, &pos, &key, &item)) {
-        if (keep != NULL && PyBytes_GET_SIZE(key) == PyBytes_GET_SIZE(keep)
-            && memcmp(PyBytes_AS_STRING(key), PyBytes_AS_STRING(keep), PyBytes_GET_SIZE(key)) == 0)
-            continue;
-        if (PyList_Append(victims, key) < 0) {
-            Py_DECREF(victims);
-            return -1;
-        }
-        excess -= cost_of(key, item);
-    }
-    long long released = 0;
-    StoreStatsObject *s = c->stats;
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(victims); i++) {
-        key = PyList_GET_ITEM(victims, i);
-        item = PyDict_GetItemWithError(c->items, key);
-        if (item == NULL)
-            continue;
-        Py_INCREF(item);
-        long long cost = cost_of(key, item);
-        int rc = unlink_item(c, key, item);
-        int was_expired = expired(item, now), was_fetched = fetched(item);
-        Py_DECREF(item);
-        if (rc < 0) {
-            Py_DECREF(victims);
-            return -1;
-        }
-        released += cost;
-        if (was_expired) {
-            s->reclaimed++;
-            if (!was_fetched)
-                s->expired_unfetched++;
-            continue;
-        }
-        if (by_shrinker)
-            s->evictions_shrinker++;
-        else
-            s->evictions++;
-        if (!was_fetched)
-            s->evicted_unfetched++;
-    }
-    Py_DECREF(victims);
-    return released;
-}
-
-/* Store item under key at the LRU's recent end: 0 stored, 1 bigger than all the memory. */
-static int store_item(CoreObject *c, PyObject *key, PyObject *item) {
-    long long cost = cost_of(key, item);
-    if (cost > c->capacity)
-        return 1;
-    PyObject *old = PyDict_GetItemWithError(c->items, key);
-    if (old == NULL && PyErr_Occurred())
-        return -1;
-    if (old != NULL) {
-        cost -= cost_of(key, old);
-        if (PyDict_DelItem(c->items, key) < 0)
-            return -1;
-    }
-    if (PyDict_SetItem(c->items, key, item) < 0)
-        return -1;
-    c->bytes_used += cost;
-    c->stats->total_items++;
-    if (c->bytes_used > c->capacity
-        && evict_to(c, c->capacity - (c->capacity >> 6), 0, key) < 0)
-        return -1;
-    return 0;
-}
-
-static int too_large(CoreObject *c, Py_ssize_t klen, unsigned long long flags,
-                     Py_ssize_t nbytes) {
-    return MEMCACHED_ITEM_OVERHEAD + klen + (flags ? 4 : 0) + nbytes + 2 > c->max_item_size;
-}
-
-static int fits(CoreObject *c, Py_ssize_t klen, unsigned long long flags, Py_ssize_t nbytes) {
-    /* 32: the longest suffix an item of these sizes has. */
-    return !too_large(c, klen, flags, nbytes)
-        && klen + HEADER_SIZE + 32 + nbytes + 2 + ITEM_OVERHEAD <= c->capacity;
-}
-
-static int set_one(CoreObject *c, const char *k, Py_ssize_t klen, unsigned int flags,
-                   unsigned int exptime, const char *data, Py_ssize_t nbytes, long long now) {
-    PyObject *key = PyBytes_FromStringAndSize(k, klen);
-    if (key == NULL)
-        return -1;
-    PyObject *item = item_new(++c->last_cas, exptime, flags, data, nbytes, 0, now, 0);
-    int rc = item == NULL ? -1 : store_item(c, key, item);
-    Py_XDECREF(item);
-    Py_DECREF(key);
-    return rc < 0 ? -1 : 0;
-}
-
-static CoreAPI api = {CORE_VERSION, &CoreType, core_now, lookup, hit, fits, set_one};
 
 /* -- the Python methods -------------------------------------------------------------------------- */
 
@@ -295,8 +45,8 @@ static PyObject *Core_get(CoreObject *c, PyObject *key) {
     long long now;
     if (need_bytes(key, "key") < 0 || core_now(c, &now) < 0)
         return NULL;
-    PyObject *item = lookup(c, key, now);
-    return or_none(item == NULL ? NULL : hit(c, key, item, now));
+    PyObject *item = core_lookup(c, key, now);
+    return or_none(item == NULL ? NULL : core_hit(c, key, item, now));
 }
 
 static PyObject *Core_peek(CoreObject *c, PyObject *key) {
@@ -304,7 +54,7 @@ static PyObject *Core_peek(CoreObject *c, PyObject *key) {
     long long now;
     if (need_bytes(key, "key") < 0 || core_now(c, &now) < 0)
         return NULL;
-    return or_none(lookup(c, key, now));
+    return or_none(core_lookup(c, key, now));
 }
 
 static PyObject *Core_live(CoreObject *c, PyObject *const *args, Py_ssize_t n) {
@@ -315,7 +65,7 @@ static PyObject *Core_live(CoreObject *c, PyObject *const *args, Py_ssize_t n) {
             PyErr_SetString(PyExc_TypeError, "_live(key, now)");
         return NULL;
     }
-    return or_none(lookup(c, args[0], now));
+    return or_none(core_lookup(c, args[0], now));
 }
 
 static PyObject *Core_hit(CoreObject *c, PyObject *const *args, Py_ssize_t n) {
@@ -325,7 +75,7 @@ static PyObject *Core_hit(CoreObject *c, PyObject *const *args, Py_ssize_t n) {
         return PyErr_Format(PyExc_TypeError, "_hit(key, item)");
     if (need_bytes(args[0], "key") < 0 || need_bytes(args[1], "item") < 0 || core_now(c, &now) < 0)
         return NULL;
-    return hit(c, args[0], Py_NewRef(args[1]), now);
+    return core_hit(c, args[0], Py_NewRef(args[1]), now);
 }
 
 static PyObject *Core_store(CoreObject *c, PyObject *const *args, Py_ssize_t n) {
@@ -334,7 +84,7 @@ static PyObject *Core_store(CoreObject *c, PyObject *const *args, Py_ssize_t n) 
         return PyErr_Format(PyExc_TypeError, "_store(key, item)");
     if (need_bytes(args[0], "key") < 0 || need_bytes(args[1], "item") < 0)
         return NULL;
-    int rc = store_item(c, args[0], args[1]);
+    int rc = core_store(c, args[0], args[1]);
     return rc < 0 ? NULL : PyBool_FromLong(rc == 0);
 }
 
@@ -350,7 +100,7 @@ static PyObject *replace(CoreObject *c, PyObject *const *args, Py_ssize_t n, int
     PyObject *old = PyDict_GetItemWithError(c->items, key);
     if (old == NULL)
         return PyErr_Occurred() ? NULL : PyErr_Format(PyExc_KeyError, "no item to replace");
-    long long diff = cost_of(key, item) - cost_of(key, old);
+    long long diff = core_cost(key, item) - core_cost(key, old);
     if ((move && PyDict_DelItem(c->items, key) < 0) || PyDict_SetItem(c->items, key, item) < 0)
         return NULL;
     c->bytes_used += diff;
@@ -367,18 +117,20 @@ static PyObject *Core_rewrite(CoreObject *c, PyObject *const *args, Py_ssize_t n
 
 static PyObject *Core_unlink(CoreObject *c, PyObject *key) {
     NEED_READY(c);
+    if (need_bytes(key, "key") < 0)
+        return NULL;
     PyObject *item = PyDict_GetItemWithError(c->items, key);
     if (item == NULL)
         return PyErr_Occurred() ? NULL : PyBool_FromLong(0);
     Py_INCREF(item);
-    int rc = unlink_item(c, key, item);
+    int rc = core_unlink(c, key, item);
     Py_DECREF(item);
     return rc < 0 ? NULL : PyBool_FromLong(1);
 }
 
 static PyObject *Core_make_room(CoreObject *c, PyObject *keep) {
     NEED_READY(c);
-    if (need_bytes(keep, "keep") < 0 || evict_to(c, c->capacity - (c->capacity >> 6), 0, keep) < 0)
+    if (need_bytes(keep, "keep") < 0 || core_evict_to(c, c->capacity - (c->capacity >> 6), 0, keep) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -393,7 +145,7 @@ static PyObject *Core_evict_to(CoreObject *c, PyObject *args, PyObject *kwds) {
         return NULL;
     if (keep != Py_None && need_bytes(keep, "keep") < 0)
         return NULL;
-    long long released = evict_to(c, target, by_shrinker, keep == Py_None ? NULL : keep);
+    long long released = core_evict_to(c, target, by_shrinker, keep == Py_None ? NULL : keep);
     return released < 0 ? NULL : PyLong_FromLongLong(released);
 }
 
@@ -406,7 +158,7 @@ static PyObject *Core_flush(CoreObject *c, PyObject *args, PyObject *kwds) {
     if (at && at > now)
         c->flush_at = at;
     else
-        flush_now(c);
+        core_flush(c);
     Py_RETURN_NONE;
 }
 
@@ -415,7 +167,7 @@ static PyObject *Core_apply_pending_flush(CoreObject *c, PyObject *unused) {
     NEED_READY(c);
     if (core_now(c, &now) < 0)
         return NULL;
-    apply_pending_flush(c, now);
+    core_apply_pending_flush(c, now);
     Py_RETURN_NONE;
 }
 
@@ -443,7 +195,7 @@ static PyObject *Core_reclaim_expired(CoreObject *c, PyObject *args, PyObject *k
     NEED_READY(c);
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "|n", kwlist, &budget) || core_now(c, &now) < 0)
         return NULL;
-    apply_pending_flush(c, now);
+    core_apply_pending_flush(c, now);
     if (c->crawl == NULL || PyList_GET_SIZE(c->crawl) == 0) {
         if (PyDict_GET_SIZE(c->items) == 0)
             return PyLong_FromLong(0);
@@ -469,9 +221,9 @@ static PyObject *Core_reclaim_expired(CoreObject *c, PyObject *args, PyObject *k
                 goto fail;
             continue;
         }
-        if (expired(item, now)) {
+        if (core_expired(item, now)) {
             Py_INCREF(item);
-            int rc = drop_expired(c, key, item);
+            int rc = core_drop_expired(c, key, item);
             Py_DECREF(item);
             if (rc < 0)
                 goto fail;
@@ -505,7 +257,7 @@ static PyObject *Core_too_large(CoreObject *c, PyObject *args) {
     Py_ssize_t nbytes;
     if (!PyArg_ParseTuple(args, "OKn", &key, &flags, &nbytes) || need_bytes(key, "key") < 0)
         return NULL;
-    return PyBool_FromLong(too_large(c, PyBytes_GET_SIZE(key), flags, nbytes));
+    return PyBool_FromLong(core_too_large(c, PyBytes_GET_SIZE(key), flags, nbytes));
 }
 
 static PyObject *Core_get_table(CoreObject *c, void *unused) {
@@ -726,7 +478,7 @@ static PyObject *make_item(PyObject *self, PyObject *args, PyObject *kwds) {
     if (exptime > 0xFFFFFFFFull || flags > 0xFFFFFFFFull || marks < 0 || marks > 0xFF)
         PyErr_SetString(PyExc_OverflowError, "exptime and flags are 32-bit, marks 8-bit");
     else
-        item = item_new(cas, (unsigned int)exptime, (unsigned int)flags, data.buf, data.len,
+        item = core_item_new(cas, (unsigned int)exptime, (unsigned int)flags, data.buf, data.len,
                         is_fetched, now, marks);
     PyBuffer_Release(&data);
     return item;
@@ -754,23 +506,18 @@ PyMODINIT_FUNC PyInit__core(void) {
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    PyObject *capsule = PyCapsule_New(&api, CORE_CAPSULE, NULL);
-    if (capsule == NULL || PyModule_AddObjectRef(m, "API", capsule) < 0
-        || PyModule_AddObjectRef(m, "Core", (PyObject *)&CoreType) < 0
+    if (PyModule_AddObjectRef(m, "Core", (PyObject *)&CoreType) < 0
         || PyModule_AddObjectRef(m, "StoreStats", (PyObject *)&StoreStatsType) < 0)
         goto fail;
-    Py_DECREF(capsule);
 #define CONST(name) PyModule_AddIntConstant(m, #name, name) < 0 ||
     if (CONST(HEADER_SIZE) CONST(CAS_AT) CONST(EXPTIME_AT) CONST(FLAGS_AT) CONST(BUMPED_AT)
             CONST(META_AT) CONST(MARKS_AT) CONST(FETCHED) CONST(OFFSET_MASK)
                 CONST(ITEM_OVERHEAD) CONST(BUMP_INTERVAL) CONST(MEMCACHED_ITEM_OVERHEAD)
                     CONST(CORE_VERSION) 0)
-        goto fail_module;
+        goto fail;
 #undef CONST
     return m;
 fail:
-    Py_XDECREF(capsule);
-fail_module:
     Py_DECREF(m);
     return NULL;
 }

@@ -1,10 +1,11 @@
-/* The store core (storage/_core.c): the one definition of the item layout, the LRU, the
- * accounting, expiry and eviction. The Python Store (storage/store.py) is a subclass of its
- * type; the compiled fast path reaches it through the table of functions below, which the
- * module publishes as a capsule (CORE_CAPSULE) -- no Python call, no copy of its state.
+/* The store core: the one definition of the item layout, the LRU, the accounting, expiry
+ * and eviction. core.c has the rules; _core.c makes them the Core type of the module
+ * cacheserver.storage._core, which the Python Store (storage/store.py) subclasses; the
+ * compiled fast path compiles core.c in as well and calls it on the Store it serves -- no
+ * Python call, no copy of its state.
  *
- * Everything here is this header's contract with its two users; the struct fields are
- * public to C code that holds a CoreObject and read-only to it except through the functions.
+ * This header is the contract with both users. The struct fields are public to C code that
+ * holds a CoreObject, to read; they change only through the functions.
  */
 #ifndef CACHESERVER_STORAGE_CORE_H
 #define CACHESERVER_STORAGE_CORE_H
@@ -35,8 +36,8 @@
 #define BUMP_INTERVAL 60
 /* memcached's item header (48) + CAS (8) + the key's NUL: -I applied the way it does. */
 #define MEMCACHED_ITEM_OVERHEAD (48 + 8 + 1)
-/* Bumped when anything above, or CoreObject, or CoreAPI changes: a fast path built against
- * another version refuses to load. */
+/* Bumped when anything in this header changes: a fast path built against another version
+ * than the module's refuses to load. */
 #define CORE_VERSION 1
 
 static inline unsigned int item_u32(const unsigned char *raw, int at) {
@@ -90,28 +91,70 @@ typedef struct {
     unsigned long long last_cas; /* the CAS value handed out last */
 } CoreObject;
 
-/* What the fast path calls. Each returning int gives -1 with a Python error set on failure. */
-typedef struct {
-    int version;            /* CORE_VERSION */
-    PyTypeObject *type;     /* the core's type: a Store is an instance of a subclass */
-    /* int(clock()) */
-    int (*now)(CoreObject *c, long long *now);
-    /* The live item for key at now (a new reference), or NULL: a miss, or an error when
-     * PyErr_Occurred(). An expired item is dropped and counted; a pending flush_all whose
-     * time has come is done first. Not a hit: the LRU is not touched. */
-    PyObject *(*lookup)(CoreObject *c, PyObject *key, long long now);
-    /* Count a hit on key's live item: fetched, and moved to the LRU's recent end at most once
-     * per BUMP_INTERVAL. Steals item; returns the item as stored now (a new reference). */
-    PyObject *(*hit)(CoreObject *c, PyObject *key, PyObject *item, long long now);
-    /* Whether an item of this size is stored at all: not too large for -I, and smaller than
-     * the whole capacity. */
-    int (*fits)(CoreObject *c, Py_ssize_t klen, unsigned long long flags, Py_ssize_t nbytes);
-    /* set: a new item under the next CAS value, stored at the LRU's recent end, evicting from
-     * the other end when over capacity. The caller checked fits(). */
-    int (*set)(CoreObject *c, const char *key, Py_ssize_t klen, unsigned int flags,
-               unsigned int exptime, const char *data, Py_ssize_t nbytes, long long now);
-} CoreAPI;
+/* -- the rules (core.c) ------------------------------------------------------------------------
+ * Each returning int gives -1 with a Python error set on failure. */
 
-#define CORE_CAPSULE "cacheserver.storage._core.API"
+/* int(clock()): exptimes are whole seconds, so t <= now iff t <= floor(now). */
+int core_now(CoreObject *c, long long *now);
+/* The live item for key at now (a new reference), or NULL: a miss, or an error when
+ * PyErr_Occurred(). An expired item is dropped and counted; a pending flush_all whose time
+ * has come is done first. Not a hit: the LRU is not touched. */
+static inline PyObject *core_lookup(CoreObject *c, PyObject *key, long long now);
+/* Count a hit on key's live item: fetched, and moved to the LRU's recent end at most once
+ * per BUMP_INTERVAL. Steals item; returns the item as stored now (a new reference). */
+PyObject *core_hit(CoreObject *c, PyObject *key, PyObject *item, long long now);
+/* Whether memcached with the same -I refuses an item of these sizes. */
+int core_too_large(CoreObject *c, Py_ssize_t klen, unsigned long long flags, Py_ssize_t nbytes);
+/* Whether an item of these sizes is stored at all: not too large, and smaller than the whole
+ * capacity. */
+int core_fits(CoreObject *c, Py_ssize_t klen, unsigned long long flags, Py_ssize_t nbytes);
+/* A new item (core.h's layout) stored at now; data is the value without its CRLF. */
+PyObject *core_item_new(unsigned long long cas, unsigned int exptime, unsigned int flags,
+                        const char *data, Py_ssize_t nbytes, int fetched, long long now,
+                        int marks);
+/* Store item under key at the LRU's recent end, evicting from the other end when over
+ * capacity: 0 stored, 1 bigger than all the memory (not stored). */
+int core_store(CoreObject *c, PyObject *key, PyObject *item);
+/* set: a new item under the next CAS value, stored. The caller checked core_fits. */
+int core_set(CoreObject *c, const char *key, Py_ssize_t klen, unsigned int flags,
+             unsigned int exptime, const char *data, Py_ssize_t nbytes, long long now);
+/* Evict from the LRU end until bytes_used <= target, never keep (NULL: none); the bytes
+ * released, or -1. */
+long long core_evict_to(CoreObject *c, long long target, int by_shrinker, PyObject *keep);
+/* An item's cost in bytes_used; whether it has expired at now. */
+long long core_cost(PyObject *key, PyObject *item);
+/* Take key's item out (its cost too); the same, counted as an expired item reclaimed. */
+int core_unlink(CoreObject *c, PyObject *key, PyObject *item);
+int core_drop_expired(CoreObject *c, PyObject *key, PyObject *item);
+/* flush_all now; a delayed one whose time has come. */
+void core_flush(CoreObject *c);
+
+/* The small rules on every request's path are here, inline, for both users. */
+
+/* Whether an item has expired at now (exptime 0: never). */
+static inline int core_expired(PyObject *item, long long now) {
+    unsigned int exptime = item_u32((const unsigned char *)PyBytes_AS_STRING(item), EXPTIME_AT);
+    return exptime != 0 && (long long)exptime <= now;
+}
+
+/* A delayed flush_all whose time has come. */
+static inline void core_apply_pending_flush(CoreObject *c, long long now) {
+    if (c->flush_at && now >= c->flush_at)
+        core_flush(c);
+}
+
+/* core_lookup's expired branch (core.c): drop the item, count it. */
+__attribute__((cold)) PyObject *core_lookup_expired(CoreObject *c, PyObject *key, PyObject *item);
+
+static inline PyObject *core_lookup(CoreObject *c, PyObject *key, long long now) {
+    core_apply_pending_flush(c, now);
+    PyObject *item = PyDict_GetItemWithError(c->items, key);
+    if (item == NULL)
+        return NULL;
+    if (core_expired(item, now))
+        return core_lookup_expired(c, key, item);
+    return Py_NewRef(item);
+}
+
 
 #endif
