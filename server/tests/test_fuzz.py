@@ -56,12 +56,14 @@ SIMPLE_LINE = re.compile(
     rb"^(STORED|NOT_STORED|EXISTS|NOT_FOUND|DELETED|TOUCHED|END|OK|RESET|ERROR|\d+"
     rb"|VERSION \S+|STAT \S+ [^\r\n]*|ERROR: shutdown not enabled"
     rb"|CLIENT_ERROR [^\r\n]+|SERVER_ERROR [^\r\n]+"
-    rb"|(HD|EN|NF|NS|EX)( [^ \r\n]+)*|MN"  # a key may hold a tab (memcached splits on spaces)
+    rb"|(HD|EN|NF|NS|EX)( [^ \n]+)*|MN"
     rb"|ME \S+ exp=-?\d+ la=\d+ cas=\d+ fetch=(yes|no) cls=\d+ size=\d+)$"
 )
 # A data block follows: its length is the third group of a VALUE line, the first of a VA line.
 VALUE_LINE = re.compile(rb"^VALUE (\S+) (\d+) (\d+)( \d+)?$")
-META_VALUE_LINE = re.compile(rb"^VA (\d+)( \S+)*$")
+# A meta reply echoes the request's k and O tokens as sent: memcached splits a request on
+# spaces alone, so they may hold a tab or a CR (only a space or the line's end stops one).
+META_VALUE_LINE = re.compile(rb"^VA (\d+)( [^ \n]+)*$")
 
 
 def assert_well_formed(stream: bytes) -> None:
