@@ -162,7 +162,7 @@ int run_meta(Engine *e, const char *const *tok, const Py_ssize_t *tlen, int ntok
         *pos = next;
         return 1;
     }
-    if (ntok >= META_MAX_WORDS || ntok < 2 || tlen[1] > KEY_MAX_LENGTH || e->core->flush_at)
+    if (ntok >= META_MAX_WORDS || ntok < 2 || tlen[1] > KEY_MAX_LENGTH)
         return 0;
     if (tok[0][1] == 'g') {
         unsigned long long flagbits = meta_flags_plain(

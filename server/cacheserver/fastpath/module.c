@@ -12,9 +12,9 @@
  *   - the store is the store core (storage/core.h), which the Python Store subclasses: the
  *     fast path calls its functions (lookup, hit, fits, set) and applies no store rule of
  *     its own;
- *   - any request it does not know, and any unusual state (a pending flush_all, an item
- *     that does not fit, a number it would have to refuse, a partial request, a connection
- *     with unsent replies), goes to the Python layers from that request on, so the Python
+ *   - any request it does not know, and any unusual state (an item that does not fit, a
+ *     number it would have to refuse, a partial request, a connection with unsent
+ *     replies), goes to the Python layers from that request on, so the Python
  *     code stays the single definition of the protocol and this is only a shortcut through
  *     it;
  *   - the counters it bumps are kept in C during one wake-up and added to the Python objects

@@ -43,8 +43,6 @@ Py_ssize_t run_requests(Engine *e, const char *buf, Py_ssize_t len, OutBuf *out)
         Py_ssize_t next = eol + 1 - buf;
         int gets = tlen[0] == 4 && memcmp(tok[0], "gets", 4) == 0;
         if (ntok >= 2 && (gets || (tlen[0] == 3 && memcmp(tok[0], "get", 3) == 0))) {
-            if (e->core->flush_at)
-                return pos;
             if (ntok == 2 && !gets && tlen[1] == (Py_ssize_t)CLUSTER_KEY_LEN
                 && memcmp(tok[1], CLUSTER_KEY, CLUSTER_KEY_LEN) == 0)
                 return pos;

@@ -115,10 +115,8 @@ PyObject *core_lookup_expired(CoreObject *c, PyObject *key, PyObject *item) {
     return NULL;
 }
 
-PyObject *core_hit(CoreObject *c, PyObject *key, PyObject *item, long long now) {
+PyObject *core_hit_move(CoreObject *c, PyObject *key, PyObject *item, long long now) {
     const unsigned char *raw = (const unsigned char *)PyBytes_AS_STRING(item);
-    if ((raw[META_AT] & FETCHED) && now - (long long)item_u32(raw, BUMPED_AT) < BUMP_INTERVAL)
-        return item;
     PyObject *bumped = PyBytes_FromStringAndSize((const char *)raw, PyBytes_GET_SIZE(item));
     Py_DECREF(item);
     if (bumped == NULL)

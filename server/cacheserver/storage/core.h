@@ -102,7 +102,7 @@ int core_now(CoreObject *c, long long *now);
 static inline PyObject *core_lookup(CoreObject *c, PyObject *key, long long now);
 /* Count a hit on key's live item: fetched, and moved to the LRU's recent end at most once
  * per BUMP_INTERVAL. Steals item; returns the item as stored now (a new reference). */
-PyObject *core_hit(CoreObject *c, PyObject *key, PyObject *item, long long now);
+static inline PyObject *core_hit(CoreObject *c, PyObject *key, PyObject *item, long long now);
 /* Whether memcached with the same -I refuses an item of these sizes. */
 int core_too_large(CoreObject *c, Py_ssize_t klen, unsigned long long flags, Py_ssize_t nbytes);
 /* Whether an item of these sizes is stored at all: not too large, and smaller than the whole
@@ -129,7 +129,8 @@ int core_drop_expired(CoreObject *c, PyObject *key, PyObject *item);
 /* flush_all now; a delayed one whose time has come. */
 void core_flush(CoreObject *c);
 
-/* The small rules on every request's path are here, inline, for both users. */
+/* The small rules on every request's path are here, inline, for both users: expiry, a due
+ * flush_all, the lookup, the hit (its rare branches are core.c's). */
 
 /* Whether an item has expired at now (exptime 0: never). */
 static inline int core_expired(PyObject *item, long long now) {
@@ -143,8 +144,19 @@ static inline void core_apply_pending_flush(CoreObject *c, long long now) {
         core_flush(c);
 }
 
-/* core_lookup's expired branch (core.c): drop the item, count it. */
+/* core_lookup's expired branch (core.c): the item dropped and counted. */
 __attribute__((cold)) PyObject *core_lookup_expired(CoreObject *c, PyObject *key, PyObject *item);
+
+/* core_hit's move (core.c): the item rewritten with the time and the fetched bit, at the
+ * LRU's recent end. */
+PyObject *core_hit_move(CoreObject *c, PyObject *key, PyObject *item, long long now);
+
+static inline PyObject *core_hit(CoreObject *c, PyObject *key, PyObject *item, long long now) {
+    const unsigned char *raw = (const unsigned char *)PyBytes_AS_STRING(item);
+    if ((raw[META_AT] & FETCHED) && now - (long long)item_u32(raw, BUMPED_AT) < BUMP_INTERVAL)
+        return item;
+    return core_hit_move(c, key, item, now);
+}
 
 static inline PyObject *core_lookup(CoreObject *c, PyObject *key, long long now) {
     core_apply_pending_flush(c, now);
