@@ -394,7 +394,7 @@ def main() -> None:
                 shown = "" if name == "memcached" else f"{ratio:.2f}x"
                 print(
                     f"| {label} | {name} | {r.ops_per_sec:,.0f} | {r.median_us:.0f} | "
-                    f"{r.p99_us:.0f} | {r.cpu_per_million:.1f} | {shown} |"
+                    f"{r.p99_us:.0f} | {r.cpu_per_million:.2f} | {shown} |"
                 )
             sys.stdout.flush()
         if "W5" in only:
