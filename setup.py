@@ -14,6 +14,7 @@ from setuptools import Extension, setup
 
 FASTPATH = Path("server/cacheserver/fastpath")
 STORAGE = Path("server/cacheserver/storage")
+FLAGS = ["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"]
 
 setup(
     ext_modules=[
@@ -21,13 +22,7 @@ setup(
             "cacheserver.storage._core",
             sources=[str(STORAGE / "_core.c"), str(STORAGE / "core.c")],
             depends=[str(STORAGE / "core.h")],
-            extra_compile_args=[
-                "-O2",
-                "-Wall",
-                "-Wextra",
-                "-Wno-unused-parameter",
-                "-fvisibility=hidden",
-            ],
+            extra_compile_args=[*FLAGS, "-fvisibility=hidden"],
         ),
         Extension(
             "cacheserver.fastpath._fastpath",
@@ -35,21 +30,14 @@ setup(
             sources=[*sorted(str(p) for p in FASTPATH.glob("*.c")), str(STORAGE / "core.c")],
             depends=[*sorted(str(p) for p in FASTPATH.glob("*.h")), str(STORAGE / "core.h")],
             include_dirs=[str(STORAGE)],
-            extra_compile_args=[
-                "-O2",
-                "-Wall",
-                "-Wextra",
-                "-Wno-unused-parameter",
-                "-fvisibility=hidden",
-                "-flto",
-            ],
+            extra_compile_args=[*FLAGS, "-fvisibility=hidden", "-flto"],
             extra_link_args=["-O2", "-flto"],
         ),
         Extension(
             "cacheserver.storage._snapshotio",
             sources=["server/cacheserver/storage/_snapshotio.c"],
             libraries=["z"],
-            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+            extra_compile_args=FLAGS,
         ),
     ]
 )

@@ -100,7 +100,7 @@ static int mg_one(Engine *e, const char *const *tok, const Py_ssize_t *tlen, int
         goto done;
     if (value) {
         memcpy(out->data + out->len, "VA ", 3);
-        out->len = put_u64(out->data + out->len + 3, (unsigned long long)nbytes) - out->data;
+        out->len = put_decimal(out->data + out->len + 3, (unsigned long long)nbytes) - out->data;
     } else {
         memcpy(out->data + out->len, "HD", 2);
         out->len += 2;

@@ -6,6 +6,8 @@
 #include <Python.h>
 #include <string.h>
 
+#include "core.h" /* put_decimal */
+
 typedef struct {
     char *data;
     Py_ssize_t len;
@@ -36,26 +38,13 @@ static inline int out_put(OutBuf *out, const char *bytes, Py_ssize_t n) {
     return 0;
 }
 
-/* Decimal digits of v at p; returns the end. */
-static inline char *put_u64(char *p, unsigned long long v) {
-    char digits[20];
-    int n = 0;
-    do {
-        digits[n++] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v);
-    while (n)
-        *p++ = digits[--n];
-    return p;
-}
-
 static inline int out_u64(OutBuf *out, char flag, unsigned long long v) {
     if (out_reserve(out, 24) < 0)
         return -1;
     char *p = out->data + out->len;
     *p++ = ' ';
     *p++ = flag;
-    out->len = put_u64(p, v) - out->data;
+    out->len = put_decimal(p, v) - out->data;
     return 0;
 }
 

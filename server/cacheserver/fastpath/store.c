@@ -31,7 +31,7 @@ int get_one(Engine *e, const char *k, Py_ssize_t klen, int with_cas, OutBuf *out
         out->len += data_at - 2 - HEADER_SIZE;
         char *p = out->data + out->len;
         *p++ = ' ';
-        p = put_u64(p, item_cas(raw));
+        p = put_decimal(p, item_cas(raw));
         *p++ = '\r';
         *p++ = '\n';
         out->len = p - out->data;

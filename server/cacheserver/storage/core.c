@@ -19,18 +19,6 @@ static void put_u32(unsigned char *p, unsigned long long v) {
         p[i] = (unsigned char)(v >> (8 * i));
 }
 
-static char *put_dec(char *p, unsigned long long v) {
-    char digits[20];
-    int n = 0;
-    do {
-        digits[n++] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v);
-    while (n)
-        *p++ = digits[--n];
-    return p;
-}
-
 /* An item stored at now; data is the value without its trailing CRLF. */
 PyObject *core_item_new(unsigned long long cas, unsigned int exptime, unsigned int flags,
                           const char *data, Py_ssize_t nbytes, int fetched, long long now,
@@ -38,9 +26,9 @@ PyObject *core_item_new(unsigned long long cas, unsigned int exptime, unsigned i
     char suffix[32]; /* " <flags> <bytes>\r\n": at most 1 + 10 + 1 + 19 + 2 bytes */
     char *s = suffix;
     *s++ = ' ';
-    s = put_dec(s, flags);
+    s = put_decimal(s, flags);
     *s++ = ' ';
-    s = put_dec(s, (unsigned long long)nbytes);
+    s = put_decimal(s, (unsigned long long)nbytes);
     *s++ = '\r';
     *s++ = '\n';
     Py_ssize_t slen = s - suffix;

@@ -45,6 +45,19 @@ static inline unsigned int item_u32(const unsigned char *raw, int at) {
         | ((unsigned int)raw[at + 2] << 16) | ((unsigned int)raw[at + 3] << 24);
 }
 
+/* Decimal digits of v at p (an item's suffix; the fast path's replies too); returns the end. */
+static inline char *put_decimal(char *p, unsigned long long v) {
+    char digits[20];
+    int n = 0;
+    do {
+        digits[n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    while (n)
+        *p++ = digits[--n];
+    return p;
+}
+
 static inline unsigned long long item_cas(const unsigned char *raw) {
     unsigned long long cas = 0;
     for (int i = 7; i >= 0; i--)
